@@ -1,0 +1,234 @@
+//! The raw command line: clap derive and nothing else. Every option also reads
+//! an environment variable. Values stay strings or plain numbers here;
+//! [`crate::config`] turns them into checked types, and nothing but `config`
+//! looks at these structs.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "marketcast", version, about = "Stream database-committed trades from PostgreSQL to browsers over WebSockets.")]
+pub struct Cli {
+    /// Log line format. The filter comes from RUST_LOG (default "info").
+    #[arg(long, env = "MARKETCAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the schema (idempotent, safe to run concurrently).
+    Migrate(MigrateArgs),
+    /// Run the stateless HTTP write API.
+    Writer(WriterArgs),
+    /// Run a WebSocket broadcaster for some or all shards.
+    Broadcaster(BroadcasterArgs),
+    /// Reference client: print a market's trades as JSON lines, resuming after any disconnect.
+    Subscribe(SubscribeArgs),
+    /// Drop trades older than a bound, keeping each market's newest.
+    Prune(PruneArgs),
+    /// Everything in one process on a local throwaway Postgres, with a live market page.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DbArgs {
+    /// PostgreSQL connection URL, e.g. postgres://user@127.0.0.1:5432/marketcast.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+
+    /// Largest number of pooled connections (queries and writes; the LISTEN
+    /// connection is separate). Default 16: enough to keep a 2-core Postgres busy.
+    #[arg(long, env = "MARKETCAST_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: usize,
+
+    /// How long any database step may take before the caller is told the
+    /// database is unavailable (pool wait, connect, statement). Default 5s, the
+    /// writer's promised 503 bound.
+    #[arg(long, env = "MARKETCAST_DB_TIMEOUT", default_value = "5s")]
+    pub db_timeout: String,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+
+    /// Number of notification shards, stored on first migrate and read from the
+    /// database by every role afterwards (it cannot change once stored).
+    #[arg(long, env = "MARKETCAST_SHARD_COUNT", default_value_t = 16)]
+    pub shard_count: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct WriterArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+
+    /// Address to bind; port 0 picks a free port. The bound address is printed
+    /// as the first stdout line, `listening on HOST:PORT`.
+    #[arg(long, env = "MARKETCAST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    /// When set, every POST needs `Authorization: Bearer <token>`.
+    #[arg(long, env = "MARKETCAST_WRITE_TOKEN", hide_env_values = true)]
+    pub write_token: Option<String>,
+
+    /// Most trades grouped into one transaction. NOTIFY serialises commits
+    /// cluster-wide, so grouping concurrent requests is what lets writes scale.
+    /// Default 64; 1 disables grouping.
+    #[arg(long, env = "MARKETCAST_BATCH_MAX", default_value_t = 64)]
+    pub batch_max: usize,
+
+    /// How long the first trade of a batch waits for others to join it.
+    /// Default 0ms: a batch is whatever arrived while the previous commit ran,
+    /// which adds no latency when idle.
+    #[arg(long, env = "MARKETCAST_BATCH_LINGER", default_value = "0ms")]
+    pub batch_linger: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BroadcasterArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+
+    /// Address to bind; port 0 picks a free port. The bound address is printed
+    /// as the first stdout line, `listening on HOST:PORT`.
+    #[arg(long, env = "MARKETCAST_LISTEN", default_value = "127.0.0.1:9001")]
+    pub listen: String,
+
+    /// Shards this process serves, e.g. `0-3,7`. Default: all shards.
+    #[arg(long, env = "MARKETCAST_SHARDS")]
+    pub shards: Option<String>,
+
+    /// URL template for `wrong_shard` errors, `{shard}` replaced by the shard
+    /// number, e.g. `ws://bcast-{shard}.internal:9001/ws`. Unset: no `url` field.
+    #[arg(long, env = "MARKETCAST_SHARD_URL_TEMPLATE")]
+    pub shard_url_template: Option<String>,
+
+    /// Most WebSocket connections; the next one is closed with 1013. Default
+    /// 18000, under this machine's 20000 open-files limit.
+    #[arg(long, env = "MARKETCAST_MAX_CONNECTIONS", default_value_t = 18_000)]
+    pub max_connections: usize,
+
+    /// Most subscriptions per connection (`too_many_subscriptions` above it).
+    #[arg(long, env = "MARKETCAST_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub max_subscriptions: usize,
+
+    /// Largest client message in bytes; a bigger one closes with 1009. Default
+    /// 4096: a subscribe op is under 200 bytes.
+    #[arg(long, env = "MARKETCAST_MAX_MESSAGE_BYTES", default_value_t = 4096)]
+    pub max_message_bytes: usize,
+
+    /// Sustained client ops per second before `rate_limited`. Default 50.
+    #[arg(long, env = "MARKETCAST_RATE_PER_SEC", default_value_t = 50)]
+    pub rate_per_sec: u32,
+
+    /// Burst of client ops allowed above the sustained rate. Default 100.
+    #[arg(long, env = "MARKETCAST_RATE_BURST", default_value_t = 100)]
+    pub rate_burst: u32,
+
+    /// Recent trades kept in memory per market, so resumes and slow clients
+    /// catch up without touching Postgres. Default 4096 (about 1 MiB per
+    /// active market).
+    #[arg(long, env = "MARKETCAST_RING_SIZE", default_value_t = 4096)]
+    pub ring_size: usize,
+
+    /// Trades per replay page read from the log. Default 1000.
+    #[arg(long, env = "MARKETCAST_REPLAY_PAGE", default_value_t = 1000)]
+    pub replay_page: usize,
+
+    /// Live frames queued per market between the hub and its subscribers. A
+    /// subscriber further behind than this catches up from the ring or the log
+    /// instead. Default 1024.
+    #[arg(long, env = "MARKETCAST_LIVE_QUEUE", default_value_t = 1024)]
+    pub live_queue: usize,
+
+    /// A socket write that cannot finish within this time marks a slow
+    /// consumer: it is closed with 4000 (reconnect with from_seq). Default 10s.
+    #[arg(long, env = "MARKETCAST_WRITE_TIMEOUT", default_value = "10s")]
+    pub write_timeout: String,
+
+    /// How often the server pings each WebSocket. Default 20s.
+    #[arg(long, env = "MARKETCAST_PING_INTERVAL", default_value = "20s")]
+    pub ping_interval: String,
+
+    /// A connection that sends nothing (not even a pong) for this long is
+    /// closed. Default 60s: three missed pings.
+    #[arg(long, env = "MARKETCAST_IDLE_TIMEOUT", default_value = "60s")]
+    pub idle_timeout: String,
+
+    /// How often the LISTEN connection is probed; a probe that does not answer
+    /// within half this interval drops and re-establishes it. Default 5s.
+    #[arg(long, env = "MARKETCAST_LISTEN_HEARTBEAT", default_value = "5s")]
+    pub listen_heartbeat: String,
+
+    /// How often markets with subscribers are compared with markets.last_seq,
+    /// catching any notification that was lost. Default 2s.
+    #[arg(long, env = "MARKETCAST_RECONCILE_INTERVAL", default_value = "2s")]
+    pub reconcile_interval: String,
+
+    /// Longest wait between LISTEN reconnect attempts (exponential backoff with
+    /// jitter starts at 100ms). Default 5s.
+    #[arg(long, env = "MARKETCAST_RECONNECT_MAX", default_value = "5s")]
+    pub reconnect_max: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    /// WebSocket URL of a broadcaster, e.g. ws://127.0.0.1:9001/ws.
+    #[arg(env = "MARKETCAST_URL", default_value = "ws://127.0.0.1:9001/ws")]
+    pub url: String,
+
+    /// Market to follow.
+    #[arg(long, env = "MARKETCAST_MARKET")]
+    pub market: String,
+
+    /// Start after this seq (replay); default: live from the current head.
+    #[arg(long, env = "MARKETCAST_FROM_SEQ")]
+    pub from_seq: Option<u64>,
+
+    /// Stop after printing this many trades (default: run until interrupted).
+    #[arg(long, env = "MARKETCAST_COUNT")]
+    pub count: Option<u64>,
+
+    /// Longest wait between reconnect attempts. Default 5s.
+    #[arg(long, env = "MARKETCAST_RECONNECT_MAX", default_value = "5s")]
+    pub reconnect_max: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+
+    /// Drop trades older than this (e.g. 30d, 12h); each market's newest trade stays.
+    #[arg(long, env = "MARKETCAST_PRUNE_OLDER_THAN")]
+    pub older_than: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// PostgreSQL URL; unset: start a throwaway cluster with bin/pg-dev.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Address of the page and the write API.
+    #[arg(long, env = "MARKETCAST_DEMO_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    /// Address of the WebSocket broadcaster.
+    #[arg(long, env = "MARKETCAST_DEMO_WS_LISTEN", default_value = "127.0.0.1:9001")]
+    pub ws_listen: String,
+
+    /// Synthetic trades per second across the demo markets; 0 turns the flow off.
+    #[arg(long, env = "MARKETCAST_DEMO_RATE", default_value_t = 4.0)]
+    pub rate: f64,
+}

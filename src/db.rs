@@ -1,0 +1,231 @@
+//! Postgres access shared by every role: the connection pool, the embedded
+//! versioned migrations, the row readers for markets and trades, and the
+//! classification of database errors into "the database is unavailable" versus
+//! "the database said no".
+//!
+//! The LISTEN connection is *not* here: it must never come from the pool (a
+//! pooled connection's driver drops notifications), see [`crate::listener`].
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::config::DbConfig;
+use crate::trade::{Market, Trade};
+
+/// The migrations, in order. Each runs once, inside the migrate transaction.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "trade_log", include_str!("../sql/0001_trade_log.sql"))];
+
+/// Key of the advisory lock that serialises concurrent `migrate` runs on one database.
+const MIGRATE_LOCK: i64 = 0x6d61_726b_6574_6361; // "marketca"
+
+/// The columns of a trade as clients see it, in [`Trade::from_row`] order. The
+/// timestamp is formatted by Postgres (RFC 3339, UTC, exactly six fraction
+/// digits) and price by numeric's own text form, which for numeric(5,4) always
+/// has four places: no float ever touches a price.
+pub const TRADE_COLUMNS: &str = "trade_id, market_id, seq, side, price::text, qty, \
+     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+
+/// The columns of a market, in [`Market::from_row`] order.
+pub const MARKET_COLUMNS: &str = "id, title, status, shard, epoch, last_seq, last_price::text, volume";
+
+pub fn pg_config(url: &str, application_name: &str, timeout: Duration) -> Result<tokio_postgres::Config> {
+    let mut pg: tokio_postgres::Config = url.parse().context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    pg.application_name(application_name)
+        .connect_timeout(timeout)
+        .keepalives(true)
+        // The default idle time before the first probe is 2 hours, far too long
+        // to notice a dead peer.
+        .keepalives_idle(Duration::from_secs(15))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
+    Ok(pg)
+}
+
+/// A pool whose every wait is bounded by `cfg.timeout`, so that an
+/// unreachable database turns into an error quickly instead of a hang.
+/// Creating it never touches the network.
+pub fn pool(cfg: &DbConfig, application_name: &str) -> Result<Pool> {
+    let mut pg = pg_config(&cfg.url, application_name, cfg.timeout)?;
+    // Server-side bound on each statement, including row-lock waits: a request
+    // that outlives it is rolled back by Postgres itself.
+    pg.options(&format!("-c statement_timeout={}", cfg.timeout.as_millis()));
+    let mgr = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(mgr)
+        .max_size(cfg.pool_size)
+        .wait_timeout(Some(cfg.timeout))
+        .create_timeout(Some(cfg.timeout))
+        .recycle_timeout(Some(cfg.timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .context("building the connection pool")
+}
+
+/// One-off connection for admin commands, driven in the background.
+pub async fn connect(url: &str, application_name: &str) -> Result<tokio_postgres::Client> {
+    let pg = pg_config(url, application_name, Duration::from_secs(10))?;
+    let (client, conn) = pg.connect(NoTls).await.context("connecting to PostgreSQL")?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "admin connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Bring the schema up to date. Idempotent, and safe when several processes
+/// run it at once: everything happens in one transaction that first takes an
+/// advisory lock, so a second runner waits and then finds nothing to do.
+/// The shard count is stored on the first run only; returns the stored count.
+pub async fn migrate(url: &str, shard_count: u32) -> Result<u32> {
+    if shard_count == 0 || shard_count > 4096 {
+        bail!("--shard-count must be between 1 and 4096");
+    }
+    let mut client = connect(url, "marketcast-migrate").await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS marketcast_migrations (
+             version    int PRIMARY KEY,
+             name       text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM marketcast_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tracing::info!(version, name, "applying migration");
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("migration {version} ({name}) failed"))?;
+        tx.execute(
+            "INSERT INTO marketcast_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+    }
+    tx.execute(
+        "INSERT INTO marketcast_config (shard_count) VALUES ($1) ON CONFLICT DO NOTHING",
+        &[&(shard_count as i32)],
+    )
+    .await?;
+    let stored: i32 = tx.query_one("SELECT shard_count FROM marketcast_config", &[]).await?.get(0);
+    tx.commit().await?;
+    if stored as u32 != shard_count {
+        tracing::warn!(stored, requested = shard_count, "shard count is already stored and cannot change; keeping the stored value");
+    }
+    Ok(stored as u32)
+}
+
+/// The stored shard count (migrate writes it once).
+pub async fn shard_count(client: &impl tokio_postgres::GenericClient) -> Result<u32, DbError> {
+    let row = client
+        .query_opt("SELECT shard_count FROM marketcast_config", &[])
+        .await?;
+    match row {
+        Some(r) => Ok(r.get::<_, i32>(0) as u32),
+        None => Err(DbError::NotMigrated),
+    }
+}
+
+pub async fn market(client: &impl tokio_postgres::GenericClient, id: &str) -> Result<Option<Market>, DbError> {
+    let sql = format!("SELECT {MARKET_COLUMNS} FROM markets WHERE id = $1");
+    Ok(client.query_opt(&sql, &[&id]).await?.map(|r| Market::from_row(&r)))
+}
+
+/// Trades with `after < seq <= upto` (upto None: no upper bound), in seq order,
+/// at most `limit`.
+pub async fn trades_after(
+    client: &impl tokio_postgres::GenericClient,
+    market: &str,
+    after: i64,
+    upto: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Trade>, DbError> {
+    let sql = format!(
+        "SELECT {TRADE_COLUMNS} FROM trades WHERE market_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+    );
+    let rows = client
+        .query(&sql, &[&market, &after, &upto.unwrap_or(i64::MAX), &limit])
+        .await?;
+    Ok(rows.iter().map(Trade::from_row).collect())
+}
+
+/// The lowest seq still in the log for a market (None: no trade at all).
+pub async fn earliest_seq(client: &impl tokio_postgres::GenericClient, market: &str) -> Result<Option<i64>, DbError> {
+    let row = client
+        .query_one("SELECT min(seq) FROM trades WHERE market_id = $1", &[&market])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Errors a caller branches on: the database could not be reached (retry
+/// later, answer 503 / `unavailable`) versus it answered with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database not migrated: run marketcast migrate")]
+    NotMigrated,
+    #[error("database error {code}: {message}")]
+    Sql { code: String, message: String, constraint: Option<String> },
+}
+
+impl DbError {
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            DbError::Sql { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            // Errors a server raised while shutting down or that cancel our
+            // statement because of the timeout are outages, not answers.
+            Some(db) if matches!(db.code().code(), "57P01" | "57P02" | "57P03" | "57014" | "53300") => {
+                DbError::Unavailable(format!("{}: {}", db.code().code(), db.message()))
+            }
+            Some(db) => DbError::Sql {
+                code: db.code().code().to_string(),
+                message: db.message().to_string(),
+                constraint: db.constraint().map(str::to_string),
+            },
+            // No server error: the connection failed or closed.
+            None => DbError::Unavailable(format!("{e:#}")),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => DbError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<tokio::time::error::Elapsed> for DbError {
+    fn from(_: tokio::time::error::Elapsed) -> Self {
+        DbError::Unavailable("timed out".into())
+    }
+}

@@ -1,0 +1,59 @@
+//! The `marketcast` binary: parse, set up logging, run one role, map failure to
+//! an exit code once.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser;
+use marketcast::cli::{Cli, Command, LogFormat};
+use marketcast::config::{DbConfig, WriterConfig};
+use marketcast::{db, http, shutdown, writer};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("marketcast: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("marketcast: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr: stdout carries the product's output (the
+    // `listening on` line, subscribe's JSON lines).
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+async fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Migrate(a) => {
+            let db = DbConfig::from_cli(&a.db)?;
+            let n = db::migrate(&db.url, a.shard_count).await?;
+            tracing::info!(shard_count = n, "schema is current");
+            Ok(())
+        }
+        Command::Writer(a) => {
+            let cfg = WriterConfig::from_cli(&a)?;
+            let listener = http::bind(cfg.listen).await?;
+            writer::run(listener, cfg, shutdown::on_signals()).await
+        }
+        _ => anyhow::bail!("not implemented yet"),
+    }
+}
