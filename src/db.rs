@@ -26,7 +26,8 @@ const MIGRATE_LOCK: i64 = 0x6d61_726b_6574_6361; // "marketca"
 /// digits) and price by numeric's own text form, which for numeric(5,4) always
 /// has four places: no float ever touches a price.
 pub const TRADE_COLUMNS: &str = "trade_id, market_id, seq, side, price::text, qty, \
-     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+     (extract(epoch FROM created_at) * 1000000)::int8";
 
 /// The columns of a market, in [`Market::from_row`] order.
 pub const MARKET_COLUMNS: &str = "id, title, status, shard, epoch, last_seq, last_price::text, volume";
@@ -52,7 +53,7 @@ pub fn pool(cfg: &DbConfig, application_name: &str) -> Result<Pool> {
     let mut pg = pg_config(&cfg.url, application_name, cfg.timeout)?;
     // Server-side bound on each statement, including row-lock waits: a request
     // that outlives it is rolled back by Postgres itself.
-    pg.options(&format!("-c statement_timeout={}", cfg.timeout.as_millis()));
+    pg.options(format!("-c statement_timeout={}", cfg.timeout.as_millis()));
     let mgr = Manager::from_config(
         pg,
         NoTls,
@@ -93,6 +94,8 @@ pub async fn migrate(url: &str, shard_count: u32) -> Result<u32> {
     let mut client = connect(url, "marketcast-migrate").await?;
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK]).await?;
+    // "already exists, skipping" notices are expected on every re-run.
+    tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS marketcast_migrations (
              version    int PRIMARY KEY,
@@ -131,6 +134,19 @@ pub async fn migrate(url: &str, shard_count: u32) -> Result<u32> {
         tracing::warn!(stored, requested = shard_count, "shard count is already stored and cannot change; keeping the stored value");
     }
     Ok(stored as u32)
+}
+
+/// Drop trades created before `older_than` ago, keeping each market's newest
+/// (the database function is the one path the append-only log allows).
+pub async fn prune(url: &str, older_than: Duration) -> Result<u64> {
+    let client = connect(url, "marketcast-prune").await?;
+    let secs = older_than.as_secs_f64();
+    let n: i64 = client
+        .query_one("SELECT marketcast_prune(now() - make_interval(secs => $1))", &[&secs])
+        .await
+        .context("pruning")?
+        .get(0);
+    Ok(n as u64)
 }
 
 /// The stored shard count (migrate writes it once).

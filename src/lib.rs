@@ -14,7 +14,7 @@
 //! ([`listener`]) and feeds doorbells to the [`hub`], which keeps, per market
 //! with subscribers, the head seq already published and a ring of recent
 //! trades. A doorbell is never trusted as a trade: the hub reads `seq > head`
-//! from the log ([`replay`]), encodes each trade once into a WebSocket frame
+//! from the log, encodes each trade once into a WebSocket frame
 //! and publishes the shared bytes. Each WebSocket [`session`] follows its
 //! markets from `from_seq` (or the head), fills any gap from the ring or the
 //! log, and coalesces queued frames into one socket write.
@@ -34,7 +34,6 @@
 //! - [`writer`]: the HTTP write API with request batching.
 //! - [`listener`]: the dedicated LISTEN connection, reconnect and heartbeat.
 //! - [`hub`]: per-market state: pure core ([`hub::core`]) and its task.
-//! - [`replay`]: reading ranges of trades from the ring or the log.
 //! - [`session`]: one WebSocket connection: ops, replay, live, limits.
 //! - [`broadcaster`]: wires listener, hub and sessions behind `GET /ws`.
 //! - [`subscribe`]: the reference client.
@@ -43,11 +42,16 @@
 //! - [`shutdown`]: signals, cancellation, the shutdown deadline.
 #![forbid(unsafe_code)]
 
+pub mod broadcaster;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod hub;
+pub mod listener;
 pub mod metrics;
+pub mod session;
 pub mod shutdown;
+pub mod subscribe;
 pub mod trade;
 pub mod writer;

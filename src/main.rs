@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 use marketcast::cli::{Cli, Command, LogFormat};
-use marketcast::config::{DbConfig, WriterConfig};
-use marketcast::{db, http, shutdown, writer};
+use marketcast::config::{self, BroadcasterConfig, DbConfig, WriterConfig};
+use marketcast::subscribe::{self, SubscribeConfig};
+use marketcast::{broadcaster, db, http, shutdown, writer};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -54,6 +55,28 @@ async fn run(cmd: Command) -> Result<()> {
             let listener = http::bind(cfg.listen).await?;
             writer::run(listener, cfg, shutdown::on_signals()).await
         }
-        _ => anyhow::bail!("not implemented yet"),
+        Command::Broadcaster(a) => {
+            let cfg = BroadcasterConfig::from_cli(&a)?;
+            let listener = http::bind(cfg.listen).await?;
+            broadcaster::run(listener, cfg, shutdown::on_signals()).await
+        }
+        Command::Subscribe(a) => {
+            let cfg = SubscribeConfig {
+                url: a.url,
+                market: a.market,
+                from_seq: a.from_seq.map(|f| f as i64),
+                count: a.count,
+                reconnect_max: config::duration("--reconnect-max", &a.reconnect_max)?,
+            };
+            subscribe::run(cfg, shutdown::on_signals(), std::io::stdout().lock()).await
+        }
+        Command::Prune(a) => {
+            let db = DbConfig::from_cli(&a.db)?;
+            let older = config::duration("--older-than", &a.older_than)?;
+            let n = db::prune(&db.url, older).await?;
+            tracing::info!(removed = n, "pruned");
+            Ok(())
+        }
+        Command::Demo(_) => anyhow::bail!("demo is not implemented yet"),
     }
 }

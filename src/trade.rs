@@ -19,6 +19,8 @@ pub struct Trade {
     pub qty: i64,
     /// RFC 3339 UTC with six fraction digits, formatted by Postgres.
     pub ts: String,
+    /// The same instant in microseconds since the Unix epoch (for lag metrics; not sent).
+    pub ts_micros: i64,
 }
 
 #[derive(Serialize)]
@@ -45,6 +47,7 @@ impl Trade {
             price: r.get(4),
             qty: r.get(5),
             ts: r.get(6),
+            ts_micros: r.get(7),
         }
     }
 
@@ -72,6 +75,7 @@ impl Trade {
     pub fn encode(&self) -> EncodedTrade {
         EncodedTrade {
             seq: self.seq,
+            ts_micros: self.ts_micros,
             frame: text_frame(&self.to_json()),
         }
     }
@@ -83,6 +87,8 @@ impl Trade {
 #[derive(Debug, Clone)]
 pub struct EncodedTrade {
     pub seq: i64,
+    /// Commit-side timestamp, for the commit-to-send lag metric.
+    pub ts_micros: i64,
     pub frame: Bytes,
 }
 
@@ -145,6 +151,7 @@ mod tests {
             price: "0.6300".into(),
             qty: 25,
             ts: "2026-11-27T05:31:02.123456Z".into(),
+            ts_micros: 0,
         }
     }
 

@@ -1,0 +1,49 @@
+# marketcast: `make run` for the demo, `make test` for the suite. CI (.ci/run)
+# calls `make test` plus fmt and clippy.
+SHELL := /bin/bash
+CARGO ?= cargo
+export PGDEV_DIR ?= /tmp/marketcast-pg-dev
+
+.PHONY: all build run test unit bench fmt clippy pg-start pg-stop clean
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+# The demo: a throwaway Postgres (unless DATABASE_URL is set), writer,
+# broadcaster, synthetic trades and the market page. Ctrl-C stops it all.
+run: build
+	./target/release/marketcast demo
+
+# The whole suite against a real Postgres. Without DATABASE_URL a throwaway
+# cluster is started with bin/pg-dev (in its own directory) and stopped after.
+test:
+	@set -euo pipefail; \
+	if [ -z "$${DATABASE_URL:-}" ]; then \
+	  export PGDEV_DIR=/tmp/marketcast-pg-test-$$$$; \
+	  eval "export $$(bin/pg-dev start | tail -n1)"; \
+	  trap 'bin/pg-dev stop --wipe >/dev/null 2>&1 || true' EXIT; \
+	fi; \
+	$(CARGO) test --all-targets -- --test-threads=$${TEST_THREADS:-8}
+
+unit:
+	$(CARGO) test --lib
+
+bench: build
+	./target/release/marketcast-bench
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+pg-start:
+	@bin/pg-dev start
+
+pg-stop:
+	@bin/pg-dev stop
+
+clean:
+	$(CARGO) clean

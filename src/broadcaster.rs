@@ -1,0 +1,215 @@
+//! The broadcaster role: wires the LISTEN connection, the hub and the
+//! WebSocket sessions behind `GET /ws`, plus `/healthz` and `/metrics`.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::BroadcasterConfig;
+use crate::http::{self, Body};
+use crate::hub::{self, HubConfig};
+use crate::listener::{self, ListenerConfig};
+use crate::session::{self, ErrorReply, Op, SessionCtx};
+use crate::{db, shutdown};
+
+/// Run a broadcaster on `tcp` until `shutdown` is cancelled.
+pub async fn run(tcp: TcpListener, cfg: BroadcasterConfig, shutdown: CancellationToken) -> Result<()> {
+    cfg.check()?;
+    crate::metrics::install();
+    let pool = db::pool(&cfg.db, "marketcast-broadcaster")?;
+    let shards = match &cfg.shards {
+        Some(s) => s.clone(),
+        None => {
+            let Some(n) = stored_shard_count(&pool, &shutdown).await else { return Ok(()) };
+            (0..n).collect::<BTreeSet<u32>>()
+        }
+    };
+    tracing::info!(shards = ?shards, "serving shards");
+
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let internal = shutdown.child_token();
+    let (hub, hub_task) = hub::spawn(
+        HubConfig {
+            ring_size: cfg.ring_size,
+            live_queue: cfg.live_queue,
+            page: cfg.replay_page,
+            reconcile_interval: cfg.reconcile_interval,
+        },
+        pool.clone(),
+        events_rx,
+        internal.clone(),
+    );
+    let listen_up = Arc::new(AtomicBool::new(false));
+    let listener_task = tokio::spawn(listener::run(
+        ListenerConfig {
+            url: cfg.db.url.clone(),
+            shards: shards.iter().copied().collect(),
+            heartbeat: cfg.listen_heartbeat,
+            reconnect_max: cfg.reconnect_max,
+        },
+        events_tx,
+        listen_up.clone(),
+        internal.clone(),
+    ));
+
+    let ctx = Arc::new(SessionCtx {
+        cfg: cfg.clone(),
+        pool: pool.clone(),
+        hub,
+        shards,
+        connections: AtomicU64::new(0),
+    });
+    let sessions = TaskTracker::new();
+    let state = Arc::new(State {
+        ctx,
+        sessions: sessions.clone(),
+        listen_up,
+        shutdown: shutdown.clone(),
+        next_conn: AtomicU64::new(1),
+    });
+    http::serve(tcp, shutdown.clone(), move |req, peer| {
+        let state = state.clone();
+        async move { state.handle(req, peer).await }
+    })
+    .await;
+    // Sessions saw the same token and are closing with 1001.
+    sessions.close();
+    if tokio::time::timeout(shutdown::DEADLINE, sessions.wait()).await.is_err() {
+        tracing::warn!("some WebSocket sessions did not close before the shutdown deadline");
+    }
+    internal.cancel();
+    let _ = tokio::join!(hub_task, listener_task); // both end on `internal`; a panic was already reported
+    Ok(())
+}
+
+/// The shard count from the database, retried while Postgres is unreachable.
+async fn stored_shard_count(pool: &deadpool_postgres::Pool, shutdown: &CancellationToken) -> Option<u32> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let r = async {
+            let c = pool.get().await?;
+            db::shard_count(&**c).await
+        }
+        .await;
+        match r {
+            Ok(n) => return Some(n),
+            Err(e) => tracing::warn!(error = %e, "cannot read the shard count yet; retrying"),
+        }
+        // Cancel safety: sleep and cancelled are cancel-safe.
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
+struct State {
+    ctx: Arc<SessionCtx>,
+    sessions: TaskTracker,
+    listen_up: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+    next_conn: AtomicU64,
+}
+
+impl State {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        match req.uri().path() {
+            "/ws" => self.upgrade(req, peer),
+            "/healthz" => self.healthz().await,
+            "/metrics" => http::metrics(),
+            p => http::error(StatusCode::NOT_FOUND, "not_found", format!("no route for {p}")),
+        }
+    }
+
+    async fn healthz(&self) -> Response<Body> {
+        let listen = self.listen_up.load(Ordering::Acquire);
+        let pool = &self.ctx.pool;
+        let db_ok = tokio::time::timeout(Duration::from_secs(2), async {
+            let c = pool.get().await?;
+            c.simple_query("SELECT 1").await?;
+            Ok::<_, db::DbError>(())
+        })
+        .await
+        .is_ok_and(|r| r.is_ok());
+        let status = if listen && db_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        http::json(
+            status,
+            &json!({
+                "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
+                "database": db_ok,
+                "listen": listen,
+                "connections": self.ctx.connections.load(Ordering::Relaxed),
+            }),
+        )
+    }
+
+    fn upgrade(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if req.method() != hyper::Method::GET {
+            return http::error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "GET /ws upgrades to a WebSocket");
+        }
+        if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+            return http::error(StatusCode::UPGRADE_REQUIRED, "upgrade_required", "GET /ws must be a WebSocket upgrade");
+        }
+        let initial = initial_op(req.uri().query().unwrap_or(""));
+        let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+            Ok(x) => x,
+            Err(e) => return http::error(StatusCode::BAD_REQUEST, "bad_request", format!("bad WebSocket handshake: {e}")),
+        };
+        let ctx = self.ctx.clone();
+        let shutdown = self.shutdown.clone();
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        // The 101 must reach the client before the upgrade resolves: await it
+        // in the tracked session task, never here.
+        let span = tracing::debug_span!("session", conn = conn_id, %peer);
+        self.sessions.spawn(
+            async move {
+                match fut.await {
+                    Ok(ws) => session::run(ws, ctx, initial, shutdown, conn_id).await,
+                    Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+                }
+            }
+            .instrument(span),
+        );
+        resp.map(|_| Full::new(Bytes::new()))
+    }
+}
+
+/// `?market=ID&from_seq=N&epoch=E`: a subscribe made at connect time.
+fn initial_op(query: &str) -> Option<Result<Op, ErrorReply>> {
+    let mut market = None;
+    let mut from_seq = None;
+    let mut epoch = None;
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "market" => market = Some(v.into_owned()),
+            "from_seq" => match v.parse::<i64>() {
+                Ok(n) if n >= 0 => from_seq = Some(n),
+                _ => return Some(Err(ErrorReply::new(None, "bad_request", "from_seq must be an integer >= 0"))),
+            },
+            "epoch" => epoch = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let market = market?;
+    Some(Ok(Op::Subscribe {
+        market,
+        from_seq,
+        epoch,
+        id: None,
+    }))
+}

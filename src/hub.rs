@@ -1,0 +1,603 @@
+//! The hub: per-market state of one broadcaster, between the LISTEN connection
+//! and the sessions.
+//!
+//! # The delivery guarantee and who upholds it
+//!
+//! Per connection and market, trades arrive in strictly increasing seq, each
+//! once, without gaps, starting at `from_seq + 1` (or `head_seq + 1`).
+//!
+//! - The log is the only source of trades. A doorbell (`{"m","s"}` on a shard
+//!   channel) only makes the hub read `seq > head` from the log; the hub never
+//!   delivers a payload, so a forged doorbell can cost a read but never put a
+//!   trade in front of a client.
+//! - The hub publishes each market's trades in seq order with no gap: the
+//!   [`core::MarketCore`] only accepts the row `head + 1`, and a read that
+//!   returns fewer rows than asked for is complete as of its snapshot (seqs
+//!   are assigned under the market's row lock and become visible in order, so
+//!   a snapshot that sees `n` sees every seq below `n`).
+//! - Before a trade is broadcast it is pushed into the market's ring and the
+//!   published head is advanced, so a session that joins late or falls behind
+//!   can always fetch what it missed from the ring, or else the log.
+//! - Notifications can be lost (LISTEN connection dropped, Postgres restarted).
+//!   On every (re)connect of the listener the hub re-reads every market it
+//!   serves, and every `reconcile_interval` it compares `markets.last_seq` with
+//!   its heads, so nothing committed stays unpublished.
+//! - Sessions ([`crate::session`]) apply the per-connection rule: drop seq below
+//!   the next expected, fill anything above it from the ring or the log first.
+//!
+//! The hub runs as one task that owns the market map (no lock shared by all
+//! markets); reads of the log run in spawned tasks, one at most per market, so
+//! one busy market never waits behind another. Markets without subscribers
+//! leave the map at the next reconcile tick.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::db;
+use crate::trade::EncodedTrade;
+
+pub mod core {
+    //! The hub's ordering logic without IO: a plain struct that takes events
+    //! (a doorbell, a page read from the log, a reconcile) and returns what to
+    //! do (read the log after some seq, publish these trades).
+
+    use std::collections::VecDeque;
+
+    use crate::trade::EncodedTrade;
+
+    /// Ask the IO side to read trades with `seq > after` from the log.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Fetch {
+        pub after: i64,
+    }
+
+    /// What a page read from the log produced.
+    #[derive(Debug, Default)]
+    pub struct Applied {
+        /// Trades to publish, in seq order, each exactly once.
+        pub publish: Vec<EncodedTrade>,
+        /// Rows at or below head (already published): dropped.
+        pub duplicates: usize,
+        /// Trades no doorbell had announced: a lost notification repaired.
+        pub repaired: usize,
+        /// Read again right away.
+        pub next: Option<Fetch>,
+    }
+
+    #[derive(Debug)]
+    pub struct MarketCore {
+        /// Highest seq published; every seq up to it was published in order.
+        head: i64,
+        /// Highest seq any doorbell announced (for the lost-notification count).
+        announced: i64,
+        /// A read of the log is in flight; at most one per market.
+        fetching: bool,
+        /// A doorbell above head arrived while the read was in flight, so the
+        /// read may have started before that trade committed: read once more.
+        rang_while_fetching: bool,
+    }
+
+    impl MarketCore {
+        pub fn new(head: i64) -> Self {
+            MarketCore {
+                head,
+                announced: head,
+                fetching: false,
+                rang_while_fetching: false,
+            }
+        }
+
+        pub fn head(&self) -> i64 {
+            self.head
+        }
+
+        /// A doorbell saying `seq` committed. At or below head it is a
+        /// duplicate (or a stale or forged one) and ignored.
+        pub fn doorbell(&mut self, seq: i64) -> Option<Fetch> {
+            if seq <= self.head {
+                return None;
+            }
+            self.announced = self.announced.max(seq);
+            self.poke()
+        }
+
+        /// Read the log regardless of doorbells: after a LISTEN reconnect, on
+        /// joining, when a reconcile saw `markets.last_seq` ahead of head.
+        pub fn poke(&mut self) -> Option<Fetch> {
+            if self.fetching {
+                self.rang_while_fetching = true;
+                return None;
+            }
+            self.fetching = true;
+            self.rang_while_fetching = false;
+            Some(Fetch { after: self.head })
+        }
+
+        /// A page of the log read for [`Fetch`]: `rows` in seq order, and
+        /// whether the page was full (more rows may follow).
+        pub fn fetched(&mut self, rows: Vec<EncodedTrade>, page_full: bool) -> Applied {
+            self.fetching = false;
+            let mut out = Applied::default();
+            let mut broken = false;
+            for t in rows {
+                if t.seq <= self.head {
+                    out.duplicates += 1;
+                    continue;
+                }
+                if t.seq != self.head + 1 {
+                    // The log cannot have holes (seq is gapless), but if it
+                    // ever returned one, never skip: stop and read again.
+                    broken = true;
+                    break;
+                }
+                self.head = t.seq;
+                if t.seq > self.announced {
+                    out.repaired += 1;
+                }
+                out.publish.push(t);
+            }
+            self.announced = self.announced.max(self.head);
+            if page_full || broken || self.rang_while_fetching {
+                out.next = self.poke();
+            }
+            out
+        }
+
+        /// The read failed (database unavailable). The next doorbell or
+        /// reconcile retries it.
+        pub fn fetch_failed(&mut self) {
+            self.fetching = false;
+        }
+    }
+
+    /// The most recent trades of a market, oldest first, contiguous in seq.
+    #[derive(Debug)]
+    pub struct Ring {
+        cap: usize,
+        items: VecDeque<EncodedTrade>,
+    }
+
+    impl Ring {
+        pub fn new(cap: usize) -> Self {
+            Ring {
+                cap: cap.max(1),
+                items: VecDeque::new(),
+            }
+        }
+
+        /// Append the next trade; a non-contiguous one restarts the ring.
+        pub fn push(&mut self, t: EncodedTrade) {
+            if self.items.back().is_some_and(|b| b.seq + 1 != t.seq) {
+                self.items.clear();
+            }
+            if self.items.len() == self.cap {
+                self.items.pop_front();
+            }
+            self.items.push_back(t);
+        }
+
+        pub fn first_seq(&self) -> Option<i64> {
+            self.items.front().map(|t| t.seq)
+        }
+
+        /// Trades with `after < seq <= upto`, if the ring holds `after + 1`.
+        /// None means the range starts before the ring: read the log.
+        pub fn range(&self, after: i64, upto: i64) -> Option<Vec<EncodedTrade>> {
+            let first = self.first_seq()?;
+            if after + 1 < first {
+                return None;
+            }
+            let skip = (after + 1 - first) as usize;
+            Some(
+                self.items
+                    .iter()
+                    .skip(skip)
+                    .take_while(|t| t.seq <= upto)
+                    .cloned()
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// The part of a market sessions share with the hub task.
+pub struct MarketShared {
+    pub id: String,
+    /// Recent trades. Write-locked only by the hub task for a push; sessions
+    /// read-lock it to copy (refcount) a range when they fill a gap.
+    pub ring: RwLock<core::Ring>,
+    /// Highest seq pushed to the ring (and then broadcast).
+    head: AtomicI64,
+    /// Live trades. Capacity `live_queue`; a receiver that falls further
+    /// behind gets `Lagged` and its session fills the gap from the ring or the
+    /// log, so a slow subscriber never blocks the hub or anyone else.
+    tx: broadcast::Sender<EncodedTrade>,
+}
+
+impl MarketShared {
+    pub fn head(&self) -> i64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    /// Trades `after < seq <= upto` from memory, if the ring reaches back far enough.
+    pub fn ring_range(&self, after: i64, upto: i64) -> Option<Vec<EncodedTrade>> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner()).range(after, upto)
+    }
+}
+
+/// Events into the hub task.
+#[derive(Debug)]
+pub enum HubEvent {
+    /// A doorbell from the LISTEN connection (already parsed, not trusted).
+    Doorbell { market: String, seq: i64 },
+    /// The LISTEN connection is (re)established and LISTENing: anything may
+    /// have been missed while it was down, re-read every market.
+    ListenUp,
+}
+
+/// A session's request to follow a market.
+pub struct Join {
+    pub market: String,
+    /// The market's last_seq as the session just read it: the starting head
+    /// when the market is new to the hub.
+    pub head: i64,
+    /// The market's state and a live receiver subscribed before the reply.
+    pub reply: oneshot::Sender<(Arc<MarketShared>, broadcast::Receiver<EncodedTrade>)>,
+}
+
+/// Cheap handle for sessions.
+#[derive(Clone)]
+pub struct HubHandle {
+    /// Joins, bounded: a full queue makes the joining session wait, never the hub.
+    joins: mpsc::Sender<Join>,
+}
+
+impl HubHandle {
+    /// Follow `market`; None if the hub has stopped.
+    pub async fn join(&self, market: &str, head: i64) -> Option<(Arc<MarketShared>, broadcast::Receiver<EncodedTrade>)> {
+        let (reply, rx) = oneshot::channel();
+        self.joins
+            .send(Join {
+                market: market.to_string(),
+                head,
+                reply,
+            })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub ring_size: usize,
+    pub live_queue: usize,
+    pub page: usize,
+    pub reconcile_interval: Duration,
+}
+
+struct Market {
+    core: core::MarketCore,
+    shared: Arc<MarketShared>,
+}
+
+enum Internal {
+    Fetched {
+        market: String,
+        result: Result<(Vec<EncodedTrade>, bool), db::DbError>,
+    },
+    Reconciled(Vec<(String, i64)>),
+}
+
+/// Start the hub task. `events` comes from the listener (unbounded there, so
+/// the LISTEN socket is always read; see `listener.rs`).
+pub fn spawn(
+    cfg: HubConfig,
+    pool: Pool,
+    events: mpsc::UnboundedReceiver<HubEvent>,
+    shutdown: CancellationToken,
+) -> (HubHandle, tokio::task::JoinHandle<()>) {
+    let (joins_tx, joins_rx) = mpsc::channel(1024);
+    let hub = Hub {
+        cfg,
+        pool,
+        markets: HashMap::new(),
+        internal: mpsc::unbounded_channel(),
+    };
+    let task = tokio::spawn(hub.run(events, joins_rx, shutdown));
+    (HubHandle { joins: joins_tx }, task)
+}
+
+struct Hub {
+    cfg: HubConfig,
+    pool: Pool,
+    markets: HashMap<String, Market>,
+    /// Results of spawned reads back into the hub task. Unbounded: at most one
+    /// read per market plus one reconcile is ever in flight.
+    internal: (mpsc::UnboundedSender<Internal>, mpsc::UnboundedReceiver<Internal>),
+}
+
+impl Hub {
+    async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<HubEvent>,
+        mut joins: mpsc::Receiver<Join>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(self.cfg.reconcile_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Cancel safety: every branch is an mpsc recv, a tick or a token,
+            // all cancel-safe; nothing is lost when another branch wins.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Some(ev) = events.recv() => self.on_event(ev),
+                Some(j) = joins.recv() => self.on_join(j),
+                Some(i) = self.internal.1.recv() => self.on_internal(i),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: HubEvent) {
+        match ev {
+            HubEvent::Doorbell { market, seq } => {
+                // Markets nobody follows here are not read at all.
+                if let Some(m) = self.markets.get_mut(&market) {
+                    if let Some(f) = m.core.doorbell(seq) {
+                        self.fetch(&market, f);
+                    }
+                }
+            }
+            HubEvent::ListenUp => {
+                let ids: Vec<String> = self.markets.keys().cloned().collect();
+                for id in ids {
+                    self.poke(&id);
+                }
+            }
+        }
+    }
+
+    fn on_join(&mut self, j: Join) {
+        let cfg = &self.cfg;
+        let mut created = false;
+        let m = self.markets.entry(j.market.clone()).or_insert_with(|| {
+            created = true;
+            let (tx, _) = broadcast::channel(cfg.live_queue);
+            Market {
+                core: core::MarketCore::new(j.head),
+                shared: Arc::new(MarketShared {
+                    id: j.market.clone(),
+                    ring: RwLock::new(core::Ring::new(cfg.ring_size)),
+                    head: AtomicI64::new(j.head),
+                    tx,
+                }),
+            }
+        });
+        let rx = m.shared.tx.subscribe();
+        let shared = m.shared.clone();
+        metrics::gauge!("marketcast_hub_markets").set(self.markets.len() as f64);
+        // A doorbell that arrived before this market was followed was dropped;
+        // one read now covers it.
+        if created {
+            self.poke(&j.market);
+        }
+        if j.reply.send((shared, rx)).is_err() {
+            // The session went away while waiting; its receiver is dropped and
+            // the market leaves at the next tick if nobody else follows it.
+        }
+    }
+
+    fn poke(&mut self, market: &str) {
+        if let Some(m) = self.markets.get_mut(market) {
+            if let Some(f) = m.core.poke() {
+                self.fetch(market, f);
+            }
+        }
+    }
+
+    fn fetch(&self, market: &str, f: core::Fetch) {
+        metrics::counter!("marketcast_log_reads_total").increment(1);
+        let pool = self.pool.clone();
+        let tx = self.internal.0.clone();
+        let market = market.to_string();
+        let page = self.cfg.page as i64;
+        tokio::spawn(async move {
+            let result = async {
+                let c = pool.get().await?;
+                let rows = db::trades_after(&**c, &market, f.after, None, page).await?;
+                let full = rows.len() as i64 == page;
+                // Encoded once here, shared by every subscriber.
+                Ok((rows.iter().map(|t| t.encode()).collect(), full))
+            }
+            .await;
+            let _ = tx.send(Internal::Fetched { market, result }); // Fails only when the hub has stopped.
+        });
+    }
+
+    fn on_internal(&mut self, i: Internal) {
+        match i {
+            Internal::Fetched { market, result } => {
+                let Some(m) = self.markets.get_mut(&market) else { return };
+                match result {
+                    Ok((rows, full)) => {
+                        let applied = m.core.fetched(rows, full);
+                        if applied.repaired > 0 {
+                            metrics::counter!("marketcast_gaps_repaired_total").increment(applied.repaired as u64);
+                        }
+                        if !applied.publish.is_empty() {
+                            metrics::counter!("marketcast_trades_published_total").increment(applied.publish.len() as u64);
+                            {
+                                let mut ring = m.shared.ring.write().unwrap_or_else(|p| p.into_inner());
+                                for t in &applied.publish {
+                                    ring.push(t.clone());
+                                }
+                            }
+                            m.shared.head.store(m.core.head(), Ordering::Release);
+                            let now = now_micros();
+                            for t in applied.publish {
+                                metrics::histogram!("marketcast_commit_to_send_seconds").record((now - t.ts_micros).max(0) as f64 / 1e6);
+                                // Err means no receiver right now: nobody to tell.
+                                let _ = m.shared.tx.send(t);
+                            }
+                        }
+                        if let Some(f) = applied.next {
+                            self.fetch(&market, f);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%market, error = %e, "reading new trades failed; the next reconcile retries");
+                        m.core.fetch_failed();
+                    }
+                }
+            }
+            Internal::Reconciled(heads) => {
+                for (id, last_seq) in heads {
+                    let behind = self.markets.get(&id).is_some_and(|m| last_seq > m.core.head());
+                    if behind {
+                        self.poke(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drop markets nobody follows, then compare the rest with the database.
+    fn on_tick(&mut self) {
+        self.markets.retain(|_, m| m.shared.tx.receiver_count() > 0);
+        metrics::gauge!("marketcast_hub_markets").set(self.markets.len() as f64);
+        let ids: Vec<String> = self.markets.keys().cloned().collect();
+        let pool = self.pool.clone();
+        let tx = self.internal.0.clone();
+        tokio::spawn(async move {
+            let r = async {
+                let c = pool.get().await?;
+                let usage: f64 = c.query_one("SELECT pg_notification_queue_usage()", &[]).await?.get(0);
+                metrics::gauge!("marketcast_notify_queue_usage").set(usage);
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let rows = c.query("SELECT id, last_seq FROM markets WHERE id = ANY($1)", &[&ids]).await?;
+                Ok::<_, db::DbError>(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            }
+            .await;
+            match r {
+                Ok(heads) => {
+                    let _ = tx.send(Internal::Reconciled(heads)); // Fails only when the hub has stopped.
+                }
+                Err(e) => tracing::debug!(error = %e, "reconcile skipped: database unavailable"),
+            }
+        });
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::core::*;
+    use crate::trade::EncodedTrade;
+    use bytes::Bytes;
+
+    fn t(seq: i64) -> EncodedTrade {
+        EncodedTrade {
+            seq,
+            ts_micros: 0,
+            frame: Bytes::from(format!("t{seq}")),
+        }
+    }
+    fn seqs(v: &[EncodedTrade]) -> Vec<i64> {
+        v.iter().map(|t| t.seq).collect()
+    }
+
+    #[test]
+    fn doorbells_at_or_below_head_are_ignored() {
+        let mut m = MarketCore::new(10);
+        assert_eq!(m.doorbell(10), None);
+        assert_eq!(m.doorbell(3), None);
+        assert_eq!(m.doorbell(11), Some(Fetch { after: 10 }));
+    }
+
+    #[test]
+    fn one_read_in_flight_and_a_reread_when_rung_meanwhile() {
+        let mut m = MarketCore::new(0);
+        assert_eq!(m.doorbell(1), Some(Fetch { after: 0 }));
+        assert_eq!(m.doorbell(2), None, "a read is already in flight");
+        // The read started before 2 committed and only saw 1.
+        let a = m.fetched(vec![t(1)], false);
+        assert_eq!(seqs(&a.publish), vec![1]);
+        assert_eq!(a.next, Some(Fetch { after: 1 }), "2 rang during the read: read again");
+        let a = m.fetched(vec![t(2)], false);
+        assert_eq!(seqs(&a.publish), vec![2]);
+        assert_eq!(a.next, None);
+    }
+
+    #[test]
+    fn a_forged_doorbell_costs_one_read_and_delivers_nothing() {
+        let mut m = MarketCore::new(5);
+        assert_eq!(m.doorbell(1_000_000), Some(Fetch { after: 5 }));
+        let a = m.fetched(vec![], false);
+        assert!(a.publish.is_empty());
+        assert_eq!(a.next, None, "no endless re-reading for a seq that does not exist");
+        assert_eq!(m.head(), 5);
+    }
+
+    #[test]
+    fn duplicates_dropped_and_holes_never_skipped() {
+        let mut m = MarketCore::new(3);
+        m.poke();
+        let a = m.fetched(vec![t(2), t(3), t(4), t(6), t(7)], false);
+        assert_eq!(seqs(&a.publish), vec![4], "stops at the hole after 4");
+        assert_eq!(a.duplicates, 2);
+        assert_eq!(a.next, Some(Fetch { after: 4 }));
+        let a = m.fetched(vec![t(5), t(6), t(7)], false);
+        assert_eq!(seqs(&a.publish), vec![5, 6, 7]);
+        assert_eq!(m.head(), 7);
+    }
+
+    #[test]
+    fn full_pages_keep_reading_and_unannounced_trades_count_as_repaired() {
+        let mut m = MarketCore::new(0);
+        assert_eq!(m.doorbell(2), Some(Fetch { after: 0 }));
+        let a = m.fetched(vec![t(1), t(2), t(3)], true);
+        assert_eq!(a.repaired, 1, "3 was never announced");
+        assert_eq!(a.next, Some(Fetch { after: 3 }));
+        let a = m.fetched(vec![], false);
+        assert_eq!(a.next, None);
+    }
+
+    #[test]
+    fn failed_reads_release_the_slot() {
+        let mut m = MarketCore::new(0);
+        assert!(m.doorbell(1).is_some());
+        m.fetch_failed();
+        assert_eq!(m.poke(), Some(Fetch { after: 0 }));
+    }
+
+    #[test]
+    fn ring_serves_only_contiguous_ranges_it_holds() {
+        let mut r = Ring::new(3);
+        assert_eq!(r.range(0, 10).map(|v| seqs(&v)), None);
+        for s in 1..=5 {
+            r.push(t(s));
+        }
+        assert_eq!(r.first_seq(), Some(3));
+        assert_eq!(r.range(1, 5).map(|v| seqs(&v)), None, "2 fell out");
+        assert_eq!(r.range(2, 5).map(|v| seqs(&v)), Some(vec![3, 4, 5]));
+        assert_eq!(r.range(3, 4).map(|v| seqs(&v)), Some(vec![4]));
+        assert_eq!(r.range(5, 9).map(|v| seqs(&v)), Some(vec![]));
+        r.push(t(9));
+        assert_eq!(r.first_seq(), Some(9), "a jump restarts the ring");
+    }
+}

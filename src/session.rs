@@ -1,0 +1,741 @@
+//! One WebSocket connection of the broadcaster.
+//!
+//! Two tasks, because fastwebsockets' `read_frame` is not cancel-safe and must
+//! never sit in a `select!`:
+//! - the **reader** parses client frames, enforces the size limit (1009),
+//!   binary frames (1008) and the op rate limit, and passes parsed ops, pongs
+//!   and close echoes to the writer over a small bounded channel;
+//! - the **writer** owns the socket's write half and every subscription. It
+//!   answers ops, follows each subscribed market's live broadcast, fills any
+//!   gap from the ring or the log before anything later, and writes whatever
+//!   is queued in one vectored write (pre-encoded frames, shared by
+//!   refcount: no per-subscriber JSON, no copy).
+//!
+//! The per-subscription rule that gives the delivery guarantee: `next` is the
+//! next seq owed to the client. A live trade below `next` is a duplicate and
+//! dropped; one equal to `next` is sent; one above it raises `want` and is not
+//! sent itself: the gap `next..=want` is then filled from the ring (which
+//! already holds the live trade) or the log, in order. A fill that fails
+//! because Postgres is down is retried every second; the connection stays open.
+//!
+//! A client whose socket does not accept a write within `write_timeout` is a
+//! slow consumer and is closed with 4000; it reconnects with `from_seq` and
+//! loses nothing. Memory per connection stays bounded whatever the client
+//! does: the live queue is shared per market, and fills go a page at a time.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket, WebSocketError};
+use futures_util::FutureExt;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{StreamExt, StreamMap};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BroadcasterConfig;
+use crate::db;
+use crate::hub::{HubHandle, MarketShared};
+use crate::trade::{control_frame, text_frame, EncodedTrade};
+
+/// Frames queued before the writer stops draining and writes. Bounds one
+/// vectored write (the kernel takes at most 1024 slices anyway).
+const WRITE_BATCH_FRAMES: usize = 512;
+
+/// What every session shares.
+pub struct SessionCtx {
+    pub cfg: BroadcasterConfig,
+    pub pool: Pool,
+    pub hub: HubHandle,
+    pub shards: BTreeSet<u32>,
+    /// Open connections, for the limit (1013) and the gauge.
+    pub connections: AtomicU64,
+}
+
+/// A client op, parsed and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Subscribe {
+        market: String,
+        from_seq: Option<i64>,
+        epoch: Option<String>,
+        id: Option<Value>,
+    },
+    Unsubscribe {
+        market: String,
+        id: Option<Value>,
+    },
+    Ping {
+        id: Option<Value>,
+    },
+}
+
+/// An `error` reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorReply {
+    pub id: Option<Value>,
+    pub code: &'static str,
+    pub message: String,
+    pub extra: Map<String, Value>,
+}
+
+impl ErrorReply {
+    pub fn new(id: Option<Value>, code: &'static str, message: impl Into<String>) -> Self {
+        ErrorReply {
+            id,
+            code,
+            message: message.into(),
+            extra: Map::new(),
+        }
+    }
+    fn with(mut self, k: &str, v: Value) -> Self {
+        self.extra.insert(k.to_string(), v);
+        self
+    }
+    pub fn frame(&self) -> Bytes {
+        metrics::counter!("marketcast_client_errors_total", "code" => self.code).increment(1);
+        let mut m = Map::new();
+        m.insert("type".into(), "error".into());
+        if let Some(id) = &self.id {
+            m.insert("id".into(), id.clone());
+        }
+        m.insert("code".into(), self.code.into());
+        m.insert("message".into(), self.message.clone().into());
+        m.extend(self.extra.clone());
+        json_frame(&Value::Object(m))
+    }
+}
+
+fn json_frame(v: &Value) -> Bytes {
+    text_frame(&serde_json::to_vec(v).expect("serialising a Value cannot fail"))
+}
+
+/// Parse one client message (PROTOCOL.md section 2). Types are checked
+/// strictly: a wrong type is `bad_request`, never a guess.
+pub fn parse_op(msg: &[u8]) -> Result<Op, ErrorReply> {
+    let v: Value = serde_json::from_slice(msg).map_err(|e| ErrorReply::new(None, "bad_request", format!("not JSON: {e}")))?;
+    let Value::Object(o) = v else {
+        return Err(ErrorReply::new(None, "bad_request", "a message must be a JSON object"));
+    };
+    let id = match o.get("id") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::String(_)) => Some(v.clone()),
+        Some(v @ Value::Number(n)) if n.is_i64() || n.is_u64() => Some(v.clone()),
+        Some(_) => return Err(ErrorReply::new(None, "bad_request", "id must be an integer or a string")),
+    };
+    let bad = |m: &str| ErrorReply::new(id.clone(), "bad_request", m.to_string());
+    let op = match o.get("op") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(bad("op must be a string")),
+        None => return Err(bad("missing field op")),
+    };
+    let market = || match o.get("market") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(bad("market must be a string")),
+        None => Err(bad("missing field market")),
+    };
+    match op {
+        "subscribe" => {
+            let market = market()?;
+            let from_seq = match o.get("from_seq") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => match n.as_i64() {
+                    Some(f) if f >= 0 => Some(f),
+                    _ => return Err(bad("from_seq must be an integer >= 0")),
+                },
+                Some(_) => return Err(bad("from_seq must be an integer >= 0")),
+            };
+            let epoch = match o.get("epoch") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(_) => return Err(bad("epoch must be a string")),
+            };
+            Ok(Op::Subscribe {
+                market,
+                from_seq,
+                epoch,
+                id,
+            })
+        }
+        "unsubscribe" => Ok(Op::Unsubscribe { market: market()?, id }),
+        "ping" => Ok(Op::Ping { id }),
+        other => Err(ErrorReply::new(id.clone(), "unknown_op", format!("unknown op {other:?}"))),
+    }
+}
+
+/// Token bucket for client ops.
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        RateLimit {
+            rate: rate as f64,
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: now,
+        }
+    }
+    pub fn allow(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Reader -> writer messages. Bounded (16): a client that floods ops waits on
+/// its own socket, nobody else does.
+enum Ctl {
+    Op(Op),
+    /// A ready frame: a pong, an error reply, the echo of a client's Close.
+    Frame(Bytes),
+    /// Close with this code and stop.
+    Close(u16, &'static str),
+}
+
+/// Run one upgraded connection to its end. `initial` is the subscribe from
+/// the URL's query, handled as if it were the first op.
+pub async fn run(ws: WebSocket<TokioIo<Upgraded>>, ctx: Arc<SessionCtx>, initial: Option<Result<Op, ErrorReply>>, shutdown: CancellationToken, conn_id: u64) {
+    let open = ctx.connections.fetch_add(1, Ordering::AcqRel) + 1;
+    metrics::gauge!("marketcast_ws_connections").increment(1.0);
+    let over_limit = open as usize > ctx.cfg.max_connections;
+
+    let (r, w) = tokio::io::split(ws.into_inner());
+    // The write half of fastwebsockets is not used: frames are pre-encoded and
+    // written (vectored) by the writer below. It gets a sink to satisfy the API.
+    let (mut reader, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), Role::Server);
+    reader.set_max_message_size(ctx.cfg.max_message_bytes + 1);
+    let (ctl_tx, ctl_rx) = mpsc::channel(16);
+    let last_seen = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+
+    let mut writer = Writer {
+        ctx: ctx.clone(),
+        w,
+        out: Vec::new(),
+        subs: HashMap::new(),
+        live: StreamMap::new(),
+        conn_id,
+    };
+    if over_limit {
+        writer.close_now(1013, "server overloaded: connection limit reached").await;
+    } else {
+        let rl = RateLimit::new(ctx.cfg.rate_per_sec, ctx.cfg.rate_burst, Instant::now());
+        let reader_task = tokio::spawn(read_loop(reader, ctl_tx, rl, ctx.cfg.max_message_bytes, last_seen.clone(), started));
+        if let Some(first) = initial {
+            match first {
+                Ok(op) => writer.on_op(op).await.ok(),
+                Err(e) => {
+                    writer.out.push(e.frame());
+                    Some(())
+                }
+            };
+        }
+        writer.run(ctl_rx, shutdown, last_seen, started).await;
+        reader_task.abort(); // the connection is over either way
+    }
+    let subs = writer.subs.len();
+    metrics::gauge!("marketcast_subscriptions").decrement(subs as f64);
+    ctx.connections.fetch_sub(1, Ordering::AcqRel);
+    metrics::gauge!("marketcast_ws_connections").decrement(1.0);
+}
+
+async fn read_loop(
+    mut reader: fastwebsockets::WebSocketRead<tokio::io::ReadHalf<TokioIo<Upgraded>>>,
+    ctl: mpsc::Sender<Ctl>,
+    mut rl: RateLimit,
+    max_bytes: usize,
+    last_seen: Arc<AtomicU64>,
+    started: Instant,
+) {
+    let mut fragments: Option<Vec<u8>> = None;
+    let mut refused: u32 = 0;
+    loop {
+        let send_ctl = ctl.clone();
+        let mut obligated = move |f: Frame<'_>| {
+            // Auto-pong and the Close echo: forward to the writer as bytes.
+            let bytes = control_frame(f);
+            let c = send_ctl.clone();
+            async move { c.send(Ctl::Frame(bytes)).await.map_err(|_| "writer gone") }
+        };
+        let frame = match reader.read_frame(&mut obligated).await {
+            Ok(f) => f,
+            Err(WebSocketError::FrameTooLarge) => {
+                let _ = ctl.send(Ctl::Close(1009, "message over the size limit")).await; // writer may be gone: then the connection is over anyway
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket read ended");
+                let code = match e {
+                    WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::SendError(_) => None,
+                    _ => Some(1002),
+                };
+                if let Some(code) = code {
+                    let _ = ctl.send(Ctl::Close(code, "protocol error")).await; // see above
+                }
+                return;
+            }
+        };
+        last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let payload = match frame.opcode {
+            OpCode::Close => return, // the echo was sent through `obligated`
+            OpCode::Ping | OpCode::Pong => continue,
+            OpCode::Binary => {
+                let _ = ctl.send(Ctl::Close(1008, "binary frames are not accepted")).await; // see above
+                return;
+            }
+            OpCode::Text if frame.fin && fragments.is_none() => frame.payload.to_vec(),
+            OpCode::Text if fragments.is_none() => {
+                fragments = Some(frame.payload.to_vec());
+                continue;
+            }
+            OpCode::Continuation if fragments.is_some() => {
+                let buf = fragments.as_mut().expect("checked");
+                buf.extend_from_slice(&frame.payload);
+                if buf.len() > max_bytes {
+                    let _ = ctl.send(Ctl::Close(1009, "message over the size limit")).await; // see above
+                    return;
+                }
+                if !frame.fin {
+                    continue;
+                }
+                fragments.take().expect("checked")
+            }
+            _ => {
+                let _ = ctl.send(Ctl::Close(1002, "unexpected continuation frame")).await; // see above
+                return;
+            }
+        };
+        if payload.len() > max_bytes {
+            let _ = ctl.send(Ctl::Close(1009, "message over the size limit")).await; // see above
+            return;
+        }
+        let msg = if rl.allow(Instant::now()) {
+            refused = 0;
+            match parse_op(&payload) {
+                Ok(op) => Ctl::Op(op),
+                Err(e) => Ctl::Frame(e.frame()),
+            }
+        } else {
+            refused += 1;
+            // Sustained abuse: a client still sending after a full burst of
+            // refusals is not going to slow down.
+            if refused > rl.burst as u32 {
+                let _ = ctl.send(Ctl::Close(1008, "rate limit exceeded")).await; // see above
+                return;
+            }
+            let id = serde_json::from_slice::<Value>(&payload).ok().and_then(|v| v.get("id").cloned());
+            Ctl::Frame(ErrorReply::new(id, "rate_limited", "too many messages; slow down").frame())
+        };
+        if ctl.send(msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One subscription's position.
+struct Sub {
+    shared: Arc<MarketShared>,
+    /// Next seq owed to the client.
+    next: i64,
+    /// Highest seq known to exist that the client is owed (fill up to it).
+    want: i64,
+}
+
+enum End {
+    /// The socket failed or the peer went away.
+    Gone,
+    /// A write did not finish within write_timeout.
+    Slow,
+}
+
+struct Writer {
+    ctx: Arc<SessionCtx>,
+    w: tokio::io::WriteHalf<TokioIo<Upgraded>>,
+    /// Frames waiting for the next write.
+    out: Vec<Bytes>,
+    subs: HashMap<String, Sub>,
+    live: StreamMap<String, BroadcastStream<EncodedTrade>>,
+    conn_id: u64,
+}
+
+impl Writer {
+    async fn run(&mut self, mut ctl: mpsc::Receiver<Ctl>, shutdown: CancellationToken, last_seen: Arc<AtomicU64>, started: Instant) {
+        let mut ping = tokio::time::interval(self.ctx.cfg.ping_interval);
+        ping.tick().await;
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result: Result<(), End> = async {
+            loop {
+                if !self.out.is_empty() {
+                    self.flush().await?;
+                }
+                // Cancel safety: mpsc recv, StreamMap::next (a Stream), ticks
+                // and the token are all cancel-safe; no branch holds partial
+                // state across an await.
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        self.close_now(1001, "server shutting down").await;
+                        return Ok(());
+                    }
+                    c = ctl.recv() => match c {
+                        Some(Ctl::Op(op)) => self.on_op(op).await?,
+                        Some(Ctl::Frame(f)) => self.out.push(f),
+                        Some(Ctl::Close(code, reason)) => {
+                            self.close_now(code, reason).await;
+                            return Ok(());
+                        }
+                        None => {
+                            // The reader ended: the peer closed or vanished.
+                            self.flush().await?;
+                            return Ok(());
+                        }
+                    },
+                    Some((market, item)) = self.live.next(), if !self.live.is_empty() => {
+                        self.on_live(&market, item).await?;
+                        // Coalesce: take whatever else is already queued.
+                        while self.out.len() < WRITE_BATCH_FRAMES {
+                            match self.live.next().now_or_never() {
+                                Some(Some((market, item))) => self.on_live(&market, item).await?,
+                                _ => break,
+                            }
+                        }
+                    }
+                    _ = retry.tick() => {
+                        let pending: Vec<String> = self.subs.iter().filter(|(_, s)| s.next <= s.want).map(|(k, _)| k.clone()).collect();
+                        for m in pending {
+                            self.fill(&m).await?;
+                        }
+                    }
+                    _ = ping.tick() => {
+                        let idle = started.elapsed().saturating_sub(Duration::from_millis(last_seen.load(Ordering::Relaxed)));
+                        if idle > self.ctx.cfg.idle_timeout {
+                            self.close_now(1000, "idle timeout").await;
+                            return Ok(());
+                        }
+                        self.out.push(control_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"mc"))));
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(End::Slow) = result {
+            metrics::counter!("marketcast_slow_consumer_closes_total").increment(1);
+            tracing::info!(conn = self.conn_id, "closing a slow consumer (4000)");
+            self.out.clear();
+            self.close_now(4000, "slow consumer: reconnect with from_seq").await;
+        }
+    }
+
+    /// Write every queued frame, in order, in as few syscalls as the kernel
+    /// allows. Bounded by write_timeout: past it the client is a slow consumer.
+    async fn flush(&mut self) -> Result<(), End> {
+        let frames = std::mem::take(&mut self.out);
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
+        let fut = write_all_vectored(&mut self.w, &frames);
+        match tokio::time::timeout(self.ctx.cfg.write_timeout, fut).await {
+            Ok(Ok(writes)) => {
+                metrics::counter!("marketcast_ws_frames_sent_total").increment(frames.len() as u64);
+                metrics::counter!("marketcast_ws_bytes_sent_total").increment(bytes as u64);
+                metrics::counter!("marketcast_ws_writes_total").increment(writes);
+                // Reuse the allocation unless a burst grew it.
+                let mut frames = frames;
+                frames.clear();
+                if frames.capacity() <= WRITE_BATCH_FRAMES {
+                    self.out = frames;
+                }
+                Ok(())
+            }
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => Err(End::Slow),
+        }
+    }
+
+    /// Best effort: queue a Close, try briefly to get it out, then shut down.
+    async fn close_now(&mut self, code: u16, reason: &str) {
+        self.out.push(control_frame(Frame::close(code, reason.as_bytes())));
+        let frames = std::mem::take(&mut self.out);
+        let w = &mut self.w;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            write_all_vectored(w, &frames).await?;
+            w.shutdown().await
+        })
+        .await; // The peer may be gone or stuck; the connection ends either way.
+    }
+
+    async fn on_op(&mut self, op: Op) -> Result<(), End> {
+        match op {
+            Op::Ping { id } => {
+                let mut m = Map::new();
+                m.insert("type".into(), "pong".into());
+                if let Some(id) = id {
+                    m.insert("id".into(), id);
+                }
+                self.out.push(json_frame(&Value::Object(m)));
+            }
+            Op::Unsubscribe { market, id } => {
+                if self.subs.remove(&market).is_some() {
+                    self.live.remove(&market);
+                    metrics::gauge!("marketcast_subscriptions").decrement(1.0);
+                    let mut m = json!({"type": "unsubscribed", "market": market});
+                    if let Some(id) = id {
+                        m["id"] = id;
+                    }
+                    self.out.push(json_frame(&m));
+                } else {
+                    self.out.push(ErrorReply::new(id, "not_subscribed", format!("not subscribed to {market}")).frame());
+                }
+            }
+            Op::Subscribe {
+                market,
+                from_seq,
+                epoch,
+                id,
+            } => match self.subscribe(&market, from_seq, epoch.as_deref(), id.clone()).await {
+                Ok(()) => {}
+                Err(e) => self.out.push(e.frame()),
+            },
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, market: &str, from_seq: Option<i64>, epoch: Option<&str>, id: Option<Value>) -> Result<(), ErrorReply> {
+        let err = |code, msg: String| ErrorReply::new(id.clone(), code, msg);
+        if self.subs.contains_key(market) {
+            return Err(err("already_subscribed", format!("already subscribed to {market}; unsubscribe first to change from_seq")));
+        }
+        if self.subs.len() >= self.ctx.cfg.max_subscriptions {
+            return Err(err("too_many_subscriptions", format!("at most {} subscriptions per connection", self.ctx.cfg.max_subscriptions)));
+        }
+        let unavailable = |e: db::DbError| err("unavailable", format!("database unavailable, retry: {e}"));
+        let pool = &self.ctx.pool;
+        let timeout = self.ctx.cfg.db.timeout;
+        let m = tokio::time::timeout(timeout, async {
+            let c = pool.get().await?;
+            db::market(&**c, market).await
+        })
+        .await
+        .map_err(db::DbError::from)
+        .and_then(|r| r)
+        .map_err(unavailable)?
+        .ok_or_else(|| err("unknown_market", format!("no market named {market}")))?;
+        if !self.ctx.shards.contains(&(m.shard as u32)) {
+            let mut e = err("wrong_shard", format!("market {market} is on shard {} which this broadcaster does not serve", m.shard)).with("shard", m.shard.into());
+            if let Some(t) = &self.ctx.cfg.shard_url_template {
+                e = e.with("url", t.replace("{shard}", &m.shard.to_string()).into());
+            }
+            return Err(e);
+        }
+        if let Some(ep) = epoch {
+            if ep != m.epoch {
+                return Err(err("epoch_mismatch", format!("market {market} is at epoch {}, not {ep}", m.epoch)).with("epoch", m.epoch.clone().into()));
+            }
+        }
+        let head = m.head_seq;
+        let (shared, rx) = self
+            .ctx
+            .hub
+            .join(market, head)
+            .await
+            .ok_or_else(|| err("unavailable", "broadcaster shutting down".into()))?;
+        let next = from_seq.map_or(head + 1, |f| f + 1);
+        if next <= head && shared.ring.read().unwrap_or_else(|p| p.into_inner()).first_seq().is_none_or(|f| f > next) {
+            let earliest = tokio::time::timeout(timeout, async {
+                let c = pool.get().await?;
+                db::earliest_seq(&**c, market).await
+            })
+            .await
+            .map_err(db::DbError::from)
+            .and_then(|r| r)
+            .map_err(unavailable)?;
+            let earliest = earliest.unwrap_or(head + 1);
+            if earliest > next {
+                return Err(err("history_unavailable", format!("trades before seq {earliest} of {market} were pruned; subscribe with from_seq >= {}", earliest - 1)).with("earliest_seq", earliest.into()));
+            }
+        }
+        let mut reply = json!({
+            "type": "subscribed",
+            "market": market,
+            "epoch": m.epoch,
+            "head_seq": head,
+            "last_price": m.last_price,
+            "volume": m.volume,
+        });
+        if let Some(id) = id {
+            reply["id"] = id;
+        }
+        self.out.push(json_frame(&reply));
+        // Everything the hub publishes from now on reaches `rx`; everything it
+        // published before is at most shared.head() and is filled below.
+        let want = head.max(shared.head());
+        self.subs.insert(market.to_string(), Sub { shared, next, want });
+        self.live.insert(market.to_string(), BroadcastStream::new(rx));
+        metrics::gauge!("marketcast_subscriptions").increment(1.0);
+        tracing::debug!(conn = self.conn_id, market, next, head, "subscribed");
+        match self.fill(market).await {
+            Ok(()) => Ok(()),
+            // The socket failed mid-fill; the run loop's next flush sees it.
+            Err(_) => Ok(()),
+        }
+    }
+
+    async fn on_live(&mut self, market: &str, item: Result<EncodedTrade, tokio_stream::wrappers::errors::BroadcastStreamRecvError>) -> Result<(), End> {
+        let Some(sub) = self.subs.get_mut(market) else { return Ok(()) };
+        match item {
+            Ok(t) if t.seq < sub.next => Ok(()), // already sent (by a fill)
+            Ok(t) if t.seq == sub.next => {
+                sub.next += 1;
+                sub.want = sub.want.max(t.seq);
+                self.out.push(t.frame);
+                Ok(())
+            }
+            Ok(t) => {
+                // Ahead of what the client has: fill in order first; the ring
+                // already holds this trade, so the fill includes it.
+                sub.want = sub.want.max(t.seq);
+                self.fill(market).await
+            }
+            // The live queue overflowed for this subscriber (it is slower than
+            // the market). Nothing to do now: the next trade received is above
+            // `next` and triggers a fill from the ring or the log.
+            Err(_lagged) => Ok(()),
+        }
+    }
+
+    /// Send `next..=want` from the ring or the log, a page at a time.
+    async fn fill(&mut self, market: &str) -> Result<(), End> {
+        loop {
+            let Some(sub) = self.subs.get(market) else { return Ok(()) };
+            if sub.next > sub.want {
+                return Ok(());
+            }
+            let (after, upto) = (sub.next - 1, sub.want);
+            let page_cap = self.ctx.cfg.replay_page;
+            let from_ring = sub.shared.ring_range(after, upto.min(after + page_cap as i64));
+            let (page, source) = match from_ring {
+                Some(p) => (p, "memory"),
+                None => {
+                    let pool = &self.ctx.pool;
+                    let read = tokio::time::timeout(self.ctx.cfg.db.timeout, async {
+                        let c = pool.get().await?;
+                        db::trades_after(&**c, market, after, Some(upto), page_cap as i64).await
+                    })
+                    .await
+                    .map_err(db::DbError::from)
+                    .and_then(|r| r);
+                    match read {
+                        Ok(rows) => (rows.iter().map(|t| t.encode()).collect::<Vec<_>>(), "postgres"),
+                        Err(e) => {
+                            // Retried by the run loop every second; never skip.
+                            tracing::debug!(conn = self.conn_id, market, error = %e, "fill deferred: database unavailable");
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+            if page.first().map(|t| t.seq) != Some(after + 1) {
+                // The log no longer has `after + 1` (pruned meanwhile): the
+                // guarantee cannot be kept for this subscription.
+                let earliest = page.first().map(|t| t.seq).unwrap_or(upto + 1);
+                self.subs.remove(market);
+                self.live.remove(market);
+                metrics::gauge!("marketcast_subscriptions").decrement(1.0);
+                self.out.push(
+                    ErrorReply::new(None, "history_unavailable", format!("trades of {market} after seq {after} were pruned; subscription ended"))
+                        .with("earliest_seq", earliest.into())
+                        .with("market", market.into())
+                        .frame(),
+                );
+                return Ok(());
+            }
+            metrics::counter!("marketcast_replayed_trades_total", "source" => source).increment(page.len() as u64);
+            let sub = self.subs.get_mut(market).expect("checked above");
+            for t in page {
+                if t.seq != sub.next {
+                    break; // contiguity checked per page start; defensive
+                }
+                sub.next += 1;
+                self.out.push(t.frame);
+            }
+            self.flush().await?;
+        }
+    }
+}
+
+/// Write all frames with vectored writes; returns the number of syscalls.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Bytes]) -> std::io::Result<u64> {
+    let mut slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
+    let mut bufs = &mut slices[..];
+    let mut writes = 0;
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        writes += 1;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(writes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_parse_strictly() {
+        assert_eq!(
+            parse_op(br#"{"op":"subscribe","market":"M","from_seq":5,"epoch":"e1","id":7}"#).unwrap(),
+            Op::Subscribe {
+                market: "M".into(),
+                from_seq: Some(5),
+                epoch: Some("e1".into()),
+                id: Some(json!(7))
+            }
+        );
+        assert_eq!(parse_op(br#"{"op":"ping","id":"x"}"#).unwrap(), Op::Ping { id: Some(json!("x")) });
+        assert_eq!(parse_op(br#"{"op":"unsubscribe","market":"M"}"#).unwrap(), Op::Unsubscribe { market: "M".into(), id: None });
+        let code = |m: &[u8]| parse_op(m).unwrap_err().code;
+        assert_eq!(code(b"nope"), "bad_request");
+        assert_eq!(code(b"[1]"), "bad_request");
+        assert_eq!(code(br#"{"market":"M"}"#), "bad_request");
+        assert_eq!(code(br#"{"op":"subscribe"}"#), "bad_request");
+        assert_eq!(code(br#"{"op":"subscribe","market":1}"#), "bad_request");
+        assert_eq!(code(br#"{"op":"subscribe","market":"M","from_seq":-1}"#), "bad_request");
+        assert_eq!(code(br#"{"op":"subscribe","market":"M","from_seq":"3"}"#), "bad_request");
+        assert_eq!(code(br#"{"op":"subscribe","market":"M","from_seq":1.5}"#), "bad_request");
+        assert_eq!(code(br#"{"op":"ping","id":[1]}"#), "bad_request");
+        assert_eq!(code(br#"{"op":"dance","id":3}"#), "unknown_op");
+        assert_eq!(parse_op(br#"{"op":"dance","id":3}"#).unwrap_err().id, Some(json!(3)));
+    }
+
+    #[test]
+    fn rate_limit_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut rl = RateLimit::new(10, 5, t0);
+        assert_eq!((0..10).filter(|_| rl.allow(t0)).count(), 5);
+        assert!(rl.allow(t0 + Duration::from_millis(100)), "one token per 100ms");
+        assert!(!rl.allow(t0 + Duration::from_millis(100)));
+    }
+}

@@ -1,0 +1,107 @@
+//! `marketcast subscribe`: the reference client. Prints each trade of one
+//! market as a JSON line on stdout, resumes with `from_seq` after any
+//! disconnect or close, and checks the delivery guarantee itself: a trade out
+//! of sequence is a loud error (exit 1), never a silent skip.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct SubscribeConfig {
+    pub url: String,
+    pub market: String,
+    pub from_seq: Option<i64>,
+    pub count: Option<u64>,
+    pub reconnect_max: Duration,
+}
+
+/// Error codes after which retrying cannot help.
+const FATAL: &[&str] = &["unknown_market", "wrong_shard", "history_unavailable", "epoch_mismatch", "bad_request"];
+
+pub async fn run(cfg: SubscribeConfig, shutdown: CancellationToken, mut out: impl std::io::Write) -> Result<()> {
+    let mut last: Option<i64> = cfg.from_seq;
+    let mut printed: u64 = 0;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut url = url::Url::parse(&cfg.url).context("subscribe URL")?;
+        url.query_pairs_mut().clear().append_pair("market", &cfg.market);
+        if let Some(l) = last {
+            url.query_pairs_mut().append_pair("from_seq", &l.to_string());
+        }
+        let result: Result<bool> = async {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.context("connecting")?;
+            backoff = Duration::from_millis(100);
+            loop {
+                // Cancel safety: tungstenite's StreamExt::next and the token are cancel-safe.
+                let msg = tokio::select! {
+                    m = ws.next() => m,
+                    _ = shutdown.cancelled() => {
+                        let _ = ws.close(None).await; // leaving anyway
+                        return Ok(true);
+                    }
+                };
+                let Some(msg) = msg else { return Ok(false) };
+                let text = match msg.context("reading")? {
+                    Message::Text(t) => t,
+                    Message::Close(c) => {
+                        tracing::info!(close = ?c, "server closed the connection; resuming");
+                        return Ok(false);
+                    }
+                    _ => continue,
+                };
+                let v: Value = serde_json::from_str(&text).context("server sent invalid JSON")?;
+                match v.get("type").and_then(Value::as_str) {
+                    Some("trade") => {
+                        let seq = v.get("seq").and_then(Value::as_i64).context("trade without seq")?;
+                        if let Some(l) = last {
+                            if seq != l + 1 {
+                                bail!("delivery guarantee broken: got seq {seq} after {l}");
+                            }
+                        }
+                        last = Some(seq);
+                        writeln!(out, "{text}")?;
+                        out.flush()?;
+                        printed += 1;
+                        if cfg.count.is_some_and(|c| printed >= c) {
+                            let _ = ws.close(None).await; // done
+                            return Ok(true);
+                        }
+                    }
+                    Some("subscribed") => {
+                        if last.is_none() {
+                            last = v.get("head_seq").and_then(Value::as_i64);
+                        }
+                        tracing::info!(market = %cfg.market, head_seq = ?v.get("head_seq"), from = ?last, "subscribed");
+                    }
+                    Some("error") => {
+                        let code = v.get("code").and_then(Value::as_str).unwrap_or("");
+                        if FATAL.contains(&code) {
+                            bail!("server refused: {text}");
+                        }
+                        tracing::warn!(%text, "server error; resuming");
+                        return Ok(false);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) if format!("{e:#}").contains("delivery guarantee") || format!("{e:#}").contains("server refused") => return Err(e),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "connection failed; retrying"),
+        }
+        // Cancel safety: sleep and cancelled are cancel-safe.
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.mul_f64(1.0 + fastrand::f64() * 0.5)) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(cfg.reconnect_max);
+    }
+}
