@@ -27,14 +27,20 @@ use crate::session::{self, ErrorReply, Op, SessionCtx};
 use crate::{db, shutdown};
 
 /// Run a broadcaster on `tcp` until `shutdown` is cancelled.
-pub async fn run(tcp: TcpListener, cfg: BroadcasterConfig, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    tcp: TcpListener,
+    cfg: BroadcasterConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
     cfg.check()?;
     crate::metrics::install();
     let pool = db::pool(&cfg.db, "marketcast-broadcaster")?;
     let shards = match &cfg.shards {
         Some(s) => s.clone(),
         None => {
-            let Some(n) = stored_shard_count(&pool, &shutdown).await else { return Ok(()) };
+            let Some(n) = stored_shard_count(&pool, &shutdown).await else {
+                return Ok(());
+            };
             (0..n).collect::<BTreeSet<u32>>()
         }
     };
@@ -88,7 +94,10 @@ pub async fn run(tcp: TcpListener, cfg: BroadcasterConfig, shutdown: Cancellatio
     .await;
     // Sessions saw the same token and are closing with 1001.
     sessions.close();
-    if tokio::time::timeout(shutdown::DEADLINE, sessions.wait()).await.is_err() {
+    if tokio::time::timeout(shutdown::DEADLINE, sessions.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some WebSocket sessions did not close before the shutdown deadline");
     }
     internal.cancel();
@@ -97,7 +106,10 @@ pub async fn run(tcp: TcpListener, cfg: BroadcasterConfig, shutdown: Cancellatio
 }
 
 /// The shard count from the database, retried while Postgres is unreachable.
-async fn stored_shard_count(pool: &deadpool_postgres::Pool, shutdown: &CancellationToken) -> Option<u32> {
+async fn stored_shard_count(
+    pool: &deadpool_postgres::Pool,
+    shutdown: &CancellationToken,
+) -> Option<u32> {
     let mut wait = Duration::from_millis(200);
     loop {
         let r = async {
@@ -132,7 +144,11 @@ impl State {
             "/ws" => self.upgrade(req, peer),
             "/healthz" => self.healthz().await,
             "/metrics" => http::metrics(),
-            p => http::error(StatusCode::NOT_FOUND, "not_found", format!("no route for {p}")),
+            p => http::error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route for {p}"),
+            ),
         }
     }
 
@@ -146,7 +162,11 @@ impl State {
         })
         .await
         .is_ok_and(|r| r.is_ok());
-        let status = if listen && db_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        let status = if listen && db_ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
         http::json(
             status,
             &json!({
@@ -160,15 +180,29 @@ impl State {
 
     fn upgrade(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         if req.method() != hyper::Method::GET {
-            return http::error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "GET /ws upgrades to a WebSocket");
+            return http::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "GET /ws upgrades to a WebSocket",
+            );
         }
         if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-            return http::error(StatusCode::UPGRADE_REQUIRED, "upgrade_required", "GET /ws must be a WebSocket upgrade");
+            return http::error(
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade_required",
+                "GET /ws must be a WebSocket upgrade",
+            );
         }
         let initial = initial_op(req.uri().query().unwrap_or(""));
         let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
             Ok(x) => x,
-            Err(e) => return http::error(StatusCode::BAD_REQUEST, "bad_request", format!("bad WebSocket handshake: {e}")),
+            Err(e) => {
+                return http::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("bad WebSocket handshake: {e}"),
+                )
+            }
         };
         let ctx = self.ctx.clone();
         let shutdown = self.shutdown.clone();
@@ -199,7 +233,13 @@ fn initial_op(query: &str) -> Option<Result<Op, ErrorReply>> {
             "market" => market = Some(v.into_owned()),
             "from_seq" => match v.parse::<i64>() {
                 Ok(n) if n >= 0 => from_seq = Some(n),
-                _ => return Some(Err(ErrorReply::new(None, "bad_request", "from_seq must be an integer >= 0"))),
+                _ => {
+                    return Some(Err(ErrorReply::new(
+                        None,
+                        "bad_request",
+                        "from_seq must be an integer >= 0",
+                    )))
+                }
             },
             "epoch" => epoch = Some(v.into_owned()),
             _ => {}

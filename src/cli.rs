@@ -6,7 +6,11 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "marketcast", version, about = "Stream database-committed trades from PostgreSQL to browsers over WebSockets.")]
+#[command(
+    name = "marketcast",
+    version,
+    about = "Stream database-committed trades from PostgreSQL to browsers over WebSockets."
+)]
 pub struct Cli {
     /// Log line format. The filter comes from RUST_LOG (default "info").
     #[arg(long, env = "MARKETCAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -225,7 +229,11 @@ pub struct DemoArgs {
     pub listen: String,
 
     /// Address of the WebSocket broadcaster.
-    #[arg(long, env = "MARKETCAST_DEMO_WS_LISTEN", default_value = "127.0.0.1:9001")]
+    #[arg(
+        long,
+        env = "MARKETCAST_DEMO_WS_LISTEN",
+        default_value = "127.0.0.1:9001"
+    )]
     pub ws_listen: String,
 
     /// Synthetic trades per second across the demo markets; 0 turns the flow off.

@@ -183,8 +183,12 @@ pub fn parse_shards(s: &str) -> Result<BTreeSet<u32>> {
             Some((a, b)) => (a.trim(), b.trim()),
             None => (part, part),
         };
-        let lo: u32 = lo.parse().with_context(|| format!("--shards: {part:?} is not a shard number or range"))?;
-        let hi: u32 = hi.parse().with_context(|| format!("--shards: {part:?} is not a shard number or range"))?;
+        let lo: u32 = lo
+            .parse()
+            .with_context(|| format!("--shards: {part:?} is not a shard number or range"))?;
+        let hi: u32 = hi
+            .parse()
+            .with_context(|| format!("--shards: {part:?} is not a shard number or range"))?;
         if lo > hi {
             bail!("--shards: range {part:?} runs backwards");
         }
@@ -197,7 +201,8 @@ pub fn parse_shards(s: &str) -> Result<BTreeSet<u32>> {
 }
 
 pub fn duration(name: &str, s: &str) -> Result<Duration> {
-    humantime::parse_duration(s.trim()).with_context(|| format!("{name}: {s:?} is not a duration like 250ms, 5s or 30d"))
+    humantime::parse_duration(s.trim())
+        .with_context(|| format!("{name}: {s:?} is not a duration like 250ms, 5s or 30d"))
 }
 
 pub fn addr(name: &str, s: &str) -> Result<SocketAddr> {
@@ -214,8 +219,17 @@ mod tests {
 
     #[test]
     fn shard_lists() {
-        assert_eq!(parse_shards("0-3,7").unwrap().into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 7]);
-        assert_eq!(parse_shards(" 5 ").unwrap().into_iter().collect::<Vec<_>>(), vec![5]);
+        assert_eq!(
+            parse_shards("0-3,7")
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 7]
+        );
+        assert_eq!(
+            parse_shards(" 5 ").unwrap().into_iter().collect::<Vec<_>>(),
+            vec![5]
+        );
         assert!(parse_shards("3-1").is_err());
         assert!(parse_shards("x").is_err());
         assert!(parse_shards("").is_err());
@@ -224,7 +238,10 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(duration("x", "250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(duration("x", "30d").unwrap(), Duration::from_secs(30 * 86400));
+        assert_eq!(
+            duration("x", "30d").unwrap(),
+            Duration::from_secs(30 * 86400)
+        );
         assert!(duration("x", "soon").is_err());
     }
 }

@@ -16,7 +16,8 @@ use crate::config::DbConfig;
 use crate::trade::{Market, Trade};
 
 /// The migrations, in order. Each runs once, inside the migrate transaction.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "trade_log", include_str!("../sql/0001_trade_log.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "trade_log", include_str!("../sql/0001_trade_log.sql"))];
 
 /// Key of the advisory lock that serialises concurrent `migrate` runs on one database.
 const MIGRATE_LOCK: i64 = 0x6d61_726b_6574_6361; // "marketca"
@@ -30,10 +31,17 @@ pub const TRADE_COLUMNS: &str = "trade_id, market_id, seq, side, price::text, qt
      (extract(epoch FROM created_at) * 1000000)::int8";
 
 /// The columns of a market, in [`Market::from_row`] order.
-pub const MARKET_COLUMNS: &str = "id, title, status, shard, epoch, last_seq, last_price::text, volume";
+pub const MARKET_COLUMNS: &str =
+    "id, title, status, shard, epoch, last_seq, last_price::text, volume";
 
-pub fn pg_config(url: &str, application_name: &str, timeout: Duration) -> Result<tokio_postgres::Config> {
-    let mut pg: tokio_postgres::Config = url.parse().context("DATABASE_URL is not a valid PostgreSQL URL")?;
+pub fn pg_config(
+    url: &str,
+    application_name: &str,
+    timeout: Duration,
+) -> Result<tokio_postgres::Config> {
+    let mut pg: tokio_postgres::Config = url
+        .parse()
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
     pg.application_name(application_name)
         .connect_timeout(timeout)
         .keepalives(true)
@@ -74,7 +82,10 @@ pub fn pool(cfg: &DbConfig, application_name: &str) -> Result<Pool> {
 /// One-off connection for admin commands, driven in the background.
 pub async fn connect(url: &str, application_name: &str) -> Result<tokio_postgres::Client> {
     let pg = pg_config(url, application_name, Duration::from_secs(10))?;
-    let (client, conn) = pg.connect(NoTls).await.context("connecting to PostgreSQL")?;
+    let (client, conn) = pg
+        .connect(NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "admin connection ended");
@@ -93,9 +104,11 @@ pub async fn migrate(url: &str, shard_count: u32) -> Result<u32> {
     }
     let mut client = connect(url, "marketcast-migrate").await?;
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+        .await?;
     // "already exists, skipping" notices are expected on every re-run.
-    tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS marketcast_migrations (
              version    int PRIMARY KEY,
@@ -128,10 +141,17 @@ pub async fn migrate(url: &str, shard_count: u32) -> Result<u32> {
         &[&(shard_count as i32)],
     )
     .await?;
-    let stored: i32 = tx.query_one("SELECT shard_count FROM marketcast_config", &[]).await?.get(0);
+    let stored: i32 = tx
+        .query_one("SELECT shard_count FROM marketcast_config", &[])
+        .await?
+        .get(0);
     tx.commit().await?;
     if stored as u32 != shard_count {
-        tracing::warn!(stored, requested = shard_count, "shard count is already stored and cannot change; keeping the stored value");
+        tracing::warn!(
+            stored,
+            requested = shard_count,
+            "shard count is already stored and cannot change; keeping the stored value"
+        );
     }
     Ok(stored as u32)
 }
@@ -142,7 +162,10 @@ pub async fn prune(url: &str, older_than: Duration) -> Result<u64> {
     let client = connect(url, "marketcast-prune").await?;
     let secs = older_than.as_secs_f64();
     let n: i64 = client
-        .query_one("SELECT marketcast_prune(now() - make_interval(secs => $1))", &[&secs])
+        .query_one(
+            "SELECT marketcast_prune(now() - make_interval(secs => $1))",
+            &[&secs],
+        )
         .await
         .context("pruning")?
         .get(0);
@@ -160,9 +183,15 @@ pub async fn shard_count(client: &impl tokio_postgres::GenericClient) -> Result<
     }
 }
 
-pub async fn market(client: &impl tokio_postgres::GenericClient, id: &str) -> Result<Option<Market>, DbError> {
+pub async fn market(
+    client: &impl tokio_postgres::GenericClient,
+    id: &str,
+) -> Result<Option<Market>, DbError> {
     let sql = format!("SELECT {MARKET_COLUMNS} FROM markets WHERE id = $1");
-    Ok(client.query_opt(&sql, &[&id]).await?.map(|r| Market::from_row(&r)))
+    Ok(client
+        .query_opt(&sql, &[&id])
+        .await?
+        .map(|r| Market::from_row(&r)))
 }
 
 /// Trades with `after < seq <= upto` (upto None: no upper bound), in seq order,
@@ -184,9 +213,15 @@ pub async fn trades_after(
 }
 
 /// The lowest seq still in the log for a market (None: no trade at all).
-pub async fn earliest_seq(client: &impl tokio_postgres::GenericClient, market: &str) -> Result<Option<i64>, DbError> {
+pub async fn earliest_seq(
+    client: &impl tokio_postgres::GenericClient,
+    market: &str,
+) -> Result<Option<i64>, DbError> {
     let row = client
-        .query_one("SELECT min(seq) FROM trades WHERE market_id = $1", &[&market])
+        .query_one(
+            "SELECT min(seq) FROM trades WHERE market_id = $1",
+            &[&market],
+        )
         .await?;
     Ok(row.get(0))
 }
@@ -200,7 +235,11 @@ pub enum DbError {
     #[error("database not migrated: run marketcast migrate")]
     NotMigrated,
     #[error("database error {code}: {message}")]
-    Sql { code: String, message: String, constraint: Option<String> },
+    Sql {
+        code: String,
+        message: String,
+        constraint: Option<String>,
+    },
 }
 
 impl DbError {
@@ -217,7 +256,12 @@ impl From<tokio_postgres::Error> for DbError {
         match e.as_db_error() {
             // Errors a server raised while shutting down or that cancel our
             // statement because of the timeout are outages, not answers.
-            Some(db) if matches!(db.code().code(), "57P01" | "57P02" | "57P03" | "57014" | "53300") => {
+            Some(db)
+                if matches!(
+                    db.code().code(),
+                    "57P01" | "57P02" | "57P03" | "57014" | "53300"
+                ) =>
+            {
                 DbError::Unavailable(format!("{}: {}", db.code().code(), db.message()))
             }
             Some(db) => DbError::Sql {

@@ -25,7 +25,9 @@ pub type Body = Full<Bytes>;
 /// Bind and print the contract's first stdout line, `listening on HOST:PORT`.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     use anyhow::Context;
-    let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     let local = l.local_addr()?;
     // The product's own output (scripts and tests read it), not a log line.
     println!("listening on {local}");
@@ -71,7 +73,9 @@ where
             let fut = h(req, peer);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).into_owned();
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -80,7 +84,10 @@ where
         });
     }
     drop(listener);
-    if tokio::time::timeout(DEADLINE, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DEADLINE, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight HTTP requests did not finish before the shutdown deadline");
     }
 }
@@ -90,7 +97,11 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
     bytes_response(status, "application/json", Bytes::from(bytes))
 }
 
-pub fn bytes_response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+pub fn bytes_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)

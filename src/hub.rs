@@ -227,7 +227,10 @@ impl MarketShared {
 
     /// Trades `after < seq <= upto` from memory, if the ring reaches back far enough.
     pub fn ring_range(&self, after: i64, upto: i64) -> Option<Vec<EncodedTrade>> {
-        self.ring.read().unwrap_or_else(|p| p.into_inner()).range(after, upto)
+        self.ring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .range(after, upto)
     }
 }
 
@@ -260,7 +263,11 @@ pub struct HubHandle {
 
 impl HubHandle {
     /// Follow `market`; None if the hub has stopped.
-    pub async fn join(&self, market: &str, head: i64) -> Option<(Arc<MarketShared>, broadcast::Receiver<EncodedTrade>)> {
+    pub async fn join(
+        &self,
+        market: &str,
+        head: i64,
+    ) -> Option<(Arc<MarketShared>, broadcast::Receiver<EncodedTrade>)> {
         let (reply, rx) = oneshot::channel();
         self.joins
             .send(Join {
@@ -320,7 +327,10 @@ struct Hub {
     markets: HashMap<String, Market>,
     /// Results of spawned reads back into the hub task. Unbounded: at most one
     /// read per market plus one reconcile is ever in flight.
-    internal: (mpsc::UnboundedSender<Internal>, mpsc::UnboundedReceiver<Internal>),
+    internal: (
+        mpsc::UnboundedSender<Internal>,
+        mpsc::UnboundedReceiver<Internal>,
+    ),
 }
 
 impl Hub {
@@ -424,17 +434,22 @@ impl Hub {
     fn on_internal(&mut self, i: Internal) {
         match i {
             Internal::Fetched { market, result } => {
-                let Some(m) = self.markets.get_mut(&market) else { return };
+                let Some(m) = self.markets.get_mut(&market) else {
+                    return;
+                };
                 match result {
                     Ok((rows, full)) => {
                         let applied = m.core.fetched(rows, full);
                         if applied.repaired > 0 {
-                            metrics::counter!("marketcast_gaps_repaired_total").increment(applied.repaired as u64);
+                            metrics::counter!("marketcast_gaps_repaired_total")
+                                .increment(applied.repaired as u64);
                         }
                         if !applied.publish.is_empty() {
-                            metrics::counter!("marketcast_trades_published_total").increment(applied.publish.len() as u64);
+                            metrics::counter!("marketcast_trades_published_total")
+                                .increment(applied.publish.len() as u64);
                             {
-                                let mut ring = m.shared.ring.write().unwrap_or_else(|p| p.into_inner());
+                                let mut ring =
+                                    m.shared.ring.write().unwrap_or_else(|p| p.into_inner());
                                 for t in &applied.publish {
                                     ring.push(t.clone());
                                 }
@@ -442,7 +457,8 @@ impl Hub {
                             m.shared.head.store(m.core.head(), Ordering::Release);
                             let now = now_micros();
                             for t in applied.publish {
-                                metrics::histogram!("marketcast_commit_to_send_seconds").record((now - t.ts_micros).max(0) as f64 / 1e6);
+                                metrics::histogram!("marketcast_commit_to_send_seconds")
+                                    .record((now - t.ts_micros).max(0) as f64 / 1e6);
                                 // Err means no receiver right now: nobody to tell.
                                 let _ = m.shared.tx.send(t);
                             }
@@ -459,7 +475,10 @@ impl Hub {
             }
             Internal::Reconciled(heads) => {
                 for (id, last_seq) in heads {
-                    let behind = self.markets.get(&id).is_some_and(|m| last_seq > m.core.head());
+                    let behind = self
+                        .markets
+                        .get(&id)
+                        .is_some_and(|m| last_seq > m.core.head());
                     if behind {
                         self.poke(&id);
                     }
@@ -478,12 +497,20 @@ impl Hub {
         tokio::spawn(async move {
             let r = async {
                 let c = pool.get().await?;
-                let usage: f64 = c.query_one("SELECT pg_notification_queue_usage()", &[]).await?.get(0);
+                let usage: f64 = c
+                    .query_one("SELECT pg_notification_queue_usage()", &[])
+                    .await?
+                    .get(0);
                 metrics::gauge!("marketcast_notify_queue_usage").set(usage);
                 if ids.is_empty() {
                     return Ok(Vec::new());
                 }
-                let rows = c.query("SELECT id, last_seq FROM markets WHERE id = ANY($1)", &[&ids]).await?;
+                let rows = c
+                    .query(
+                        "SELECT id, last_seq FROM markets WHERE id = ANY($1)",
+                        &[&ids],
+                    )
+                    .await?;
                 Ok::<_, db::DbError>(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
             }
             .await;
@@ -537,7 +564,11 @@ mod tests {
         // The read started before 2 committed and only saw 1.
         let a = m.fetched(vec![t(1)], false);
         assert_eq!(seqs(&a.publish), vec![1]);
-        assert_eq!(a.next, Some(Fetch { after: 1 }), "2 rang during the read: read again");
+        assert_eq!(
+            a.next,
+            Some(Fetch { after: 1 }),
+            "2 rang during the read: read again"
+        );
         let a = m.fetched(vec![t(2)], false);
         assert_eq!(seqs(&a.publish), vec![2]);
         assert_eq!(a.next, None);
@@ -549,7 +580,10 @@ mod tests {
         assert_eq!(m.doorbell(1_000_000), Some(Fetch { after: 5 }));
         let a = m.fetched(vec![], false);
         assert!(a.publish.is_empty());
-        assert_eq!(a.next, None, "no endless re-reading for a seq that does not exist");
+        assert_eq!(
+            a.next, None,
+            "no endless re-reading for a seq that does not exist"
+        );
         assert_eq!(m.head(), 5);
     }
 

@@ -56,7 +56,12 @@ pub fn parse_doorbell(payload: &str) -> Option<Doorbell> {
 }
 
 /// Run until `shutdown`. `up` mirrors whether LISTEN is in place (for /healthz).
-pub async fn run(cfg: ListenerConfig, events: mpsc::UnboundedSender<HubEvent>, up: Arc<AtomicBool>, shutdown: CancellationToken) {
+pub async fn run(
+    cfg: ListenerConfig,
+    events: mpsc::UnboundedSender<HubEvent>,
+    up: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
@@ -86,12 +91,24 @@ pub async fn run(cfg: ListenerConfig, events: mpsc::UnboundedSender<HubEvent>, u
 }
 
 /// One connection's life. Ok only on shutdown.
-async fn session(cfg: &ListenerConfig, events: &mpsc::UnboundedSender<HubEvent>, up: &AtomicBool, shutdown: &CancellationToken) -> Result<()> {
-    let mut pg = crate::db::pg_config(&cfg.url, "marketcast-listener", cfg.heartbeat.max(Duration::from_secs(2)))?;
+async fn session(
+    cfg: &ListenerConfig,
+    events: &mpsc::UnboundedSender<HubEvent>,
+    up: &AtomicBool,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let mut pg = crate::db::pg_config(
+        &cfg.url,
+        "marketcast-listener",
+        cfg.heartbeat.max(Duration::from_secs(2)),
+    )?;
     // An idle LISTEN session *is* idle: a role-level idle_session_timeout must
     // not kill it.
     pg.options("-c idle_session_timeout=0");
-    let (client, mut conn) = pg.connect(NoTls).await.context("connecting the LISTEN connection")?;
+    let (client, mut conn) = pg
+        .connect(NoTls)
+        .await
+        .context("connecting the LISTEN connection")?;
 
     let driver_events = events.clone();
     let mut driver = tokio::spawn(async move {
@@ -103,12 +120,19 @@ async fn session(cfg: &ListenerConfig, events: &mpsc::UnboundedSender<HubEvent>,
                     metrics::counter!("marketcast_notifications_total").increment(1);
                     match parse_doorbell(n.payload()) {
                         Some(d) => {
-                            if driver_events.send(HubEvent::Doorbell { market: d.m, seq: d.s }).is_err() {
+                            if driver_events
+                                .send(HubEvent::Doorbell {
+                                    market: d.m,
+                                    seq: d.s,
+                                })
+                                .is_err()
+                            {
                                 return "the hub stopped".to_string();
                             }
                         }
                         None => {
-                            metrics::counter!("marketcast_notifications_rejected_total").increment(1);
+                            metrics::counter!("marketcast_notifications_rejected_total")
+                                .increment(1);
                             // Anyone can NOTIFY: log some, count all, never act.
                             let k = REJECTED.fetch_add(1, Ordering::Relaxed);
                             if k < 10 || k.is_power_of_two() {
@@ -124,7 +148,11 @@ async fn session(cfg: &ListenerConfig, events: &mpsc::UnboundedSender<HubEvent>,
         "the server closed the connection".to_string()
     });
 
-    let listen: String = cfg.shards.iter().map(|s| format!("LISTEN {};", channel(*s))).collect();
+    let listen: String = cfg
+        .shards
+        .iter()
+        .map(|s| format!("LISTEN {};", channel(*s)))
+        .collect();
     // Autocommit: the LISTEN is committed before we read anything, the order
     // the LISTEN docs require for not missing notifications.
     tokio::time::timeout(cfg.heartbeat, client.batch_execute(&listen))
@@ -184,7 +212,16 @@ mod tests {
                 s: 1042
             })
         );
-        for bad in ["", "x", "{}", r#"{"m":"A"}"#, r#"{"m":"A","s":0}"#, r#"{"m":"A","s":"1"}"#, r#"{"m":"","s":1}"#, r#"[1]"#] {
+        for bad in [
+            "",
+            "x",
+            "{}",
+            r#"{"m":"A"}"#,
+            r#"{"m":"A","s":0}"#,
+            r#"{"m":"A","s":"1"}"#,
+            r#"{"m":"","s":1}"#,
+            r#"[1]"#,
+        ] {
             assert_eq!(parse_doorbell(bad), None, "{bad}");
         }
     }

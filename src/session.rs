@@ -122,15 +122,26 @@ fn json_frame(v: &Value) -> Bytes {
 /// Parse one client message (PROTOCOL.md section 2). Types are checked
 /// strictly: a wrong type is `bad_request`, never a guess.
 pub fn parse_op(msg: &[u8]) -> Result<Op, ErrorReply> {
-    let v: Value = serde_json::from_slice(msg).map_err(|e| ErrorReply::new(None, "bad_request", format!("not JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(msg)
+        .map_err(|e| ErrorReply::new(None, "bad_request", format!("not JSON: {e}")))?;
     let Value::Object(o) = v else {
-        return Err(ErrorReply::new(None, "bad_request", "a message must be a JSON object"));
+        return Err(ErrorReply::new(
+            None,
+            "bad_request",
+            "a message must be a JSON object",
+        ));
     };
     let id = match o.get("id") {
         None | Some(Value::Null) => None,
         Some(v @ Value::String(_)) => Some(v.clone()),
         Some(v @ Value::Number(n)) if n.is_i64() || n.is_u64() => Some(v.clone()),
-        Some(_) => return Err(ErrorReply::new(None, "bad_request", "id must be an integer or a string")),
+        Some(_) => {
+            return Err(ErrorReply::new(
+                None,
+                "bad_request",
+                "id must be an integer or a string",
+            ))
+        }
     };
     let bad = |m: &str| ErrorReply::new(id.clone(), "bad_request", m.to_string());
     let op = match o.get("op") {
@@ -166,9 +177,16 @@ pub fn parse_op(msg: &[u8]) -> Result<Op, ErrorReply> {
                 id,
             })
         }
-        "unsubscribe" => Ok(Op::Unsubscribe { market: market()?, id }),
+        "unsubscribe" => Ok(Op::Unsubscribe {
+            market: market()?,
+            id,
+        }),
         "ping" => Ok(Op::Ping { id }),
-        other => Err(ErrorReply::new(id.clone(), "unknown_op", format!("unknown op {other:?}"))),
+        other => Err(ErrorReply::new(
+            id.clone(),
+            "unknown_op",
+            format!("unknown op {other:?}"),
+        )),
     }
 }
 
@@ -215,7 +233,13 @@ enum Ctl {
 
 /// Run one upgraded connection to its end. `initial` is the subscribe from
 /// the URL's query, handled as if it were the first op.
-pub async fn run(ws: WebSocket<TokioIo<Upgraded>>, ctx: Arc<SessionCtx>, initial: Option<Result<Op, ErrorReply>>, shutdown: CancellationToken, conn_id: u64) {
+pub async fn run(
+    ws: WebSocket<TokioIo<Upgraded>>,
+    ctx: Arc<SessionCtx>,
+    initial: Option<Result<Op, ErrorReply>>,
+    shutdown: CancellationToken,
+    conn_id: u64,
+) {
     let open = ctx.connections.fetch_add(1, Ordering::AcqRel) + 1;
     metrics::gauge!("marketcast_ws_connections").increment(1.0);
     let over_limit = open as usize > ctx.cfg.max_connections;
@@ -238,10 +262,19 @@ pub async fn run(ws: WebSocket<TokioIo<Upgraded>>, ctx: Arc<SessionCtx>, initial
         conn_id,
     };
     if over_limit {
-        writer.close_now(1013, "server overloaded: connection limit reached").await;
+        writer
+            .close_now(1013, "server overloaded: connection limit reached")
+            .await;
     } else {
         let rl = RateLimit::new(ctx.cfg.rate_per_sec, ctx.cfg.rate_burst, Instant::now());
-        let reader_task = tokio::spawn(read_loop(reader, ctl_tx, rl, ctx.cfg.max_message_bytes, last_seen.clone(), started));
+        let reader_task = tokio::spawn(read_loop(
+            reader,
+            ctl_tx,
+            rl,
+            ctx.cfg.max_message_bytes,
+            last_seen.clone(),
+            started,
+        ));
         if let Some(first) = initial {
             match first {
                 Ok(op) => writer.on_op(op).await.ok(),
@@ -281,13 +314,17 @@ async fn read_loop(
         let frame = match reader.read_frame(&mut obligated).await {
             Ok(f) => f,
             Err(WebSocketError::FrameTooLarge) => {
-                let _ = ctl.send(Ctl::Close(1009, "message over the size limit")).await; // writer may be gone: then the connection is over anyway
+                let _ = ctl
+                    .send(Ctl::Close(1009, "message over the size limit"))
+                    .await; // writer may be gone: then the connection is over anyway
                 return;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "websocket read ended");
                 let code = match e {
-                    WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::SendError(_) => None,
+                    WebSocketError::UnexpectedEOF
+                    | WebSocketError::IoError(_)
+                    | WebSocketError::SendError(_) => None,
                     _ => Some(1002),
                 };
                 if let Some(code) = code {
@@ -301,7 +338,9 @@ async fn read_loop(
             OpCode::Close => return, // the echo was sent through `obligated`
             OpCode::Ping | OpCode::Pong => continue,
             OpCode::Binary => {
-                let _ = ctl.send(Ctl::Close(1008, "binary frames are not accepted")).await; // see above
+                let _ = ctl
+                    .send(Ctl::Close(1008, "binary frames are not accepted"))
+                    .await; // see above
                 return;
             }
             OpCode::Text if frame.fin && fragments.is_none() => frame.payload.to_vec(),
@@ -313,7 +352,9 @@ async fn read_loop(
                 let buf = fragments.as_mut().expect("checked");
                 buf.extend_from_slice(&frame.payload);
                 if buf.len() > max_bytes {
-                    let _ = ctl.send(Ctl::Close(1009, "message over the size limit")).await; // see above
+                    let _ = ctl
+                        .send(Ctl::Close(1009, "message over the size limit"))
+                        .await; // see above
                     return;
                 }
                 if !frame.fin {
@@ -322,12 +363,16 @@ async fn read_loop(
                 fragments.take().expect("checked")
             }
             _ => {
-                let _ = ctl.send(Ctl::Close(1002, "unexpected continuation frame")).await; // see above
+                let _ = ctl
+                    .send(Ctl::Close(1002, "unexpected continuation frame"))
+                    .await; // see above
                 return;
             }
         };
         if payload.len() > max_bytes {
-            let _ = ctl.send(Ctl::Close(1009, "message over the size limit")).await; // see above
+            let _ = ctl
+                .send(Ctl::Close(1009, "message over the size limit"))
+                .await; // see above
             return;
         }
         let msg = if rl.allow(Instant::now()) {
@@ -344,7 +389,9 @@ async fn read_loop(
                 let _ = ctl.send(Ctl::Close(1008, "rate limit exceeded")).await; // see above
                 return;
             }
-            let id = serde_json::from_slice::<Value>(&payload).ok().and_then(|v| v.get("id").cloned());
+            let id = serde_json::from_slice::<Value>(&payload)
+                .ok()
+                .and_then(|v| v.get("id").cloned());
             Ctl::Frame(ErrorReply::new(id, "rate_limited", "too many messages; slow down").frame())
         };
         if ctl.send(msg).await.is_err() {
@@ -380,7 +427,13 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(&mut self, mut ctl: mpsc::Receiver<Ctl>, shutdown: CancellationToken, last_seen: Arc<AtomicU64>, started: Instant) {
+    async fn run(
+        &mut self,
+        mut ctl: mpsc::Receiver<Ctl>,
+        shutdown: CancellationToken,
+        last_seen: Arc<AtomicU64>,
+        started: Instant,
+    ) {
         let mut ping = tokio::time::interval(self.ctx.cfg.ping_interval);
         ping.tick().await;
         let mut retry = tokio::time::interval(Duration::from_secs(1));
@@ -444,7 +497,8 @@ impl Writer {
             metrics::counter!("marketcast_slow_consumer_closes_total").increment(1);
             tracing::info!(conn = self.conn_id, "closing a slow consumer (4000)");
             self.out.clear();
-            self.close_now(4000, "slow consumer: reconnect with from_seq").await;
+            self.close_now(4000, "slow consumer: reconnect with from_seq")
+                .await;
         }
     }
 
@@ -474,7 +528,8 @@ impl Writer {
 
     /// Best effort: queue a Close, try briefly to get it out, then shut down.
     async fn close_now(&mut self, code: u16, reason: &str) {
-        self.out.push(control_frame(Frame::close(code, reason.as_bytes())));
+        self.out
+            .push(control_frame(Frame::close(code, reason.as_bytes())));
         let frames = std::mem::take(&mut self.out);
         let w = &mut self.w;
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -504,7 +559,14 @@ impl Writer {
                     }
                     self.out.push(json_frame(&m));
                 } else {
-                    self.out.push(ErrorReply::new(id, "not_subscribed", format!("not subscribed to {market}")).frame());
+                    self.out.push(
+                        ErrorReply::new(
+                            id,
+                            "not_subscribed",
+                            format!("not subscribed to {market}"),
+                        )
+                        .frame(),
+                    );
                 }
             }
             Op::Subscribe {
@@ -512,7 +574,10 @@ impl Writer {
                 from_seq,
                 epoch,
                 id,
-            } => match self.subscribe(&market, from_seq, epoch.as_deref(), id.clone()).await {
+            } => match self
+                .subscribe(&market, from_seq, epoch.as_deref(), id.clone())
+                .await
+            {
                 Ok(()) => {}
                 Err(e) => self.out.push(e.frame()),
             },
@@ -520,15 +585,31 @@ impl Writer {
         Ok(())
     }
 
-    async fn subscribe(&mut self, market: &str, from_seq: Option<i64>, epoch: Option<&str>, id: Option<Value>) -> Result<(), ErrorReply> {
+    async fn subscribe(
+        &mut self,
+        market: &str,
+        from_seq: Option<i64>,
+        epoch: Option<&str>,
+        id: Option<Value>,
+    ) -> Result<(), ErrorReply> {
         let err = |code, msg: String| ErrorReply::new(id.clone(), code, msg);
         if self.subs.contains_key(market) {
-            return Err(err("already_subscribed", format!("already subscribed to {market}; unsubscribe first to change from_seq")));
+            return Err(err(
+                "already_subscribed",
+                format!("already subscribed to {market}; unsubscribe first to change from_seq"),
+            ));
         }
         if self.subs.len() >= self.ctx.cfg.max_subscriptions {
-            return Err(err("too_many_subscriptions", format!("at most {} subscriptions per connection", self.ctx.cfg.max_subscriptions)));
+            return Err(err(
+                "too_many_subscriptions",
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.ctx.cfg.max_subscriptions
+                ),
+            ));
         }
-        let unavailable = |e: db::DbError| err("unavailable", format!("database unavailable, retry: {e}"));
+        let unavailable =
+            |e: db::DbError| err("unavailable", format!("database unavailable, retry: {e}"));
         let pool = &self.ctx.pool;
         let timeout = self.ctx.cfg.db.timeout;
         let m = tokio::time::timeout(timeout, async {
@@ -541,7 +622,14 @@ impl Writer {
         .map_err(unavailable)?
         .ok_or_else(|| err("unknown_market", format!("no market named {market}")))?;
         if !self.ctx.shards.contains(&(m.shard as u32)) {
-            let mut e = err("wrong_shard", format!("market {market} is on shard {} which this broadcaster does not serve", m.shard)).with("shard", m.shard.into());
+            let mut e = err(
+                "wrong_shard",
+                format!(
+                    "market {market} is on shard {} which this broadcaster does not serve",
+                    m.shard
+                ),
+            )
+            .with("shard", m.shard.into());
             if let Some(t) = &self.ctx.cfg.shard_url_template {
                 e = e.with("url", t.replace("{shard}", &m.shard.to_string()).into());
             }
@@ -549,7 +637,11 @@ impl Writer {
         }
         if let Some(ep) = epoch {
             if ep != m.epoch {
-                return Err(err("epoch_mismatch", format!("market {market} is at epoch {}, not {ep}", m.epoch)).with("epoch", m.epoch.clone().into()));
+                return Err(err(
+                    "epoch_mismatch",
+                    format!("market {market} is at epoch {}, not {ep}", m.epoch),
+                )
+                .with("epoch", m.epoch.clone().into()));
             }
         }
         let head = m.head_seq;
@@ -560,7 +652,14 @@ impl Writer {
             .await
             .ok_or_else(|| err("unavailable", "broadcaster shutting down".into()))?;
         let next = from_seq.map_or(head + 1, |f| f + 1);
-        if next <= head && shared.ring.read().unwrap_or_else(|p| p.into_inner()).first_seq().is_none_or(|f| f > next) {
+        if next <= head
+            && shared
+                .ring
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .first_seq()
+                .is_none_or(|f| f > next)
+        {
             let earliest = tokio::time::timeout(timeout, async {
                 let c = pool.get().await?;
                 db::earliest_seq(&**c, market).await
@@ -589,8 +688,10 @@ impl Writer {
         // Everything the hub publishes from now on reaches `rx`; everything it
         // published before is at most shared.head() and is filled below.
         let want = head.max(shared.head());
-        self.subs.insert(market.to_string(), Sub { shared, next, want });
-        self.live.insert(market.to_string(), BroadcastStream::new(rx));
+        self.subs
+            .insert(market.to_string(), Sub { shared, next, want });
+        self.live
+            .insert(market.to_string(), BroadcastStream::new(rx));
         metrics::gauge!("marketcast_subscriptions").increment(1.0);
         tracing::debug!(conn = self.conn_id, market, next, head, "subscribed");
         match self.fill(market).await {
@@ -600,8 +701,14 @@ impl Writer {
         }
     }
 
-    async fn on_live(&mut self, market: &str, item: Result<EncodedTrade, tokio_stream::wrappers::errors::BroadcastStreamRecvError>) -> Result<(), End> {
-        let Some(sub) = self.subs.get_mut(market) else { return Ok(()) };
+    async fn on_live(
+        &mut self,
+        market: &str,
+        item: Result<EncodedTrade, tokio_stream::wrappers::errors::BroadcastStreamRecvError>,
+    ) -> Result<(), End> {
+        let Some(sub) = self.subs.get_mut(market) else {
+            return Ok(());
+        };
         match item {
             Ok(t) if t.seq < sub.next => Ok(()), // already sent (by a fill)
             Ok(t) if t.seq == sub.next => {
@@ -626,13 +733,17 @@ impl Writer {
     /// Send `next..=want` from the ring or the log, a page at a time.
     async fn fill(&mut self, market: &str) -> Result<(), End> {
         loop {
-            let Some(sub) = self.subs.get(market) else { return Ok(()) };
+            let Some(sub) = self.subs.get(market) else {
+                return Ok(());
+            };
             if sub.next > sub.want {
                 return Ok(());
             }
             let (after, upto) = (sub.next - 1, sub.want);
             let page_cap = self.ctx.cfg.replay_page;
-            let from_ring = sub.shared.ring_range(after, upto.min(after + page_cap as i64));
+            let from_ring = sub
+                .shared
+                .ring_range(after, upto.min(after + page_cap as i64));
             let (page, source) = match from_ring {
                 Some(p) => (p, "memory"),
                 None => {
@@ -645,7 +756,10 @@ impl Writer {
                     .map_err(db::DbError::from)
                     .and_then(|r| r);
                     match read {
-                        Ok(rows) => (rows.iter().map(|t| t.encode()).collect::<Vec<_>>(), "postgres"),
+                        Ok(rows) => (
+                            rows.iter().map(|t| t.encode()).collect::<Vec<_>>(),
+                            "postgres",
+                        ),
                         Err(e) => {
                             // Retried by the run loop every second; never skip.
                             tracing::debug!(conn = self.conn_id, market, error = %e, "fill deferred: database unavailable");
@@ -662,14 +776,21 @@ impl Writer {
                 self.live.remove(market);
                 metrics::gauge!("marketcast_subscriptions").decrement(1.0);
                 self.out.push(
-                    ErrorReply::new(None, "history_unavailable", format!("trades of {market} after seq {after} were pruned; subscription ended"))
-                        .with("earliest_seq", earliest.into())
-                        .with("market", market.into())
-                        .frame(),
+                    ErrorReply::new(
+                        None,
+                        "history_unavailable",
+                        format!(
+                            "trades of {market} after seq {after} were pruned; subscription ended"
+                        ),
+                    )
+                    .with("earliest_seq", earliest.into())
+                    .with("market", market.into())
+                    .frame(),
                 );
                 return Ok(());
             }
-            metrics::counter!("marketcast_replayed_trades_total", "source" => source).increment(page.len() as u64);
+            metrics::counter!("marketcast_replayed_trades_total", "source" => source)
+                .increment(page.len() as u64);
             let sub = self.subs.get_mut(market).expect("checked above");
             for t in page {
                 if t.seq != sub.next {
@@ -684,7 +805,10 @@ impl Writer {
 }
 
 /// Write all frames with vectored writes; returns the number of syscalls.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Bytes]) -> std::io::Result<u64> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &[Bytes],
+) -> std::io::Result<u64> {
     let mut slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
     let mut bufs = &mut slices[..];
     let mut writes = 0;
@@ -706,7 +830,8 @@ mod tests {
     #[test]
     fn ops_parse_strictly() {
         assert_eq!(
-            parse_op(br#"{"op":"subscribe","market":"M","from_seq":5,"epoch":"e1","id":7}"#).unwrap(),
+            parse_op(br#"{"op":"subscribe","market":"M","from_seq":5,"epoch":"e1","id":7}"#)
+                .unwrap(),
             Op::Subscribe {
                 market: "M".into(),
                 from_seq: Some(5),
@@ -714,20 +839,43 @@ mod tests {
                 id: Some(json!(7))
             }
         );
-        assert_eq!(parse_op(br#"{"op":"ping","id":"x"}"#).unwrap(), Op::Ping { id: Some(json!("x")) });
-        assert_eq!(parse_op(br#"{"op":"unsubscribe","market":"M"}"#).unwrap(), Op::Unsubscribe { market: "M".into(), id: None });
+        assert_eq!(
+            parse_op(br#"{"op":"ping","id":"x"}"#).unwrap(),
+            Op::Ping {
+                id: Some(json!("x"))
+            }
+        );
+        assert_eq!(
+            parse_op(br#"{"op":"unsubscribe","market":"M"}"#).unwrap(),
+            Op::Unsubscribe {
+                market: "M".into(),
+                id: None
+            }
+        );
         let code = |m: &[u8]| parse_op(m).unwrap_err().code;
         assert_eq!(code(b"nope"), "bad_request");
         assert_eq!(code(b"[1]"), "bad_request");
         assert_eq!(code(br#"{"market":"M"}"#), "bad_request");
         assert_eq!(code(br#"{"op":"subscribe"}"#), "bad_request");
         assert_eq!(code(br#"{"op":"subscribe","market":1}"#), "bad_request");
-        assert_eq!(code(br#"{"op":"subscribe","market":"M","from_seq":-1}"#), "bad_request");
-        assert_eq!(code(br#"{"op":"subscribe","market":"M","from_seq":"3"}"#), "bad_request");
-        assert_eq!(code(br#"{"op":"subscribe","market":"M","from_seq":1.5}"#), "bad_request");
+        assert_eq!(
+            code(br#"{"op":"subscribe","market":"M","from_seq":-1}"#),
+            "bad_request"
+        );
+        assert_eq!(
+            code(br#"{"op":"subscribe","market":"M","from_seq":"3"}"#),
+            "bad_request"
+        );
+        assert_eq!(
+            code(br#"{"op":"subscribe","market":"M","from_seq":1.5}"#),
+            "bad_request"
+        );
         assert_eq!(code(br#"{"op":"ping","id":[1]}"#), "bad_request");
         assert_eq!(code(br#"{"op":"dance","id":3}"#), "unknown_op");
-        assert_eq!(parse_op(br#"{"op":"dance","id":3}"#).unwrap_err().id, Some(json!(3)));
+        assert_eq!(
+            parse_op(br#"{"op":"dance","id":3}"#).unwrap_err().id,
+            Some(json!(3))
+        );
     }
 
     #[test]
@@ -735,7 +883,10 @@ mod tests {
         let t0 = Instant::now();
         let mut rl = RateLimit::new(10, 5, t0);
         assert_eq!((0..10).filter(|_| rl.allow(t0)).count(), 5);
-        assert!(rl.allow(t0 + Duration::from_millis(100)), "one token per 100ms");
+        assert!(
+            rl.allow(t0 + Duration::from_millis(100)),
+            "one token per 100ms"
+        );
         assert!(!rl.allow(t0 + Duration::from_millis(100)));
     }
 }

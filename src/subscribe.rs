@@ -21,17 +21,30 @@ pub struct SubscribeConfig {
 }
 
 /// Error codes after which retrying cannot help.
-const FATAL: &[&str] = &["unknown_market", "wrong_shard", "history_unavailable", "epoch_mismatch", "bad_request"];
+const FATAL: &[&str] = &[
+    "unknown_market",
+    "wrong_shard",
+    "history_unavailable",
+    "epoch_mismatch",
+    "bad_request",
+];
 
-pub async fn run(cfg: SubscribeConfig, shutdown: CancellationToken, mut out: impl std::io::Write) -> Result<()> {
+pub async fn run(
+    cfg: SubscribeConfig,
+    shutdown: CancellationToken,
+    mut out: impl std::io::Write,
+) -> Result<()> {
     let mut last: Option<i64> = cfg.from_seq;
     let mut printed: u64 = 0;
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut url = url::Url::parse(&cfg.url).context("subscribe URL")?;
-        url.query_pairs_mut().clear().append_pair("market", &cfg.market);
+        url.query_pairs_mut()
+            .clear()
+            .append_pair("market", &cfg.market);
         if let Some(l) = last {
-            url.query_pairs_mut().append_pair("from_seq", &l.to_string());
+            url.query_pairs_mut()
+                .append_pair("from_seq", &l.to_string());
         }
         let result: Result<bool> = async {
             let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.context("connecting")?;
@@ -94,7 +107,12 @@ pub async fn run(cfg: SubscribeConfig, shutdown: CancellationToken, mut out: imp
         match result {
             Ok(true) => return Ok(()),
             Ok(false) => {}
-            Err(e) if format!("{e:#}").contains("delivery guarantee") || format!("{e:#}").contains("server refused") => return Err(e),
+            Err(e)
+                if format!("{e:#}").contains("delivery guarantee")
+                    || format!("{e:#}").contains("server refused") =>
+            {
+                return Err(e)
+            }
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "connection failed; retrying"),
         }
         // Cancel safety: sleep and cancelled are cancel-safe.

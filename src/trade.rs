@@ -96,7 +96,9 @@ pub struct EncodedTrade {
 /// that the session writer deals only in ready-to-send bytes.
 pub fn text_frame(payload: &[u8]) -> Bytes {
     let mut buf = Vec::with_capacity(payload.len() + 10);
-    let n = Frame::text(Payload::Borrowed(payload)).write(&mut buf).len();
+    let n = Frame::text(Payload::Borrowed(payload))
+        .write(&mut buf)
+        .len();
     buf.truncate(n);
     Bytes::from(buf)
 }

@@ -44,7 +44,11 @@ pub const MAX_TITLE_BYTES: usize = 1024;
 const QUEUE_CAPACITY: usize = 10_000;
 
 /// Run the writer until `shutdown` is cancelled.
-pub async fn run(listener: tokio::net::TcpListener, cfg: WriterConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    cfg: WriterConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     crate::metrics::install();
     let pool = db::pool(&cfg.db, "marketcast-writer")?;
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
@@ -68,7 +72,10 @@ pub async fn run(listener: tokio::net::TcpListener, cfg: WriterConfig, shutdown:
     .await;
     // The handler closures (and with them the queue's senders) are gone once
     // serve returns, so the batcher finishes what is queued and ends.
-    if tokio::time::timeout(crate::shutdown::DEADLINE, batch_task).await.is_err() {
+    if tokio::time::timeout(crate::shutdown::DEADLINE, batch_task)
+        .await
+        .is_err()
+    {
         tracing::warn!("trade batcher did not drain before the shutdown deadline");
     }
     Ok(())
@@ -106,10 +113,18 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m)
     }
     fn unknown_market(id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "unknown_market", format!("no market named {id}"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "unknown_market",
+            format!("no market named {id}"),
+        )
     }
     fn unavailable(e: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("database unavailable, nothing was committed: {e}"))
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("database unavailable, nothing was committed: {e}"),
+        )
     }
     fn response(&self) -> Response<Body> {
         http::error(self.status, self.code, self.message.clone())
@@ -120,14 +135,22 @@ impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         match e {
             DbError::Unavailable(m) => ApiError::unavailable(m),
-            DbError::NotMigrated => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "database is not migrated"),
+            DbError::NotMigrated => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "database is not migrated",
+            ),
             DbError::Sql { code, message, .. } => match code.as_str() {
                 "P0002" => ApiError::new(StatusCode::NOT_FOUND, "unknown_market", message),
                 "55000" => ApiError::new(StatusCode::CONFLICT, "market_not_open", message),
                 "23514" | "22P02" | "22003" => ApiError::invalid(message),
                 _ => {
                     tracing::error!(%code, %message, "unexpected database error");
-                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("database error {code}"))
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        format!("database error {code}"),
+                    )
                 }
             },
         }
@@ -144,41 +167,80 @@ impl Writer {
             Err((route, e)) => (route, e.response()),
         };
         let status = resp.status().as_u16().to_string();
-        metrics::counter!("marketcast_writer_requests_total", "route" => route, "status" => status).increment(1);
-        metrics::histogram!("marketcast_writer_request_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+        metrics::counter!("marketcast_writer_requests_total", "route" => route, "status" => status)
+            .increment(1);
+        metrics::histogram!("marketcast_writer_request_seconds", "route" => route)
+            .record(started.elapsed().as_secs_f64());
         tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
         resp
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Result<(&'static str, Response<Body>), (&'static str, ApiError)> {
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(&'static str, Response<Body>), (&'static str, ApiError)> {
         let path = req.uri().path().to_string();
         let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let method = req.method().clone();
-        let not_allowed = |route| Err((route, ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {path}"))));
+        let not_allowed = |route| {
+            Err((
+                route,
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{method} is not allowed on {path}"),
+                ),
+            ))
+        };
         match segs.as_slice() {
             ["healthz"] => Ok(("healthz", self.healthz().await)),
             ["metrics"] => Ok(("metrics", http::metrics())),
             ["v1", "markets"] => match method {
-                Method::GET => self.list_markets().await.map(|r| ("list_markets", r)).map_err(|e| ("list_markets", e)),
-                Method::POST => self.create_market(req).await.map(|r| ("create_market", r)).map_err(|e| ("create_market", e)),
+                Method::GET => self
+                    .list_markets()
+                    .await
+                    .map(|r| ("list_markets", r))
+                    .map_err(|e| ("list_markets", e)),
+                Method::POST => self
+                    .create_market(req)
+                    .await
+                    .map(|r| ("create_market", r))
+                    .map_err(|e| ("create_market", e)),
                 _ => not_allowed("markets"),
             },
             ["v1", "markets", id] => match method {
-                Method::GET => self.get_market(id).await.map(|r| ("get_market", r)).map_err(|e| ("get_market", e)),
+                Method::GET => self
+                    .get_market(id)
+                    .await
+                    .map(|r| ("get_market", r))
+                    .map_err(|e| ("get_market", e)),
                 _ => not_allowed("market"),
             },
             ["v1", "markets", id, "trades"] => match method {
                 Method::GET => {
                     let q = req.uri().query().unwrap_or("").to_string();
-                    self.list_trades(id, &q).await.map(|r| ("list_trades", r)).map_err(|e| ("list_trades", e))
+                    self.list_trades(id, &q)
+                        .await
+                        .map(|r| ("list_trades", r))
+                        .map_err(|e| ("list_trades", e))
                 }
                 Method::POST => {
                     let id = id.to_string();
-                    self.post_trade(&id, req).await.map(|r| ("post_trade", r)).map_err(|e| ("post_trade", e))
+                    self.post_trade(&id, req)
+                        .await
+                        .map(|r| ("post_trade", r))
+                        .map_err(|e| ("post_trade", e))
                 }
                 _ => not_allowed("trades"),
             },
-            _ => Err(("not_found", ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")))),
+            _ => Err((
+                "not_found",
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no route for {path}"),
+                ),
+            )),
         }
     }
 
@@ -190,8 +252,14 @@ impl Writer {
         };
         match tokio::time::timeout(self.timeout, probe).await {
             Ok(Ok(())) => http::json(StatusCode::OK, &json!({"status": "ok"})),
-            Ok(Err(e)) => http::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "unavailable", "error": e.to_string()})),
-            Err(_) => http::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "unavailable", "error": "timed out"})),
+            Ok(Err(e)) => http::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "unavailable", "error": e.to_string()}),
+            ),
+            Err(_) => http::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "unavailable", "error": "timed out"}),
+            ),
         }
     }
 
@@ -204,11 +272,24 @@ impl Writer {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "));
             if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-                return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token"));
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing or wrong bearer token",
+                ));
             }
         }
-        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-        let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if mime != "application/json" {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -216,16 +297,39 @@ impl Writer {
                 "Content-Type must be application/json",
             ));
         }
-        let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("body over {MAX_BODY_BYTES} bytes"));
-        if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("body over {MAX_BODY_BYTES} bytes"),
+            )
+        };
+        if let Some(len) = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+        {
             if len > MAX_BODY_BYTES {
                 return Err(too_large());
             }
         }
-        let body: Bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+        let body: Bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+            .collect()
+            .await
+        {
             Ok(c) => c.to_bytes(),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(too_large()),
-            Err(e) => return Err(ApiError::bad_request(format!("could not read the body: {e}"))),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return Err(too_large())
+            }
+            Err(e) => {
+                return Err(ApiError::bad_request(format!(
+                    "could not read the body: {e}"
+                )))
+            }
         };
         match serde_json::from_slice::<Value>(&body) {
             Ok(Value::Object(m)) => Ok(m),
@@ -237,10 +341,17 @@ impl Writer {
     async fn list_markets(&self) -> Result<Response<Body>, ApiError> {
         let work = async {
             let c = self.pool.get().await?;
-            let rows = c.query(&format!("SELECT {MARKET_COLUMNS} FROM markets ORDER BY id"), &[]).await?;
+            let rows = c
+                .query(
+                    &format!("SELECT {MARKET_COLUMNS} FROM markets ORDER BY id"),
+                    &[],
+                )
+                .await?;
             Ok::<_, DbError>(rows.iter().map(Market::from_row).collect::<Vec<_>>())
         };
-        let markets = tokio::time::timeout(self.timeout, work).await.map_err(DbError::from)??;
+        let markets = tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(DbError::from)??;
         Ok(http::json(StatusCode::OK, &json!({ "markets": markets })))
     }
 
@@ -249,7 +360,10 @@ impl Writer {
             let c = self.pool.get().await?;
             db::market(&**c, id).await
         };
-        match tokio::time::timeout(self.timeout, work).await.map_err(DbError::from)?? {
+        match tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(DbError::from)??
+        {
             Some(m) => Ok(http::json(StatusCode::OK, &m)),
             None => Err(ApiError::unknown_market(id)),
         }
@@ -269,19 +383,30 @@ impl Writer {
         };
         validate_market_id(&id)?;
         if title.len() > MAX_TITLE_BYTES {
-            return Err(ApiError::invalid(format!("title is over {MAX_TITLE_BYTES} bytes")));
+            return Err(ApiError::invalid(format!(
+                "title is over {MAX_TITLE_BYTES} bytes"
+            )));
         }
         let work = async {
             let c = self.pool.get().await?;
-            let sql = format!("INSERT INTO markets (id, title) VALUES ($1, $2) RETURNING {MARKET_COLUMNS}");
+            let sql = format!(
+                "INSERT INTO markets (id, title) VALUES ($1, $2) RETURNING {MARKET_COLUMNS}"
+            );
             match c.query_one(&sql, &[&id, &title]).await {
                 Ok(r) => Ok(Market::from_row(&r)),
                 Err(e) => Err(DbError::from(e)),
             }
         };
-        match tokio::time::timeout(self.timeout, work).await.map_err(DbError::from)? {
+        match tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(DbError::from)?
+        {
             Ok(m) => Ok(http::json(StatusCode::CREATED, &m)),
-            Err(e) if e.code() == Some("23505") => Err(ApiError::new(StatusCode::CONFLICT, "market_exists", format!("market {id} already exists"))),
+            Err(e) if e.code() == Some("23505") => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "market_exists",
+                format!("market {id} already exists"),
+            )),
             Err(e) => Err(e.into()),
         }
     }
@@ -290,12 +415,18 @@ impl Writer {
         let mut after: i64 = 0;
         let mut limit: i64 = 100;
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let n: i64 = v.parse().map_err(|_| ApiError::bad_request(format!("{k} must be an integer")))?;
+            let n: i64 = v
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("{k} must be an integer")))?;
             match &*k {
                 "after_seq" if n >= 0 => after = n,
                 "after_seq" => return Err(ApiError::invalid("after_seq must be >= 0")),
                 "limit" if (1..=MAX_TRADES_PAGE).contains(&n) => limit = n,
-                "limit" => return Err(ApiError::invalid(format!("limit must be between 1 and {MAX_TRADES_PAGE}"))),
+                "limit" => {
+                    return Err(ApiError::invalid(format!(
+                        "limit must be between 1 and {MAX_TRADES_PAGE}"
+                    )))
+                }
                 _ => {}
             }
         }
@@ -304,9 +435,14 @@ impl Writer {
             if db::market(&**c, id).await?.is_none() {
                 return Ok(None);
             }
-            db::trades_after(&**c, id, after, None, limit).await.map(Some)
+            db::trades_after(&**c, id, after, None, limit)
+                .await
+                .map(Some)
         };
-        let trades = tokio::time::timeout(self.timeout, work).await.map_err(DbError::from)??.ok_or_else(|| ApiError::unknown_market(id))?;
+        let trades = tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(DbError::from)??
+            .ok_or_else(|| ApiError::unknown_market(id))?;
         // Each trade is already its contract JSON; splice them rather than re-parse.
         let mut out = Vec::with_capacity(16 + trades.len() * 180);
         out.extend_from_slice(b"{\"trades\":[");
@@ -317,10 +453,18 @@ impl Writer {
             out.extend_from_slice(&t.to_json());
         }
         out.extend_from_slice(b"]}");
-        Ok(http::bytes_response(StatusCode::OK, "application/json", Bytes::from(out)))
+        Ok(http::bytes_response(
+            StatusCode::OK,
+            "application/json",
+            Bytes::from(out),
+        ))
     }
 
-    async fn post_trade(&self, id: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    async fn post_trade(
+        &self,
+        id: &str,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, ApiError> {
         let body = self.read_json(req).await?;
         validate_market_id(id)?;
         let trade = NewTrade::parse(id, &body)?;
@@ -331,16 +475,28 @@ impl Writer {
             reply: tx,
         };
         if self.trades.try_send(job).is_err() {
-            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "too many trades queued, nothing was committed; retry"));
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "too many trades queued, nothing was committed; retry",
+            ));
         }
         // The batcher answers every job it takes within its own deadline; this
         // bound only guards against a bug leaving a request hanging.
         let outcome = match tokio::time::timeout(self.timeout * 3, rx).await {
             Ok(Ok(o)) => o,
-            _ => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "outcome_unknown", "the trade's outcome is unknown; retry with the same client_order_id")),
+            _ => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "outcome_unknown",
+                "the trade's outcome is unknown; retry with the same client_order_id",
+            )),
         };
         let (status, trade) = outcome?;
-        Ok(http::bytes_response(status, "application/json", Bytes::from(trade.to_json())))
+        Ok(http::bytes_response(
+            status,
+            "application/json",
+            Bytes::from(trade.to_json()),
+        ))
     }
 }
 
@@ -354,7 +510,9 @@ pub fn validate_market_id(id: &str) -> Result<(), ApiError> {
     let ok = !b.is_empty()
         && b.len() <= 64
         && b[0].is_ascii_alphanumeric()
-        && b[1..].iter().all(|c| c.is_ascii_alphanumeric() || b"_.:-".contains(c));
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.:-".contains(c));
     if ok {
         Ok(())
     } else {
@@ -387,7 +545,11 @@ impl NewTrade {
         let price_text = match body.get("price") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
-            Some(_) => return Err(ApiError::bad_request("price must be a decimal string such as \"0.63\"")),
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "price must be a decimal string such as \"0.63\"",
+                ))
+            }
             None => return Err(ApiError::bad_request("missing field price")),
         };
         let qty = match body.get("qty") {
@@ -406,7 +568,11 @@ impl NewTrade {
         let side = match side {
             "yes" => "yes",
             "no" => "no",
-            other => return Err(ApiError::invalid(format!("side must be \"yes\" or \"no\", not {other:?}"))),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "side must be \"yes\" or \"no\", not {other:?}"
+                )))
+            }
         };
         let price = normalize_price(&price_text)?;
         let qty = match qty {
@@ -416,7 +582,9 @@ impl NewTrade {
         for (k, v) in [("client_order_id", &client_order_id), ("trader", &trader)] {
             if let Some(v) = v {
                 if v.is_empty() || v.len() > MAX_ID_BYTES {
-                    return Err(ApiError::invalid(format!("{k} must be 1 to {MAX_ID_BYTES} bytes")));
+                    return Err(ApiError::invalid(format!(
+                        "{k} must be 1 to {MAX_ID_BYTES} bytes"
+                    )));
                 }
             }
         }
@@ -434,12 +602,19 @@ impl NewTrade {
 /// "0.63" -> "0.6300". Exactly representable prices only: more than four
 /// decimal places is refused rather than rounded.
 pub fn normalize_price(s: &str) -> Result<String, ApiError> {
-    let bad = || ApiError::invalid(format!("price {s:?} must be a decimal between 0.0001 and 0.9999 with at most 4 places"));
+    let bad = || {
+        ApiError::invalid(format!(
+            "price {s:?} must be a decimal between 0.0001 and 0.9999 with at most 4 places"
+        ))
+    };
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
     if int.is_empty() && frac.is_empty() {
         return Err(bad());
     }
-    if !int.bytes().all(|c| c == b'0') || frac.len() > 4 || !frac.bytes().all(|c| c.is_ascii_digit()) {
+    if !int.bytes().all(|c| c == b'0')
+        || frac.len() > 4
+        || !frac.bytes().all(|c| c.is_ascii_digit())
+    {
         return Err(bad());
     }
     let ticks: u32 = format!("{frac:0<4}").parse().map_err(|_| bad())?;
@@ -495,9 +670,13 @@ impl Batcher {
 
     async fn process(&self, jobs: Vec<Job>) {
         let budget = self.timeout.saturating_sub(Duration::from_millis(250));
-        let (mut live, expired): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.enqueued.elapsed() < budget);
+        let (mut live, expired): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|j| j.enqueued.elapsed() < budget);
         for j in expired {
-            let _ = j.reply.send(Err(ApiError::unavailable("timed out waiting for the database"))); // The handler may have gone; nothing else to tell.
+            let _ = j.reply.send(Err(ApiError::unavailable(
+                "timed out waiting for the database",
+            ))); // The handler may have gone; nothing else to tell.
         }
         if live.is_empty() {
             return;
@@ -512,7 +691,12 @@ impl Batcher {
         } else {
             match self.many(&trades, deadline).await {
                 Ok(o) => o,
-                Err(e @ ApiError { status: StatusCode::SERVICE_UNAVAILABLE, .. }) => trades.iter().map(|_| Err(e.clone())).collect(),
+                Err(
+                    e @ ApiError {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        ..
+                    },
+                ) => trades.iter().map(|_| Err(e.clone())).collect(),
                 Err(e) => {
                     tracing::info!(error = %e.message, n = trades.len(), "batch insert failed, retrying one trade per transaction");
                     let mut out = Vec::with_capacity(trades.len());
@@ -543,7 +727,17 @@ impl Batcher {
                  VALUES ($1, $2, $3::text::numeric, $4, $5, $6) RETURNING {TRADE_COLUMNS}"
             );
             let res = tx
-                .query_one(&sql, &[&t.market, &t.side, &t.price, &t.qty, &t.trader, &t.client_order_id])
+                .query_one(
+                    &sql,
+                    &[
+                        &t.market,
+                        &t.side,
+                        &t.price,
+                        &t.qty,
+                        &t.trader,
+                        &t.client_order_id,
+                    ],
+                )
                 .await
                 .map_err(DbError::from);
             Ok::<_, DbError>((tx, res.map(|row| Trade::from_row(&row))))
@@ -582,12 +776,21 @@ impl Batcher {
     async fn existing(&self, t: &NewTrade) -> Outcome {
         let work = async {
             let c = self.pool.get().await?;
-            let sql = format!("SELECT {TRADE_COLUMNS} FROM trades WHERE market_id = $1 AND client_order_id = $2");
+            let sql = format!(
+                "SELECT {TRADE_COLUMNS} FROM trades WHERE market_id = $1 AND client_order_id = $2"
+            );
             Ok::<_, DbError>(c.query_opt(&sql, &[&t.market, &t.client_order_id]).await?)
         };
-        match tokio::time::timeout(self.timeout, work).await.map_err(DbError::from)? {
+        match tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(DbError::from)?
+        {
             Ok(Some(row)) => Ok((StatusCode::OK, Trade::from_row(&row))),
-            Ok(None) => Err(ApiError::new(StatusCode::CONFLICT, "conflict", "client_order_id collided but the original trade is not visible; retry")),
+            Ok(None) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "client_order_id collided but the original trade is not visible; retry",
+            )),
             Err(e) => Err(e.into()),
         }
     }
@@ -602,11 +805,20 @@ impl Batcher {
             let tx = c.transaction().await?;
             // Lock every market row in id order first: the trigger's UPDATEs
             // then never wait, and two batches can never deadlock.
-            let ids: Vec<&str> = trades.iter().map(|t| t.market.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+            let ids: Vec<&str> = trades
+                .iter()
+                .map(|t| t.market.as_str())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
             let rows = tx
-                .query("SELECT id, status FROM markets WHERE id = ANY($1) ORDER BY id FOR UPDATE", &[&ids])
+                .query(
+                    "SELECT id, status FROM markets WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                    &[&ids],
+                )
                 .await?;
-            let status: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let status: HashMap<String, String> =
+                rows.iter().map(|r| (r.get(0), r.get(1))).collect();
             // Retried client_order_ids, read after the locks so that a retry
             // racing its original sees it committed.
             let coids: Vec<(&str, &str)> = trades
@@ -636,7 +848,10 @@ impl Batcher {
                         outcomes[i] = Some(Err(ApiError::new(
                             StatusCode::CONFLICT,
                             "market_not_open",
-                            format!("market {} is {s}, trades are accepted only while it is open", t.market),
+                            format!(
+                                "market {} is {s}, trades are accepted only while it is open",
+                                t.market
+                            ),
                         )))
                     }
                 }
@@ -661,7 +876,9 @@ impl Batcher {
             // assigns each market's seqs in arrival order.
             insert.sort_by(|&a, &b| trades[a].market.cmp(&trades[b].market).then(a.cmp(&b)));
             if !insert.is_empty() {
-                let col = |f: &dyn Fn(&NewTrade) -> Option<String>| insert.iter().map(|&i| f(&trades[i])).collect::<Vec<_>>();
+                let col = |f: &dyn Fn(&NewTrade) -> Option<String>| {
+                    insert.iter().map(|&i| f(&trades[i])).collect::<Vec<_>>()
+                };
                 let markets = col(&|t| Some(t.market.clone()));
                 let sides = col(&|t| Some(t.side.to_string()));
                 let prices = col(&|t| Some(t.price.clone()));
@@ -673,12 +890,19 @@ impl Batcher {
                      SELECT m, s, p::numeric, q, tr, c FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[]) \
                      WITH ORDINALITY AS u(m, s, p, q, tr, c, n) ORDER BY n RETURNING {TRADE_COLUMNS}"
                 );
-                let rows = tx.query(&sql, &[&markets, &sides, &prices, &qtys, &traders, &coids]).await?;
+                let rows = tx
+                    .query(&sql, &[&markets, &sides, &prices, &qtys, &traders, &coids])
+                    .await?;
                 let mut inserted: Vec<Trade> = rows.iter().map(Trade::from_row).collect();
                 // Match rows to requests by (market, seq): within a market seq
                 // follows insertion order, whatever order RETURNING uses.
                 inserted.sort_by(|a, b| a.market.cmp(&b.market).then(a.seq.cmp(&b.seq)));
-                if inserted.len() != insert.len() || inserted.iter().zip(&insert).any(|(r, &i)| r.market != trades[i].market) {
+                if inserted.len() != insert.len()
+                    || inserted
+                        .iter()
+                        .zip(&insert)
+                        .any(|(r, &i)| r.market != trades[i].market)
+                {
                     return Err(DbError::Sql {
                         code: "XX000".into(),
                         message: "batch insert returned rows that do not match the request".into(),
@@ -705,12 +929,24 @@ impl Batcher {
             outcomes[i] = Some(match &outcomes[first] {
                 Some(Ok((_, t))) => Ok((StatusCode::OK, t.clone())),
                 Some(Err(e)) => Err(e.clone()),
-                None => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "duplicate without an original")),
+                None => Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "duplicate without an original",
+                )),
             });
         }
         Ok(outcomes
             .into_iter()
-            .map(|o| o.unwrap_or_else(|| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "trade left without an outcome"))))
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    Err(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "trade left without an outcome",
+                    ))
+                })
+            })
             .collect())
     }
 }
@@ -751,7 +987,9 @@ mod tests {
         assert_eq!(normalize_price(".5").unwrap(), "0.5000");
         assert_eq!(normalize_price("0.0001").unwrap(), "0.0001");
         assert_eq!(normalize_price("0.9999").unwrap(), "0.9999");
-        for bad in ["0", "1", "1.0", "0.0000", "0.00001", "-0.5", "abc", "", ".", "0.5e1", " 0.5"] {
+        for bad in [
+            "0", "1", "1.0", "0.0000", "0.00001", "-0.5", "abc", "", ".", "0.5e1", " 0.5",
+        ] {
             assert!(normalize_price(bad).is_err(), "{bad}");
         }
     }
@@ -770,17 +1008,57 @@ mod tests {
     fn trade_requests() {
         let parse = |v: Value| NewTrade::parse("M", v.as_object().unwrap());
         let t = parse(json!({"side":"no","price":"0.25","qty":3,"client_order_id":"c1"})).unwrap();
-        assert_eq!((t.side, t.price.as_str(), t.qty, t.client_order_id.as_deref()), ("no", "0.2500", 3, Some("c1")));
-        assert_eq!(parse(json!({"side":"yes","price":0.5,"qty":1})).unwrap().price, "0.5000");
+        assert_eq!(
+            (
+                t.side,
+                t.price.as_str(),
+                t.qty,
+                t.client_order_id.as_deref()
+            ),
+            ("no", "0.2500", 3, Some("c1"))
+        );
+        assert_eq!(
+            parse(json!({"side":"yes","price":0.5,"qty":1}))
+                .unwrap()
+                .price,
+            "0.5000"
+        );
         let status = |v| parse(v).unwrap_err().status;
-        assert_eq!(status(json!({"price":"0.5","qty":1})), StatusCode::BAD_REQUEST);
-        assert_eq!(status(json!({"side":1,"price":"0.5","qty":1})), StatusCode::BAD_REQUEST);
-        assert_eq!(status(json!({"side":"yes","price":"0.5","qty":"1"})), StatusCode::BAD_REQUEST);
-        assert_eq!(status(json!({"side":"yes","price":"0.5","qty":1.5})), StatusCode::BAD_REQUEST);
-        assert_eq!(status(json!({"side":"maybe","price":"0.5","qty":1})), StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(status(json!({"side":"yes","price":"1.5","qty":1})), StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(status(json!({"side":"yes","price":"0.5","qty":0})), StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(status(json!({"side":"yes","price":"0.5","qty":1_000_000_001u64})), StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(status(json!({"side":"yes","price":"0.5","qty":-1})), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            status(json!({"price":"0.5","qty":1})),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(json!({"side":1,"price":"0.5","qty":1})),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(json!({"side":"yes","price":"0.5","qty":"1"})),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(json!({"side":"yes","price":"0.5","qty":1.5})),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(json!({"side":"maybe","price":"0.5","qty":1})),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            status(json!({"side":"yes","price":"1.5","qty":1})),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            status(json!({"side":"yes","price":"0.5","qty":0})),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            status(json!({"side":"yes","price":"0.5","qty":1_000_000_001u64})),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            status(json!({"side":"yes","price":"0.5","qty":-1})),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
     }
 }

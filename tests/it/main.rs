@@ -1,0 +1,20 @@
+//! The integration suite: one test binary against a real PostgreSQL.
+//!
+//! `make test` starts a throwaway cluster with `bin/pg-dev` and exports
+//! DATABASE_URL; each test gets its own database cloned from a migrated
+//! template (see `support`), and every server binds 127.0.0.1:0. WebSocket
+//! clients are tokio-tungstenite, independent of the server's fastwebsockets.
+//!
+//! Index:
+//! - `sql`: the SQL surface: seq assignment, rollback, multi-market
+//!   transactions, NOTIFY at commit with the doorbell payload, append-only,
+//!   roles, migrate idempotency and concurrency, prune.
+//! - `writer`: the HTTP write API, every error path, idempotency, outages.
+//! - `broadcaster`: the WebSocket surface and the delivery guarantee: replay,
+//!   replay-to-live handoff, forged notifications, LISTEN loss, slow
+//!   consumers, limits, shutdown.
+
+mod broadcaster;
+mod sql;
+mod support;
+mod writer;

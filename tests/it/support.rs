@@ -1,0 +1,300 @@
+//! Shared test plumbing: databases, servers, HTTP and WebSocket clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use marketcast::config::{BroadcasterConfig, DbConfig, WriterConfig};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::sync::OnceCell;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+/// Every wait in a test is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn server_url() -> String {
+    std::env::var("DATABASE_URL").expect("DATABASE_URL must point at a PostgreSQL server; run the suite with `make test`")
+}
+
+/// `url` with its database name replaced.
+pub fn with_db(url: &str, db: &str) -> String {
+    let mut u = url::Url::parse(url).expect("DATABASE_URL is a URL");
+    u.set_path(&format!("/{db}"));
+    u.to_string()
+}
+
+static TEMPLATE: OnceCell<String> = OnceCell::const_new();
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+async fn admin() -> tokio_postgres::Client {
+    connect(&server_url()).await
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to test Postgres");
+    tokio::spawn(async move {
+        let _ = conn.await; // test connection; errors surface in queries
+    });
+    c
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// A migrated database (16 shards), cloned from a template migrated once per run.
+    pub async fn new() -> TestDb {
+        let tpl = TEMPLATE
+            .get_or_init(|| async {
+                let name = format!("mc_tpl_{}", std::process::id());
+                let a = admin().await;
+                a.batch_execute(&format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}")).await.unwrap();
+                marketcast::db::migrate(&with_db(&server_url(), &name), 16).await.expect("migrate template");
+                name
+            })
+            .await;
+        Self::create(Some(tpl)).await
+    }
+
+    /// An empty database (for migrate tests).
+    pub async fn empty() -> TestDb {
+        Self::create(None).await
+    }
+
+    async fn create(template: Option<&str>) -> TestDb {
+        let name = format!("mc_t_{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+        let a = admin().await;
+        let sql = match template {
+            Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
+            None => format!("CREATE DATABASE {name}"),
+        };
+        // Concurrent clones of one template can collide briefly; retry.
+        let mut tries = 0;
+        loop {
+            match a.batch_execute(&sql).await {
+                Ok(()) => break,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("create database: {e:?}"),
+            }
+        }
+        TestDb {
+            url: with_db(&server_url(), &name),
+            name,
+        }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    pub fn db_config(&self) -> DbConfig {
+        DbConfig::new(self.url.clone())
+    }
+
+    pub async fn market(&self, id: &str) {
+        self.client().await.execute("INSERT INTO markets (id, title) VALUES ($1, $1)", &[&id]).await.unwrap();
+    }
+
+    /// Insert `n` trades into `market` through plain SQL, one transaction.
+    pub async fn trades(&self, market: &str, n: i64) {
+        self.client()
+            .await
+            .execute(
+                "INSERT INTO trades (market_id, side, price, qty) SELECT $1, 'yes', 0.5, g FROM generate_series(1, $2::int8) g",
+                &[&market, &n],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// A server running in this process on 127.0.0.1:0.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    pub fn http(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn ws(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+    /// Cancel and wait for a clean exit.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task).await.expect("server stops in time").unwrap().unwrap();
+    }
+}
+
+pub async fn writer(cfg: WriterConfig) -> Server {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(marketcast::writer::run(l, cfg, shutdown.clone()));
+    Server { addr, shutdown, task }
+}
+
+pub async fn broadcaster(cfg: BroadcasterConfig) -> Server {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(marketcast::broadcaster::run(l, cfg, shutdown.clone()));
+    let s = Server { addr, shutdown, task };
+    // Ready once LISTEN is up (healthz 200).
+    let ok = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok((200, _)) = try_http("GET", &format!("{}/healthz", s.http()), &[], None).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(ok.is_ok(), "broadcaster never became healthy");
+    s
+}
+
+/// Minimal HTTP/1.1 client on hyper: (status, JSON body or Null).
+pub async fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> (u16, Value) {
+    try_http(method, url, headers, body).await.expect("http request")
+}
+
+pub async fn try_http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> anyhow::Result<(u16, Value)> {
+    let (status, bytes) = http_raw(method, url, headers, body.map(|b| Bytes::from(b.to_string()))).await?;
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+}
+
+pub async fn http_raw(method: &str, url: &str, headers: &[(&str, &str)], body: Option<Bytes>) -> anyhow::Result<(u16, Bytes)> {
+    let u = url::Url::parse(url)?;
+    let addr = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap());
+    let tcp = TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await; // one request per connection
+    });
+    let path = match u.query() {
+        Some(q) => format!("{}?{q}", u.path()),
+        None => u.path().to_string(),
+    };
+    let mut req = hyper::Request::builder().method(method).uri(path).header("host", u.host_str().unwrap());
+    let has_ct = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+    if body.is_some() && !has_ct {
+        req = req.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.unwrap_or_default()))?;
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await??;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((status, bytes))
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub async fn ws(url: &str) -> Ws {
+    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.expect("ws connect in time").expect("ws connect").0
+}
+
+pub async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// The next text message as JSON (pings and pongs skipped). Panics on close.
+pub async fn recv(ws: &mut Ws) -> Value {
+    match next_event(ws).await {
+        Event::Json(v) => v,
+        Event::Closed(c) => panic!("connection closed: {c:?}"),
+    }
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Json(Value),
+    Closed(Option<u16>),
+}
+
+pub async fn next_event(ws: &mut Ws) -> Event {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next()).await.expect("a message in time");
+        match m {
+            Some(Ok(Message::Text(t))) => return Event::Json(serde_json::from_str(&t).expect("server sends JSON")),
+            Some(Ok(Message::Close(c))) => return Event::Closed(c.map(|c: CloseFrame| u16::from(c.code))),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Event::Closed(None),
+        }
+    }
+}
+
+/// Wait for the close code (skipping any other messages).
+pub async fn expect_close(ws: &mut Ws) -> Option<u16> {
+    loop {
+        if let Event::Closed(c) = next_event(ws).await {
+            return c;
+        }
+    }
+}
+
+/// Receive trades until `to`, asserting they are exactly `from..=to` of
+/// `market`, in order, each once. Other message types are not allowed in between.
+pub async fn expect_trades(ws: &mut Ws, market: &str, from: i64, to: i64) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut want = from;
+    while want <= to {
+        let v = recv(ws).await;
+        assert_eq!(v["type"], "trade", "expected trade {want}, got {v}");
+        assert_eq!(v["market"], market, "{v}");
+        assert_eq!(v["seq"].as_i64(), Some(want), "gapless, in order: expected seq {want}, got {v}");
+        out.push(v);
+        want += 1;
+    }
+    out
+}
+
+/// Assert nothing arrives for `d` (used after the exact expected sequence).
+pub async fn expect_silence(ws: &mut Ws, d: Duration) {
+    if let Ok(Some(Ok(m))) = tokio::time::timeout(d, ws.next()).await {
+        if let Message::Text(t) = &m {
+            panic!("unexpected message: {t}");
+        }
+    }
+}
+
+/// Subscribe and return the `subscribed` reply.
+pub async fn subscribe(ws: &mut Ws, market: &str, from_seq: Option<i64>) -> Value {
+    let mut op = serde_json::json!({"op": "subscribe", "market": market, "id": 1});
+    if let Some(f) = from_seq {
+        op["from_seq"] = f.into();
+    }
+    send(ws, op).await;
+    let v = recv(ws).await;
+    assert_eq!(v["type"], "subscribed", "{v}");
+    v
+}
+
+pub fn broadcaster_config(db: &TestDb) -> BroadcasterConfig {
+    let mut c = BroadcasterConfig::new(db.db_config());
+    c.listen_heartbeat = Duration::from_millis(500);
+    c.reconcile_interval = Duration::from_millis(500);
+    c.reconnect_max = Duration::from_millis(500);
+    c
+}
