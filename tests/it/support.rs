@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 pub const WAIT: Duration = Duration::from_secs(15);
 
 pub fn server_url() -> String {
-    std::env::var("DATABASE_URL").expect("DATABASE_URL must point at a PostgreSQL server; run the suite with `make test`")
+    std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL must point at a PostgreSQL server; run the suite with `make test`")
 }
 
 /// `url` with its database name replaced.
@@ -39,7 +40,9 @@ async fn admin() -> tokio_postgres::Client {
 }
 
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to test Postgres");
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to test Postgres");
     tokio::spawn(async move {
         let _ = conn.await; // test connection; errors surface in queries
     });
@@ -59,8 +62,14 @@ impl TestDb {
             .get_or_init(|| async {
                 let name = format!("mc_tpl_{}", std::process::id());
                 let a = admin().await;
-                a.batch_execute(&format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}")).await.unwrap();
-                marketcast::db::migrate(&with_db(&server_url(), &name), 16).await.expect("migrate template");
+                a.batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+                ))
+                .await
+                .unwrap();
+                marketcast::db::migrate(&with_db(&server_url(), &name), 16)
+                    .await
+                    .expect("migrate template");
                 name
             })
             .await;
@@ -73,7 +82,11 @@ impl TestDb {
     }
 
     async fn create(template: Option<&str>) -> TestDb {
-        let name = format!("mc_t_{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "mc_t_{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::Relaxed)
+        );
         let a = admin().await;
         let sql = match template {
             Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
@@ -107,7 +120,11 @@ impl TestDb {
     }
 
     pub async fn market(&self, id: &str) {
-        self.client().await.execute("INSERT INTO markets (id, title) VALUES ($1, $1)", &[&id]).await.unwrap();
+        self.client()
+            .await
+            .execute("INSERT INTO markets (id, title) VALUES ($1, $1)", &[&id])
+            .await
+            .unwrap();
     }
 
     /// Insert `n` trades into `market` through plain SQL, one transaction.
@@ -140,7 +157,11 @@ impl Server {
     /// Cancel and wait for a clean exit.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task).await.expect("server stops in time").unwrap().unwrap();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("server stops in time")
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -149,7 +170,11 @@ pub async fn writer(cfg: WriterConfig) -> Server {
     let addr = l.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(marketcast::writer::run(l, cfg, shutdown.clone()));
-    Server { addr, shutdown, task }
+    Server {
+        addr,
+        shutdown,
+        task,
+    }
 }
 
 pub async fn broadcaster(cfg: BroadcasterConfig) -> Server {
@@ -157,11 +182,16 @@ pub async fn broadcaster(cfg: BroadcasterConfig) -> Server {
     let addr = l.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(marketcast::broadcaster::run(l, cfg, shutdown.clone()));
-    let s = Server { addr, shutdown, task };
+    let s = Server {
+        addr,
+        shutdown,
+        task,
+    };
     // Ready once LISTEN is up (healthz 200).
     let ok = tokio::time::timeout(WAIT, async {
         loop {
-            if let Ok((200, _)) = try_http("GET", &format!("{}/healthz", s.http()), &[], None).await {
+            if let Ok((200, _)) = try_http("GET", &format!("{}/healthz", s.http()), &[], None).await
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -173,20 +203,47 @@ pub async fn broadcaster(cfg: BroadcasterConfig) -> Server {
 }
 
 /// Minimal HTTP/1.1 client on hyper: (status, JSON body or Null).
-pub async fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> (u16, Value) {
-    try_http(method, url, headers, body).await.expect("http request")
+pub async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, Value) {
+    try_http(method, url, headers, body)
+        .await
+        .expect("http request")
 }
 
-pub async fn try_http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> anyhow::Result<(u16, Value)> {
-    let (status, bytes) = http_raw(method, url, headers, body.map(|b| Bytes::from(b.to_string()))).await?;
-    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+pub async fn try_http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> anyhow::Result<(u16, Value)> {
+    let (status, bytes) = http_raw(
+        method,
+        url,
+        headers,
+        body.map(|b| Bytes::from(b.to_string())),
+    )
+    .await?;
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
 }
 
-pub async fn http_raw(method: &str, url: &str, headers: &[(&str, &str)], body: Option<Bytes>) -> anyhow::Result<(u16, Bytes)> {
+pub async fn http_raw(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Bytes>,
+) -> anyhow::Result<(u16, Bytes)> {
     let u = url::Url::parse(url)?;
     let addr = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap());
     let tcp = TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(async move {
         let _ = conn.await; // one request per connection
     });
@@ -194,8 +251,13 @@ pub async fn http_raw(method: &str, url: &str, headers: &[(&str, &str)], body: O
         Some(q) => format!("{}?{q}", u.path()),
         None => u.path().to_string(),
     };
-    let mut req = hyper::Request::builder().method(method).uri(path).header("host", u.host_str().unwrap());
-    let has_ct = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", u.host_str().unwrap());
+    let has_ct = headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
     if body.is_some() && !has_ct {
         req = req.header("content-type", "application/json");
     }
@@ -212,7 +274,11 @@ pub async fn http_raw(method: &str, url: &str, headers: &[(&str, &str)], body: O
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub async fn ws(url: &str) -> Ws {
-    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.expect("ws connect in time").expect("ws connect").0
+    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("ws connect in time")
+        .expect("ws connect")
+        .0
 }
 
 pub async fn send(ws: &mut Ws, v: Value) {
@@ -235,10 +301,16 @@ pub enum Event {
 
 pub async fn next_event(ws: &mut Ws) -> Event {
     loop {
-        let m = tokio::time::timeout(WAIT, ws.next()).await.expect("a message in time");
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message in time");
         match m {
-            Some(Ok(Message::Text(t))) => return Event::Json(serde_json::from_str(&t).expect("server sends JSON")),
-            Some(Ok(Message::Close(c))) => return Event::Closed(c.map(|c: CloseFrame| u16::from(c.code))),
+            Some(Ok(Message::Text(t))) => {
+                return Event::Json(serde_json::from_str(&t).expect("server sends JSON"))
+            }
+            Some(Ok(Message::Close(c))) => {
+                return Event::Closed(c.map(|c: CloseFrame| u16::from(c.code)))
+            }
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return Event::Closed(None),
         }
@@ -263,7 +335,11 @@ pub async fn expect_trades(ws: &mut Ws, market: &str, from: i64, to: i64) -> Vec
         let v = recv(ws).await;
         assert_eq!(v["type"], "trade", "expected trade {want}, got {v}");
         assert_eq!(v["market"], market, "{v}");
-        assert_eq!(v["seq"].as_i64(), Some(want), "gapless, in order: expected seq {want}, got {v}");
+        assert_eq!(
+            v["seq"].as_i64(),
+            Some(want),
+            "gapless, in order: expected seq {want}, got {v}"
+        );
         out.push(v);
         want += 1;
     }
