@@ -51,6 +51,10 @@ use crate::trade::{control_frame, text_frame, EncodedTrade};
 /// vectored write (the kernel takes at most 1024 slices anyway).
 const WRITE_BATCH_FRAMES: usize = 512;
 
+/// How long a closing connection may take to get its Close frame out (a slow
+/// consumer that starts reading again still learns why it was closed).
+const CLOSE_LINGER: Duration = Duration::from_secs(10);
+
 /// What every session shares.
 pub struct SessionCtx {
     pub cfg: BroadcasterConfig,
@@ -496,7 +500,7 @@ impl Writer {
         if let Err(End::Slow) = result {
             metrics::counter!("marketcast_slow_consumer_closes_total").increment(1);
             tracing::info!(conn = self.conn_id, "closing a slow consumer (4000)");
-            self.out.clear();
+            // `out` holds at most the tail of a half-written frame (see flush).
             self.close_now(4000, "slow consumer: reconnect with from_seq")
                 .await;
         }
@@ -507,7 +511,8 @@ impl Writer {
     async fn flush(&mut self) -> Result<(), End> {
         let frames = std::mem::take(&mut self.out);
         let bytes: usize = frames.iter().map(Bytes::len).sum();
-        let fut = write_all_vectored(&mut self.w, &frames);
+        let mut written = 0;
+        let fut = write_all_vectored(&mut self.w, &frames, &mut written);
         match tokio::time::timeout(self.ctx.cfg.write_timeout, fut).await {
             Ok(Ok(writes)) => {
                 metrics::counter!("marketcast_ws_frames_sent_total").increment(frames.len() as u64);
@@ -522,18 +527,26 @@ impl Writer {
                 Ok(())
             }
             Ok(Err(_)) => Err(End::Gone),
-            Err(_) => Err(End::Slow),
+            Err(_) => {
+                // The write stopped mid-stream. The Close that follows must not
+                // land inside a half-written frame: keep that frame's tail.
+                self.out = partial_tail(&frames, written).into_iter().collect();
+                Err(End::Slow)
+            }
         }
     }
 
-    /// Best effort: queue a Close, try briefly to get it out, then shut down.
+    /// Best effort: queue a Close after whatever is queued, try for a while
+    /// to get it out (a slow consumer may still drain its socket), then shut
+    /// down the write side.
     async fn close_now(&mut self, code: u16, reason: &str) {
         self.out
             .push(control_frame(Frame::close(code, reason.as_bytes())));
         let frames = std::mem::take(&mut self.out);
         let w = &mut self.w;
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            write_all_vectored(w, &frames).await?;
+        let mut written = 0;
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            write_all_vectored(w, &frames, &mut written).await?;
             w.shutdown().await
         })
         .await; // The peer may be gone or stuck; the connection ends either way.
@@ -805,9 +818,13 @@ impl Writer {
 }
 
 /// Write all frames with vectored writes; returns the number of syscalls.
+/// Write all frames with vectored writes; returns the number of syscalls.
+/// `written` counts bytes as they go out, so that a caller whose timeout
+/// cancelled this future knows where the stream stopped.
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
     w: &mut W,
     frames: &[Bytes],
+    written: &mut usize,
 ) -> std::io::Result<u64> {
     let mut slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
     let mut bufs = &mut slices[..];
@@ -818,9 +835,23 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
+        *written += n;
         IoSlice::advance_slices(&mut bufs, n);
     }
     Ok(writes)
+}
+
+/// The unwritten rest of the frame that `written` bytes ended inside, if any.
+fn partial_tail(frames: &[Bytes], written: usize) -> Option<Bytes> {
+    let mut start = 0;
+    for f in frames {
+        let end = start + f.len();
+        if written < end {
+            return (written > start).then(|| f.slice(written - start..));
+        }
+        start = end;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -876,6 +907,16 @@ mod tests {
             parse_op(br#"{"op":"dance","id":3}"#).unwrap_err().id,
             Some(json!(3))
         );
+    }
+
+    #[test]
+    fn partial_tails() {
+        let f = [Bytes::from_static(b"abc"), Bytes::from_static(b"defg")];
+        assert_eq!(partial_tail(&f, 0), None);
+        assert_eq!(partial_tail(&f, 3), None, "a frame boundary");
+        assert_eq!(partial_tail(&f, 1), Some(Bytes::from_static(b"bc")));
+        assert_eq!(partial_tail(&f, 5), Some(Bytes::from_static(b"fg")));
+        assert_eq!(partial_tail(&f, 7), None);
     }
 
     #[test]

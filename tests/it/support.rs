@@ -62,11 +62,13 @@ impl TestDb {
             .get_or_init(|| async {
                 let name = format!("mc_tpl_{}", std::process::id());
                 let a = admin().await;
-                a.batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
-                ))
-                .await
-                .unwrap();
+// CREATE DATABASE cannot share a (multi-statement) transaction.
+                a.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+                    .await
+                    .unwrap();
+                a.batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .unwrap();
                 marketcast::db::migrate(&with_db(&server_url(), &name), 16)
                     .await
                     .expect("migrate template");
@@ -273,7 +275,7 @@ pub async fn http_raw(
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-pub async fn ws(url: &str) -> Ws {
+pub async fn connect_ws(url: &str) -> Ws {
     tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
         .await
         .expect("ws connect in time")
