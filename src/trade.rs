@@ -170,8 +170,14 @@ mod tests {
         let json = t().to_json();
         let f = t().encode().frame;
         assert_eq!(f[0], 0x81, "FIN + text opcode");
-        assert_eq!(f[1] as usize, json.len(), "short length, mask bit clear");
-        assert_eq!(&f[2..], &json[..]);
+        // 126..=65535 bytes: 16-bit length, mask bit clear.
+        assert_eq!(
+            (f[1], u16::from_be_bytes([f[2], f[3]]) as usize),
+            (126, json.len())
+        );
+        assert_eq!(&f[4..], &json[..]);
+        let short = text_frame(b"hi");
+        assert_eq!(&short[..], &[0x81, 2, b'h', b'i']);
 
         let long = vec![b'x'; 300];
         let f = text_frame(&long);
