@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PGDEV_DIR ?= /tmp/marketcast-pg-dev
 
-.PHONY: all build run test unit bench fmt clippy pg-start pg-stop clean
+.PHONY: all build run test browser-test unit bench fmt clippy pg-start pg-stop clean
 
 all: build
 
@@ -25,7 +25,22 @@ test:
 	  eval "export $$(bin/pg-dev start | tail -n1)"; \
 	  trap 'bin/pg-dev stop --wipe >/dev/null 2>&1 || true' EXIT; \
 	fi; \
-	$(CARGO) test --all-targets -- --test-threads=$${TEST_THREADS:-8}
+	$(CARGO) test --all-targets -- --test-threads=$${TEST_THREADS:-8}; \
+	$(MAKE) --no-print-directory browser-test
+
+# The market page in headless Chromium (/usr/bin/chromium, Debian's package)
+# driven by playwright-core; see tests/browser/page.test.mjs. Uses DATABASE_URL
+# (a fresh database is created in its cluster) or a throwaway cluster.
+browser-test:
+	@set -euo pipefail; \
+	$(CARGO) build; \
+	if [ ! -d tests/browser/node_modules ]; then npm ci --prefix tests/browser --no-audit --no-fund; fi; \
+	if [ -z "$${DATABASE_URL:-}" ]; then \
+	  export PGDEV_DIR=/tmp/marketcast-pg-browser-$$$$; \
+	  eval "export $$(bin/pg-dev start | tail -n1)"; \
+	  trap 'bin/pg-dev stop --wipe >/dev/null 2>&1 || true' EXIT; \
+	fi; \
+	node tests/browser/page.test.mjs
 
 unit:
 	$(CARGO) test --lib

@@ -37,6 +37,7 @@
 //! - [`session`]: one WebSocket connection: ops, replay, live, limits.
 //! - [`broadcaster`]: wires listener, hub and sessions behind `GET /ws`.
 //! - [`subscribe`]: the reference client.
+//! - [`demo`]: `marketcast demo`: all roles in one process, pg-dev, the market page (`src/page/`).
 //! - [`http`]: server plumbing shared by both roles.
 //! - [`metrics`]: the Prometheus recorder.
 //! - [`shutdown`]: signals, cancellation, the shutdown deadline.
@@ -46,6 +47,7 @@ pub mod broadcaster;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod http;
 pub mod hub;
 pub mod listener;

@@ -8,7 +8,7 @@ use clap::Parser;
 use marketcast::cli::{Cli, Command, LogFormat};
 use marketcast::config::{self, BroadcasterConfig, DbConfig, WriterConfig};
 use marketcast::subscribe::{self, SubscribeConfig};
-use marketcast::{broadcaster, db, http, shutdown, writer};
+use marketcast::{broadcaster, db, demo, http, shutdown, writer};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -79,6 +79,9 @@ async fn run(cmd: Command) -> Result<()> {
             tracing::info!(removed = n, "pruned");
             Ok(())
         }
-        Command::Demo(_) => anyhow::bail!("demo is not implemented yet"),
+        Command::Demo(a) => {
+            let cfg = demo::DemoConfig::from_cli(&a)?;
+            demo::run(cfg, shutdown::on_signals()).await
+        }
     }
 }

@@ -1,0 +1,553 @@
+//! `marketcast demo`: everything in one process, for a first look.
+//!
+//! Without a database URL it starts a throwaway cluster with `bin/pg-dev`
+//! (state in [`PG_DEV_DIR`], so markets and trades survive between runs) and
+//! stops it again on the way out. It migrates, creates a handful of demo
+//! markets if they are missing, and runs in-process:
+//!
+//! - the writer ([`crate::writer::run`]) on an internal `127.0.0.1:0` port;
+//! - the broadcaster ([`crate::broadcaster::run`]) on `--ws-listen`;
+//! - a front server on `--listen` serving the market page at `/`, its
+//!   `/config.json` (where the WebSocket is), and forwarding every other
+//!   request to the writer. Forwarding keeps the page and the write API on one
+//!   origin, so the writer needs no CORS. The page opens its WebSocket to the
+//!   broadcaster directly (WebSockets are not subject to CORS);
+//! - a synthetic trading flow of `--rate` plain-SQL INSERTs per second, which
+//!   exercises the same trigger -> NOTIFY path as any SQL client.
+//!
+//! Stdout carries three product lines once all of it is up:
+//! `listening on HOST:PORT` (the page and API), `page: http://HOST:PORT/` and
+//! `ws: ws://HOST:PORT/ws`. SIGINT or SIGTERM stops every part, then the
+//! cluster if the demo started it, and the process exits 0.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{header, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli;
+use crate::config::{self, BroadcasterConfig, DbConfig, WriterConfig};
+use crate::http::{self, Body};
+use crate::{broadcaster, db, writer};
+
+/// State dir of the throwaway cluster the demo starts.
+pub const PG_DEV_DIR: &str = "/tmp/marketcast-demo-pg";
+
+/// Shard count the demo migrates with (the contract's default).
+const SHARD_COUNT: u32 = 16;
+
+/// The market page: plain HTML, CSS and JS, no build step.
+const PAGE: &str = include_str!("page/index.html");
+
+/// Markets created on start when missing: `(id, title)`.
+const MARKETS: &[(&str, &str)] = &[
+    (
+        "ELECTION-2028",
+        "Will the incumbent party win the 2028 US presidential election?",
+    ),
+    (
+        "FED-CUT-DEC",
+        "Will the Fed cut rates at its December meeting?",
+    ),
+    ("BTC-100K", "Will Bitcoin close the year above $100k?"),
+    ("RAIN-NYC", "Will it rain in New York City tomorrow?"),
+    ("MARS-2030", "Will humans land on Mars before 2030?"),
+];
+
+/// Longest a forwarded request may take. The writer answers within its 5 s
+/// database bound, so this only fires when the writer itself is stuck.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Largest writer response the front server relays (a full trades page is
+/// about 150 KiB).
+const FORWARD_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// Highest accepted `--rate`: more is a load test, not a demo.
+const MAX_RATE: f64 = 10_000.0;
+
+/// The demo's validated configuration.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// None: start a cluster with `bin/pg-dev` in `pg_dev_dir`.
+    pub database_url: Option<String>,
+    /// The page and the write API.
+    pub listen: SocketAddr,
+    /// The WebSocket broadcaster.
+    pub ws_listen: SocketAddr,
+    /// Synthetic trades per second; 0 turns the flow off.
+    pub rate: f64,
+    pub pg_dev_dir: PathBuf,
+}
+
+impl DemoConfig {
+    pub fn from_cli(a: &cli::DemoArgs) -> Result<Self> {
+        if !a.rate.is_finite() || a.rate < 0.0 || a.rate > MAX_RATE {
+            bail!("--rate must be between 0 and {MAX_RATE} trades per second");
+        }
+        Ok(DemoConfig {
+            database_url: a.database_url.clone().filter(|u| !u.trim().is_empty()),
+            listen: config::addr("--listen", &a.listen)?,
+            ws_listen: config::addr("--ws-listen", &a.ws_listen)?,
+            rate: a.rate,
+            pg_dev_dir: PathBuf::from(PG_DEV_DIR),
+        })
+    }
+}
+
+/// Run the demo until `shutdown` is cancelled. A cluster started here is
+/// stopped before returning, whatever happened in between.
+pub async fn run(cfg: DemoConfig, shutdown: CancellationToken) -> Result<()> {
+    let Some(url) = cfg.database_url.clone() else {
+        let pg = PgDev::start(&cfg.pg_dev_dir).await?;
+        let r = if shutdown.is_cancelled() {
+            Ok(())
+        } else {
+            serve(&cfg, &pg.url, shutdown).await
+        };
+        pg.stop().await;
+        return r;
+    };
+    serve(&cfg, &url, shutdown).await
+}
+
+async fn serve(cfg: &DemoConfig, url: &str, shutdown: CancellationToken) -> Result<()> {
+    let shard_count = db::migrate(url, SHARD_COUNT).await?;
+    create_markets(url).await?;
+    tracing::info!(
+        shard_count,
+        markets = MARKETS.len(),
+        "schema and demo markets ready"
+    );
+
+    let front = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", cfg.listen))?;
+    let ws = TcpListener::bind(cfg.ws_listen)
+        .await
+        .with_context(|| format!("binding --ws-listen {}", cfg.ws_listen))?;
+    let internal: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let api = TcpListener::bind(internal)
+        .await
+        .context("binding the internal writer port")?;
+    let (front_addr, ws_addr, api_addr) =
+        (front.local_addr()?, ws.local_addr()?, api.local_addr()?);
+
+    // Any part that ends (an error, or the signal) ends the others too.
+    let stop = shutdown.child_token();
+    let db = DbConfig::new(url);
+    let mut wcfg = WriterConfig::new(db.clone());
+    wcfg.listen = api_addr;
+    let mut bcfg = BroadcasterConfig::new(db);
+    bcfg.listen = ws_addr;
+    let mut parts: Vec<(&str, JoinHandle<Result<()>>)> = vec![
+        (
+            "writer",
+            spawn_part(&stop, writer::run(api, wcfg, stop.clone())),
+        ),
+        (
+            "broadcaster",
+            spawn_part(&stop, broadcaster::run(ws, bcfg, stop.clone())),
+        ),
+    ];
+    let state = Arc::new(Front {
+        writer: api_addr,
+        ws: ws_addr,
+    });
+    let front_stop = stop.clone();
+    parts.push((
+        "page server",
+        spawn_part(&stop, async move {
+            http::serve(front, front_stop, move |req, _peer| {
+                let state = state.clone();
+                async move { state.handle(req).await }
+            })
+            .await;
+            Ok(())
+        }),
+    ));
+    if cfg.rate > 0.0 {
+        parts.push((
+            "trade flow",
+            spawn_part(&stop, flow(url.to_string(), cfg.rate, stop.clone())),
+        ));
+    }
+
+    // The product's own output (scripts and tests read it), not log lines.
+    println!("listening on {front_addr}");
+    println!("page: http://{}/", host_port(front_addr));
+    println!("ws: ws://{}/ws", host_port(ws_addr));
+    tracing::info!(page = %front_addr, ws = %ws_addr, writer = %api_addr, rate = cfg.rate, "demo running; Ctrl-C stops it");
+
+    let mut first_err = None;
+    for (name, h) in parts {
+        let r = match h.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("task panicked: {e}")),
+        };
+        if let Err(e) = r {
+            tracing::error!("{name} failed: {e:#}");
+            first_err.get_or_insert(e.context(format!("demo {name}")));
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None if !shutdown.is_cancelled() => bail!("a demo part stopped on its own"),
+        None => Ok(()),
+    }
+}
+
+/// Spawn one part of the demo; when it ends, for whatever reason, `stop` is
+/// cancelled so the other parts end too.
+fn spawn_part<F>(stop: &CancellationToken, fut: F) -> JoinHandle<Result<()>>
+where
+    F: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let r = fut.await;
+        stop.cancel();
+        r
+    })
+}
+
+async fn create_markets(url: &str) -> Result<()> {
+    let client = db::connect(url, "marketcast-demo").await?;
+    for (id, title) in MARKETS {
+        client
+            .execute(
+                "INSERT INTO markets (id, title) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                &[id, title],
+            )
+            .await
+            .with_context(|| format!("creating demo market {id}"))?;
+    }
+    Ok(())
+}
+
+/// `HOST:PORT` for a URL: IPv6 in brackets (SocketAddr's Display does that).
+fn host_port(a: SocketAddr) -> String {
+    a.to_string()
+}
+
+// ------------------------------------------------------------------ front server
+
+struct Front {
+    /// The in-process writer every non-page request is forwarded to.
+    writer: SocketAddr,
+    /// The broadcaster, for `/config.json`.
+    ws: SocketAddr,
+}
+
+impl Front {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let page = matches!(*req.method(), Method::GET | Method::HEAD);
+        match req.uri().path() {
+            "/" | "/index.html" if page => http::bytes_response(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                Bytes::from_static(PAGE.as_bytes()),
+            ),
+            "/config.json" if page => http::json(
+                StatusCode::OK,
+                &json!({"ws_url": self.ws_url(&req), "api_base": ""}),
+            ),
+            _ => self.forward(req).await,
+        }
+    }
+
+    /// The WebSocket URL as this browser can reach it: the broadcaster's bound
+    /// IP, or, when it listens on every interface, the host the page was
+    /// loaded from (so a phone on the LAN gets the LAN address).
+    fn ws_url(&self, req: &Request<Incoming>) -> String {
+        if !self.ws.ip().is_unspecified() {
+            return format!("ws://{}/ws", host_port(self.ws));
+        }
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(strip_port)
+            .unwrap_or("127.0.0.1");
+        format!("ws://{host}:{}/ws", self.ws.port())
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+        match tokio::time::timeout(FORWARD_TIMEOUT, forward(self.writer, req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!("forwarding to the writer failed: {e:#}");
+                http::error(
+                    StatusCode::BAD_GATEWAY,
+                    "unavailable",
+                    "the writer could not be reached",
+                )
+            }
+            Err(_) => http::error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "unavailable",
+                "the writer did not answer in time",
+            ),
+        }
+    }
+}
+
+/// The host part of a `Host` header value (`[::1]:8080`, `example:80`, `example`).
+fn strip_port(h: &str) -> &str {
+    if let Some(end) = h.find(']') {
+        return &h[..=end];
+    }
+    h.rsplit_once(':').map_or(h, |(host, _)| host)
+}
+
+/// Relay one request to the writer on a fresh connection and buffer its
+/// answer. A connection per request is plenty for a page on localhost.
+async fn forward(to: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>> {
+    let tcp = TcpStream::connect(to).await?;
+    tcp.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "writer connection ended with an error");
+        }
+    });
+    let (mut parts, body) = req.into_parts();
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse()?;
+    parts.version = hyper::Version::HTTP_11;
+    let resp = sender
+        .send_request(Request::from_parts(parts, body))
+        .await?;
+    let (mut parts, body) = resp.into_parts();
+    let bytes = Limited::new(body, FORWARD_MAX_BYTES)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the writer's answer: {e}"))?
+        .to_bytes();
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    parts.headers.remove(header::CONNECTION);
+    Ok(Response::from_parts(parts, Full::new(bytes)))
+}
+
+// ------------------------------------------------------------------ synthetic flow
+
+/// Insert `rate` trades per second into random open markets through plain SQL,
+/// each YES price a small random step from the market's last one. Reconnects
+/// (once per tick at most) if the database goes away.
+async fn flow(url: String, rate: f64, stop: CancellationToken) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client: Option<tokio_postgres::Client> = None;
+    // YES price per market, in basis points.
+    let mut prices: HashMap<String, i64> = HashMap::new();
+    let mut failing = false;
+    loop {
+        // Cancel safety: tick() and cancelled() are both cancel-safe.
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+        let c = match &client {
+            Some(c) if !c.is_closed() => c,
+            _ => match load_prices(&url).await {
+                Ok((c, p)) => {
+                    prices = p;
+                    client.insert(c)
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!("trade flow paused: {e:#}");
+                        failing = true;
+                    }
+                    continue;
+                }
+            },
+        };
+        let ids: Vec<&String> = prices.keys().collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let id = ids[fastrand::usize(..ids.len())].clone();
+        let yes = prices.get(&id).copied().unwrap_or(5000);
+        let next = (yes + fastrand::i64(-120..=120)).clamp(300, 9700);
+        let buy_yes = fastrand::bool();
+        let paid = if buy_yes { next } else { 10_000 - next };
+        // Mostly small tickets, now and then a large one.
+        let qty = if fastrand::u8(..10) == 0 {
+            fastrand::i64(100..=2000)
+        } else {
+            fastrand::i64(1..=60)
+        };
+        let r = c
+            .execute(
+                "INSERT INTO trades (market_id, side, price, qty) VALUES ($1, $2, $3::text::numeric, $4)",
+                &[&id, &if buy_yes { "yes" } else { "no" }, &bp_price(paid), &qty],
+            )
+            .await;
+        match r {
+            Ok(_) => {
+                prices.insert(id, next);
+                if failing {
+                    tracing::info!("trade flow resumed");
+                    failing = false;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!("trade flow insert failed: {}", db::DbError::from(e));
+                    failing = true;
+                }
+                // A closed market or a dropped connection: re-read both.
+                client = None;
+            }
+        }
+    }
+}
+
+/// A fresh connection and the YES price (basis points) of every open market.
+async fn load_prices(url: &str) -> Result<(tokio_postgres::Client, HashMap<String, i64>)> {
+    let c = db::connect(url, "marketcast-demo-flow").await?;
+    let rows = c
+        .query(
+            "SELECT id, coalesce(round(last_price * 10000), 5000)::int8 FROM markets \
+             WHERE status = 'open' ORDER BY id",
+            &[],
+        )
+        .await
+        .context("reading open markets")?;
+    let prices = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect();
+    Ok((c, prices))
+}
+
+/// Basis points as the contract's decimal text: 6300 -> "0.6300".
+fn bp_price(bp: i64) -> String {
+    format!("0.{:04}", bp.clamp(1, 9999))
+}
+
+// ------------------------------------------------------------------ pg-dev
+
+/// A cluster started with `bin/pg-dev start`; [`PgDev::stop`] stops it.
+struct PgDev {
+    script: PathBuf,
+    dir: PathBuf,
+    url: String,
+}
+
+impl PgDev {
+    async fn start(dir: &Path) -> Result<PgDev> {
+        let script = find_pg_dev()?;
+        tracing::info!(script = %script.display(), dir = %dir.display(), "starting a throwaway PostgreSQL");
+        // pg-dev's chatter goes to our stderr; its last stdout line is the URL.
+        let out = tokio::process::Command::new(&script)
+            .arg("start")
+            .env("PGDEV_DIR", dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .output()
+            .await
+            .with_context(|| format!("running {} start", script.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let url = stdout
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("DATABASE_URL="))
+            .map(str::to_string);
+        let pg = PgDev {
+            script,
+            dir: dir.to_path_buf(),
+            url: url.unwrap_or_default(),
+        };
+        if !out.status.success() || pg.url.is_empty() {
+            // It may have got as far as starting the server.
+            pg.stop().await;
+            bail!(
+                "bin/pg-dev start failed ({}); set --database-url to use an existing PostgreSQL",
+                out.status
+            );
+        }
+        Ok(pg)
+    }
+
+    async fn stop(&self) {
+        tracing::info!(dir = %self.dir.display(), "stopping the throwaway PostgreSQL");
+        let r = tokio::process::Command::new(&self.script)
+            .arg("stop")
+            .env("PGDEV_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .await;
+        match r {
+            Ok(s) if s.success() => {}
+            Ok(s) => tracing::error!(
+                "bin/pg-dev stop exited with {s}; stop it by hand: PGDEV_DIR={} {} stop",
+                self.dir.display(),
+                self.script.display()
+            ),
+            Err(e) => tracing::error!("running bin/pg-dev stop: {e}"),
+        }
+    }
+}
+
+/// `bin/pg-dev` under the current directory, or beside the checkout the
+/// binary was built in (`target/<profile>/marketcast` -> `../../bin`).
+fn find_pg_dev() -> Result<PathBuf> {
+    let mut tried = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        tried.push(cwd.join("bin/pg-dev"));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(root) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+            tried.push(root.join("bin/pg-dev"));
+        }
+    }
+    match tried.iter().find(|p| p.is_file()) {
+        Some(p) => Ok(p.clone()),
+        None => bail!(
+            "no --database-url given and bin/pg-dev not found (looked at {:?}); \
+             run from the marketcast checkout or pass --database-url",
+            tried
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_in_basis_points() {
+        assert_eq!(bp_price(6300), "0.6300");
+        assert_eq!(bp_price(5), "0.0005");
+        assert_eq!(bp_price(0), "0.0001");
+        assert_eq!(bp_price(10_000), "0.9999");
+    }
+
+    #[test]
+    fn host_header_ports() {
+        assert_eq!(strip_port("example.org:8080"), "example.org");
+        assert_eq!(strip_port("example.org"), "example.org");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("192.168.1.5:80"), "192.168.1.5");
+    }
+}
