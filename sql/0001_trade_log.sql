@@ -189,6 +189,18 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION marketcast_prune(timestamptz) FROM PUBLIC;
 
+-- The writer's batch path locks every market of a batch in id order before its
+-- one INSERT (see src/writer.rs). SELECT ... FOR UPDATE needs UPDATE privilege,
+-- which marketcast_writer must not have, so a writer connected as a login role
+-- holding only that group failed every batch (42501) and fell back to one
+-- transaction per trade. The lock is taken here instead, with the owner's rights;
+-- it gives the writer nothing it could not already do by inserting a trade.
+CREATE FUNCTION marketcast_lock_markets(ids text[]) RETURNS TABLE (id text, status text)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+    SELECT m.id, m.status FROM markets m WHERE m.id = ANY (ids) ORDER BY m.id FOR UPDATE
+$$;
+REVOKE ALL ON FUNCTION marketcast_lock_markets(text[]) FROM PUBLIC;
+
 -- Group roles (cluster-wide, so they may already exist from another database).
 DO $$
 BEGIN
@@ -209,3 +221,4 @@ REVOKE ALL ON markets, trades, marketcast_config FROM PUBLIC;
 GRANT SELECT ON marketcast_config TO marketcast_writer, marketcast_broadcaster;
 GRANT SELECT, INSERT ON markets, trades TO marketcast_writer;
 GRANT SELECT ON markets, trades TO marketcast_broadcaster;
+GRANT EXECUTE ON FUNCTION marketcast_lock_markets(text[]) TO marketcast_writer;

@@ -804,7 +804,9 @@ impl Batcher {
         let work = async {
             let tx = c.transaction().await?;
             // Lock every market row in id order first: the trigger's UPDATEs
-            // then never wait, and two batches can never deadlock.
+            // then never wait, and two batches can never deadlock. Through the
+            // SECURITY DEFINER function, because a plain SELECT ... FOR UPDATE
+            // needs UPDATE privilege, which marketcast_writer does not have.
             let ids: Vec<&str> = trades
                 .iter()
                 .map(|t| t.market.as_str())
@@ -813,7 +815,7 @@ impl Batcher {
                 .collect();
             let rows = tx
                 .query(
-                    "SELECT id, status FROM markets WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                    "SELECT id, status FROM marketcast_lock_markets($1)",
                     &[&ids],
                 )
                 .await?;
