@@ -111,7 +111,12 @@ impl DemoConfig {
 /// stopped before returning, whatever happened in between.
 pub async fn run(cfg: DemoConfig, shutdown: CancellationToken) -> Result<()> {
     let Some(url) = cfg.database_url.clone() else {
-        let pg = PgDev::start(&cfg.pg_dev_dir).await?;
+        let pg = match PgDev::start(&cfg.pg_dev_dir).await {
+            Ok(pg) => pg,
+            // Ctrl-C while pg-dev was starting reaches pg-dev too, which then fails.
+            Err(_) if shutdown.is_cancelled() => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let r = if shutdown.is_cancelled() {
             Ok(())
         } else {

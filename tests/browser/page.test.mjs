@@ -13,7 +13,7 @@
 //   3. after the WebSocket drops, the page resumes with from_seq and a trade
 //      committed meanwhile arrives, with no gap reported;
 //   4. a reload replays the history into the tape and the chart;
-//   5. the page fits a phone's width;
+//   5. the page fits a phone's width, and its gap check fires on a forged gap;
 //   6. SIGINT stops the demo with exit code 0.
 // Screenshots go to artifacts/. The last line is `1 passed, 0 failed` or
 // `0 passed, 1 failed` (exit 1).
@@ -229,6 +229,14 @@ async function run(ctx) {
 
   check((await page.$$('[data-testid="gap-error"]')).length === 0, "the page reported a gap");
   check(pageErrors.length === 0, `page errors: ${pageErrors.join("; ")}`);
+
+  // The gap check above is real: a trade that skips a seq is reported.
+  await page.evaluate(([m]) => {
+    const last = S.markets.get(m).lastSeq;
+    onMessage({ type: "trade", market: m, seq: last + 2, trade_id: 0, side: "yes", price: "0.5000", qty: 1, ts: "" });
+  }, [market]);
+  const gap = await page.textContent('[data-testid="gap-error"]');
+  check(gap.includes(`expected seq ${seq3 + 1}, got ${seq3 + 2}`), `gap report: ${JSON.stringify(gap)}`);
 
   // 6. SIGINT: everything stops, exit code 0.
   await browser.close();
