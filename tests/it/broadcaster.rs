@@ -251,7 +251,7 @@ async fn slow_consumer_is_closed_with_4000_and_resumes_without_loss() {
             .unwrap();
     subscribe(&mut slow, "S", Some(0)).await;
 
-    let n = 60_000;
+    let n = 25_000;
     let closes = || async {
         let (_, body) = http_raw("GET", &format!("{}/metrics", b.http()), &[], None)
             .await
