@@ -13,8 +13,11 @@
 //! - `broadcaster`: the WebSocket surface and the delivery guarantee: replay,
 //!   replay-to-live handoff, forged notifications, LISTEN loss, slow
 //!   consumers, limits, shutdown.
+//! - `resilience`: a Postgres restart (own cluster) and a broadcaster replaced
+//!   under the reference client.
 
 mod broadcaster;
+mod resilience;
 mod sql;
 mod support;
 mod writer;
