@@ -240,3 +240,38 @@ pub struct DemoArgs {
     #[arg(long, env = "MARKETCAST_DEMO_RATE", default_value_t = 4.0)]
     pub rate: f64,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// docs/OPERATIONS.md lists every option and its environment variable.
+    #[test]
+    fn every_option_is_documented() {
+        let doc = include_str!("../docs/OPERATIONS.md");
+        let cli = super::Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if matches!(long, "help" | "version") {
+                    continue;
+                }
+                if !doc.contains(&format!("`--{long}")) {
+                    missing.push(format!("{} --{long}", sub.get_name()));
+                }
+                if let Some(env) = arg.get_env() {
+                    let env = env.to_string_lossy();
+                    let short = env.rsplit('_').next().unwrap_or("");
+                    if !doc.contains(&*env) && !doc.contains(&format!("_{short}`")) {
+                        missing.push(format!("{} {env}", sub.get_name()));
+                    }
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "undocumented in docs/OPERATIONS.md: {missing:?}"
+        );
+    }
+}
