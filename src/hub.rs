@@ -187,10 +187,13 @@ pub mod core {
         }
 
         /// Trades with `after < seq <= upto`, if the ring holds `after + 1`.
-        /// None means the range starts before the ring: read the log.
+        /// None means the range starts outside the ring: before it (evicted),
+        /// or after it (committed, and known to a session that read the head
+        /// from the database, but not yet published here): read the log.
         pub fn range(&self, after: i64, upto: i64) -> Option<Vec<EncodedTrade>> {
             let first = self.first_seq()?;
-            if after + 1 < first {
+            let last = self.items.back()?.seq;
+            if after + 1 < first || after + 1 > last {
                 return None;
             }
             let skip = (after + 1 - first) as usize;
@@ -630,7 +633,16 @@ mod tests {
         assert_eq!(r.range(1, 5).map(|v| seqs(&v)), None, "2 fell out");
         assert_eq!(r.range(2, 5).map(|v| seqs(&v)), Some(vec![3, 4, 5]));
         assert_eq!(r.range(3, 4).map(|v| seqs(&v)), Some(vec![4]));
-        assert_eq!(r.range(5, 9).map(|v| seqs(&v)), Some(vec![]));
+        assert_eq!(
+            r.range(4, 9).map(|v| seqs(&v)),
+            Some(vec![5]),
+            "partial: the rest comes from the log"
+        );
+        assert_eq!(
+            r.range(5, 9).map(|v| seqs(&v)),
+            None,
+            "6 is not here yet: read the log, never an empty page"
+        );
         r.push(t(9));
         assert_eq!(r.first_seq(), Some(9), "a jump restarts the ring");
     }
