@@ -4,7 +4,9 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PGDEV_DIR ?= /tmp/marketcast-pg-dev
 
-.PHONY: all build run test browser-test unit bench fmt clippy pg-start pg-stop clean
+
+.PHONY: bench-sql
+.PHONY: all build run test browser-test unit bench bench-sql bench-quick fmt clippy pg-start pg-stop clean
 
 all: build
 
@@ -42,11 +44,24 @@ browser-test:
 	fi; \
 	node tests/browser/page.test.mjs
 
+# Plain-SQL inserts/s with and without the trigger's NOTIFY (pgbench).
+bench-sql:
+	bench/sql-inserts.sh
+
 unit:
 	$(CARGO) test --lib
 
+# Benchmarks (issue 5: S1 latency, S2 fan-out, S5 writes, with a raw
+# baseline) against their own throwaway Postgres in /tmp/marketcast-bench-pg.
+# `bench` writes docs/BENCHMARKS.md (about 4 minutes; quote medians of 3 runs:
+# BENCH_ARGS="--runs 3"); `bench-quick` is a small smoke run whose report goes
+# to target/bench-quick.md.
+BENCH_ARGS ?=
 bench: build
-	./target/release/marketcast-bench
+	./target/release/marketcast-bench $(BENCH_ARGS)
+
+bench-quick: build
+	./target/release/marketcast-bench --quick $(BENCH_ARGS)
 
 fmt:
 	$(CARGO) fmt --all
