@@ -5,7 +5,6 @@ CARGO ?= cargo
 export PGDEV_DIR ?= /tmp/marketcast-pg-dev
 
 
-.PHONY: bench-sql
 .PHONY: all build run test browser-test unit bench bench-sql bench-quick fmt clippy pg-start pg-stop clean
 
 all: build
