@@ -20,6 +20,9 @@ pub struct SubscribeConfig {
     pub reconnect_max: Duration,
 }
 
+/// While replaying a backlog, log progress every this many trades (stderr).
+const PROGRESS_EVERY: i64 = 10_000;
+
 /// Error codes after which retrying cannot help.
 const FATAL: &[&str] = &[
     "unknown_market",
@@ -37,6 +40,8 @@ pub async fn run(
     let mut last: Option<i64> = cfg.from_seq;
     let mut printed: u64 = 0;
     let mut backoff = Duration::from_millis(100);
+    let started = std::time::Instant::now();
+    let mut catch_up: Option<i64> = None;
     loop {
         let mut url = url::Url::parse(&cfg.url).context("subscribe URL")?;
         url.query_pairs_mut()
@@ -77,6 +82,11 @@ pub async fn run(
                             }
                         }
                         last = Some(seq);
+                        if catch_up.is_some_and(|h| seq % PROGRESS_EVERY == 0 && seq < h) {
+                            let h = catch_up.unwrap_or(seq);
+                            let rate = printed as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                            tracing::info!(seq, head_seq = h, trades_per_sec = rate as u64, "replaying backlog");
+                        }
                         writeln!(out, "{text}")?;
                         out.flush()?;
                         printed += 1;
@@ -86,9 +96,12 @@ pub async fn run(
                         }
                     }
                     Some("subscribed") => {
+                        let head = v.get("head_seq").and_then(Value::as_i64);
                         if last.is_none() {
-                            last = v.get("head_seq").and_then(Value::as_i64);
+                            last = head;
                         }
+                        // A backlog worth reporting progress on.
+                        catch_up = head.filter(|h| *h - last.unwrap_or(*h) > PROGRESS_EVERY);
                         tracing::info!(market = %cfg.market, head_seq = ?v.get("head_seq"), from = ?last, "subscribed");
                     }
                     Some("error") => {
