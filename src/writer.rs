@@ -387,6 +387,11 @@ impl Writer {
                 "title is over {MAX_TITLE_BYTES} bytes"
             )));
         }
+        // Valid JSON ("\u0000"), but Postgres text cannot hold NUL: left to the
+        // database it is a 22021 error, answered 500 instead of 422.
+        if title.contains('\0') {
+            return Err(ApiError::invalid("title must not contain NUL"));
+        }
         let work = async {
             let c = self.pool.get().await?;
             let sql = format!(
@@ -586,6 +591,12 @@ impl NewTrade {
                         "{k} must be 1 to {MAX_ID_BYTES} bytes"
                     )));
                 }
+                // Postgres text cannot hold NUL: refused here it is a 422 for
+                // this request alone, instead of a 22021 that fails the whole
+                // batch and then answers this request 500.
+                if v.contains('\0') {
+                    return Err(ApiError::invalid(format!("{k} must not contain NUL")));
+                }
             }
         }
         Ok(NewTrade {
@@ -697,6 +708,12 @@ impl Batcher {
                         ..
                     },
                 ) => trades.iter().map(|_| Err(e.clone())).collect(),
+                // The connection died during COMMIT: the batch may well have
+                // committed, so redoing it one by one could commit every trade
+                // without a client_order_id twice. Tell each request the truth.
+                Err(e) if e.code == "outcome_unknown" => {
+                    trades.iter().map(|_| Err(e.clone())).collect()
+                }
                 Err(e) => {
                     tracing::info!(error = %e.message, n = trades.len(), "batch insert failed, retrying one trade per transaction");
                     let mut out = Vec::with_capacity(trades.len());
