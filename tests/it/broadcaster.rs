@@ -202,7 +202,11 @@ async fn forged_and_garbage_notifications_never_reach_a_client() {
 async fn listen_connection_loss_loses_nothing() {
     let db = TestDb::new().await;
     db.market("L").await;
-    let b = broadcaster(broadcaster_config(&db)).await;
+    let mut cfg = broadcaster_config(&db);
+    // No periodic reconcile during the test: what was committed while LISTEN
+    // was down must come from the re-read that follows re-LISTEN.
+    cfg.reconcile_interval = Duration::from_secs(600);
+    let b = broadcaster(cfg).await;
     let mut ws = connect_ws(&b.ws()).await;
     subscribe(&mut ws, "L", Some(0)).await;
     db.trades("L", 3).await;
@@ -210,6 +214,14 @@ async fn listen_connection_loss_loses_nothing() {
     let c = db.client().await;
     let mut next = 4;
     for round in 0..3 {
+        // Wait for the listener to be (back) in place, then cut it.
+        tokio::time::timeout(WAIT, async {
+            while listeners(&c).await != 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the LISTEN connection comes back");
         let killed: i64 = c
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'marketcast-listener' AND datname = current_database()",
@@ -227,6 +239,16 @@ async fn listen_connection_loss_loses_nothing() {
     db.trades("L", 1).await;
     expect_trades(&mut ws, "L", next, next).await;
     b.stop().await;
+}
+
+async fn listeners(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'marketcast-listener' AND datname = current_database()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

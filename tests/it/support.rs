@@ -62,7 +62,7 @@ impl TestDb {
             .get_or_init(|| async {
                 let name = format!("mc_tpl_{}", std::process::id());
                 let a = admin().await;
-// CREATE DATABASE cannot share a (multi-statement) transaction.
+                // CREATE DATABASE cannot share a (multi-statement) transaction.
                 a.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
                     .await
                     .unwrap();
@@ -350,10 +350,8 @@ pub async fn expect_trades(ws: &mut Ws, market: &str, from: i64, to: i64) -> Vec
 
 /// Assert nothing arrives for `d` (used after the exact expected sequence).
 pub async fn expect_silence(ws: &mut Ws, d: Duration) {
-    if let Ok(Some(Ok(m))) = tokio::time::timeout(d, ws.next()).await {
-        if let Message::Text(t) = &m {
-            panic!("unexpected message: {t}");
-        }
+    if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(d, ws.next()).await {
+        panic!("unexpected message: {t}");
     }
 }
 
