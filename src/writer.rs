@@ -40,6 +40,8 @@ pub const MAX_TRADES_PAGE: i64 = 1000;
 pub const MAX_ID_BYTES: usize = 128;
 /// Longest accepted market title, in bytes.
 pub const MAX_TITLE_BYTES: usize = 1024;
+/// Extra time a COMMIT may take past the request deadline.
+const COMMIT_GRACE: Duration = Duration::from_millis(500);
 /// Trade requests waiting for the batcher; when full, new ones get 503.
 const QUEUE_CAPACITY: usize = 10_000;
 
@@ -769,13 +771,13 @@ impl Batcher {
             }
         };
         match res {
-            Ok(trade) => match tx.commit().await {
+            Ok(trade) => match bounded_commit(tx, deadline).await {
                 Ok(()) => vec![Ok((StatusCode::CREATED, trade))],
-                Err(e) => vec![Err(commit_failed(e))],
+                Err(e) => vec![Err(e)],
             },
             Err(e) if e.code() == Some("23505") => {
                 drop(tx); // rolls back
-                vec![self.existing(t).await]
+                vec![self.existing(t, deadline).await]
             }
             Err(e) => vec![Err(e.into())],
         }
@@ -790,7 +792,7 @@ impl Batcher {
     }
 
     /// The original trade of a retried client_order_id.
-    async fn existing(&self, t: &NewTrade) -> Outcome {
+    async fn existing(&self, t: &NewTrade, deadline: Instant) -> Outcome {
         let work = async {
             let c = self.pool.get().await?;
             let sql = format!(
@@ -798,7 +800,8 @@ impl Batcher {
             );
             Ok::<_, DbError>(c.query_opt(&sql, &[&t.market, &t.client_order_id]).await?)
         };
-        match tokio::time::timeout(self.timeout, work)
+        // A read: timing out here commits nothing, so 503 stays truthful.
+        match tokio::time::timeout_at(deadline.into(), work)
             .await
             .map_err(DbError::from)?
         {
@@ -943,7 +946,7 @@ impl Batcher {
                 return Err(ApiError::unavailable("timed out"));
             }
         };
-        tx.commit().await.map_err(commit_failed)?;
+        bounded_commit(tx, deadline).await?;
         for (i, first) in dup_of {
             outcomes[i] = Some(match &outcomes[first] {
                 Some(Ok((_, t))) => Ok((StatusCode::OK, t.clone())),
@@ -979,6 +982,24 @@ fn cancel_in_background(cancel: tokio_postgres::CancelToken) {
             tracing::debug!(error = %e, "could not cancel a timed-out statement");
         }
     });
+}
+
+/// COMMIT, bounded too: "never a hang". Past the request deadline (plus a
+/// grace period: a COMMIT is normally a WAL flush) the outcome is unknown, and
+/// the answer says so rather than 503.
+async fn bounded_commit(
+    tx: deadpool_postgres::Transaction<'_>,
+    deadline: Instant,
+) -> Result<(), ApiError> {
+    match tokio::time::timeout_at((deadline + COMMIT_GRACE).into(), tx.commit()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(commit_failed(e)),
+        Err(_) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "outcome_unknown",
+            "the database did not confirm the commit in time, the outcome is unknown; retry with the same client_order_id",
+        )),
+    }
 }
 
 /// A COMMIT that failed: if the server answered, nothing committed; if the
