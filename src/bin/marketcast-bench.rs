@@ -19,8 +19,9 @@
 //!   the trade's `ts` (set by the trigger, so it includes the commit). Every
 //!   client checks gapless seq for its market: lost, duplicated and reordered
 //!   frames must be 0.
-//! - **S2 fan-out**: M subscribers on one market, the trade rate doubled every
-//!   step until p99 exceeds the bound (100 ms) or the rate is not reached; the
+//! - **S2 fan-out**: M subscribers on one market, the trade rate raised every
+//!   step (25, 50, 75, 100, 150, 200, 300, ... trades/s) until p99 exceeds the
+//!   bound (100 ms) or the rate is not reached; the
 //!   figure is the highest delivered frames/s of a passing step. Frames not
 //!   delivered by the end of a step's drain gap count as infinitely late.
 //! - **Raw baseline** for S1 and S2: a minimal WebSocket fan-out with no
@@ -80,8 +81,9 @@ const MARKETS: usize = 10;
 const WARMUP: Duration = Duration::from_secs(2);
 /// S2: the pause after each step in which its frames may still arrive.
 const S2_GAP: Duration = Duration::from_secs(2);
-/// S2: first step's rate (doubled each step) and the highest tried.
-const S2_FIRST_RATE: u32 = 50;
+/// S2: the rate ladder is S2_BASE_RATE x 1, 2, 3, 4, 6, 8, 12, 16, ... (steps
+/// of x1.5 and x1.33) up to S2_MAX_RATE.
+const S2_BASE_RATE: u32 = 25;
 const S2_MAX_RATE: u32 = 51_200;
 /// A step "reaches" its rate when at least this share of it was committed.
 const RATE_REACHED: f64 = 0.9;
@@ -124,9 +126,9 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     sql_writers: usize,
     /// Repeat each scenario this many times and report the median of each figure
-    /// (the maximum for lost/duplicated/reordered). Quote medians of 3 runs.
-    #[arg(long, default_value_t = 1)]
-    runs: usize,
+    /// (the maximum for lost/duplicated/reordered) [default: 3, --quick 1].
+    #[arg(long)]
+    runs: Option<usize>,
     /// Small and fast: 200 subscribers, 500 trades/s, 5 s.
     #[arg(long)]
     quick: bool,
@@ -153,6 +155,7 @@ struct Settings {
     s5_clients: usize,
     sql_writers: usize,
     runs: usize,
+    quick: bool,
     baseline: bool,
     report: PathBuf,
 }
@@ -182,7 +185,8 @@ impl Settings {
             s2_bound_us: a.s2_bound_ms * 1000,
             s5_clients: a.s5_clients,
             sql_writers: a.sql_writers,
-            runs: a.runs,
+            runs: a.runs.unwrap_or(if q { 1 } else { 3 }),
+            quick: q,
             baseline: !a.no_baseline,
             report: a.report.clone().unwrap_or_else(|| {
                 PathBuf::from(if q {
@@ -575,6 +579,7 @@ async fn bench(
         client_rt,
         feed_rt,
     };
+    let load_before = loadavg();
     let results = scenarios(&env).await;
     stop.cancel();
     for (name, h) in [("broadcaster", b_task), ("writer", w_task)] {
@@ -595,7 +600,14 @@ async fn bench(
     for l in &lines {
         println!("{l}");
     }
-    let machine = machine_info(&pg_version);
+    let mut machine = machine_info(&pg_version);
+    machine.push((
+        "load average (1/5/15 min) before / after",
+        format!(
+            "{load_before} / {}; other work on the machine skews results",
+            loadavg()
+        ),
+    ));
     write_report(set, &machine, &table, &lines)?;
     println!("report written to {}", set.report.display());
     Ok(ok)
@@ -1650,17 +1662,29 @@ async fn s1(env: &Env, run: usize, target: Target) -> Result<Rec> {
     ])
 }
 
-fn s2_rates() -> Vec<u32> {
-    std::iter::successors(Some(S2_FIRST_RATE), |r| r.checked_mul(2))
-        .take_while(|r| *r <= S2_MAX_RATE)
-        .collect()
+/// The S2 ladder; `coarse` (--quick) doubles every step instead.
+fn s2_rates(coarse: bool) -> Vec<u32> {
+    let mut rates: Vec<u32> = (0..16)
+        .flat_map(|a| {
+            if coarse {
+                vec![1u32 << a]
+            } else {
+                vec![1u32 << a, 3u32 << a]
+            }
+        })
+        .map(|f| f * S2_BASE_RATE)
+        .filter(|r| *r <= S2_MAX_RATE)
+        .collect();
+    rates.sort_unstable();
+    rates.dedup();
+    rates
 }
 
 async fn s2(env: &Env, run: usize, target: Target) -> Result<S2Result> {
     let set = &env.set;
     let m = set.s2_subscribers;
     let markets = make_markets(env, target, &format!("s2-r{run}-{}", target.name()), 1).await?;
-    let rates = s2_rates();
+    let rates = s2_rates(set.quick);
     let period = set.s2_step + S2_GAP;
     let meter = Arc::new(Meter::new(rates.len(), period));
     let fleet = connect_fleet(env, target, &markets, m, meter.clone()).await?;
@@ -1685,7 +1709,9 @@ async fn s2(env: &Env, run: usize, target: Target) -> Result<S2Result> {
             end: start + set.s2_step,
             meter: meter.clone(),
         };
-        total.merge(feed(env, target, plan).await?);
+        let out = feed(env, target, plan).await?;
+        let rows_per_insert = out.committed as f64 / out.statements.max(1) as f64;
+        total.merge(out);
         tokio::time::sleep_until((start + period).into()).await;
         let committed = total.by_phase[k][0];
         let expected = committed * m as u64;
@@ -1699,7 +1725,7 @@ async fn s2(env: &Env, run: usize, target: Target) -> Result<S2Result> {
         let lat_ok = p99 <= set.s2_bound_us as f64;
         let pass = rate_ok && lat_ok;
         eprintln!(
-            "  step {rate}/s: committed {achieved:.0}/s, {fps:.0} frames/s, p50 {} ms, p99 {} ms, undelivered {undelivered}{}",
+            "  step {rate}/s: committed {achieved:.0}/s ({rows_per_insert:.1}/INSERT), {fps:.0} frames/s, p50 {} ms, p99 {} ms, undelivered {undelivered}{}",
             num(p50 / 1000.0),
             num(p99 / 1000.0),
             if pass { "" } else if !rate_ok { "  <- rate not reached" } else { "  <- p99 over the bound" }
@@ -1707,6 +1733,7 @@ async fn s2(env: &Env, run: usize, target: Target) -> Result<S2Result> {
         steps.push(json!({
             "rate": rate,
             "committed_per_s": round3(achieved),
+            "rows_per_insert": round3(rows_per_insert),
             "frames_per_s": round3(fps),
             "p50_ms": json_num(p50 / 1000.0),
             "p99_ms": json_num(p99 / 1000.0),
@@ -2198,6 +2225,12 @@ impl Results {
     }
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 fn machine_info(pg_version: &str) -> Vec<(&'static str, String)> {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get().to_string())
@@ -2323,7 +2356,8 @@ const METHOD: &str = "## Method
   measured. Each client checks seq is gapless per market: lost, duplicated
   and reordered must be 0. `undrained`: trades a client had not received 15 s
   after the feed stopped.
-- S2: one market, rate doubled every step from 50 trades/s; a step passes
+- S2: one market, the rate raised every step (25, 50, 75, 100, 150, 200,
+  300, ... trades/s, 5 s each, 2 s gap between steps); a step passes
   when at least 90 % of its rate was committed and p99 (counting frames not
   delivered within the 2 s gap after the step as infinitely late) is within
   the bound. The figure is the passing step with the highest rate.
