@@ -460,8 +460,7 @@ impl Hub {
                             m.shared.head.store(m.core.head(), Ordering::Release);
                             let now = now_micros();
                             for t in applied.publish {
-                                metrics::histogram!("marketcast_commit_to_send_seconds")
-                                    .record((now - t.ts_micros).max(0) as f64 / 1e6);
+                                COMMIT_TO_SEND.record((now - t.ts_micros).max(0) as f64 / 1e6);
                                 // Err means no receiver right now: nobody to tell.
                                 let _ = m.shared.tx.send(t);
                             }
@@ -526,6 +525,11 @@ impl Hub {
         });
     }
 }
+
+/// Resolved once (the macro looks the metric up on every call); the hub starts
+/// after `metrics::install`.
+static COMMIT_TO_SEND: std::sync::LazyLock<metrics::Histogram> =
+    std::sync::LazyLock::new(|| metrics::histogram!("marketcast_commit_to_send_seconds"));
 
 fn now_micros() -> i64 {
     std::time::SystemTime::now()

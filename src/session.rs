@@ -26,7 +26,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -54,6 +54,16 @@ const WRITE_BATCH_FRAMES: usize = 512;
 /// How long a closing connection may take to get its Close frame out (a slow
 /// consumer that starts reading again still learns why it was closed).
 const CLOSE_LINGER: Duration = Duration::from_secs(10);
+
+// Handles resolved once: the `counter!` macro looks the metric up in the
+// registry on every call, too slow for once-per-write. Only touched by
+// sessions, which start after `metrics::install`.
+static FRAMES_SENT: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!("marketcast_ws_frames_sent_total"));
+static BYTES_SENT: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!("marketcast_ws_bytes_sent_total"));
+static WRITES: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!("marketcast_ws_writes_total"));
 
 /// What every session shares.
 pub struct SessionCtx {
@@ -262,7 +272,9 @@ pub async fn run(
         w,
         out: Vec::new(),
         subs: HashMap::new(),
+        ids: HashMap::new(),
         live: StreamMap::new(),
+        next_id: 0,
         conn_id,
     };
     if over_limit {
@@ -406,6 +418,7 @@ async fn read_loop(
 
 /// One subscription's position.
 struct Sub {
+    market: String,
     shared: Arc<MarketShared>,
     /// Next seq owed to the client.
     next: i64,
@@ -425,10 +438,17 @@ struct Writer {
     w: tokio::io::WriteHalf<TokioIo<Upgraded>>,
     /// Frames waiting for the next write.
     out: Vec<Bytes>,
-    subs: HashMap<String, Sub>,
-    live: StreamMap<String, BroadcastStream<EncodedTrade>>,
+    /// Subscriptions by a small per-connection id: the live stream yields
+    /// the key with every frame, and an integer costs nothing to copy.
+    subs: HashMap<SubId, Sub>,
+    /// Market name -> id, for ops.
+    ids: HashMap<String, SubId>,
+    live: StreamMap<SubId, BroadcastStream<EncodedTrade>>,
+    next_id: SubId,
     conn_id: u64,
 }
+
+type SubId = u32;
 
 impl Writer {
     async fn run(
@@ -469,20 +489,20 @@ impl Writer {
                             return Ok(());
                         }
                     },
-                    Some((market, item)) = self.live.next(), if !self.live.is_empty() => {
-                        self.on_live(&market, item).await?;
+                    Some((id, item)) = self.live.next(), if !self.live.is_empty() => {
+                        self.on_live(id, item).await?;
                         // Coalesce: take whatever else is already queued.
                         while self.out.len() < WRITE_BATCH_FRAMES {
                             match self.live.next().now_or_never() {
-                                Some(Some((market, item))) => self.on_live(&market, item).await?,
+                                Some(Some((id, item))) => self.on_live(id, item).await?,
                                 _ => break,
                             }
                         }
                     }
                     _ = retry.tick() => {
-                        let pending: Vec<String> = self.subs.iter().filter(|(_, s)| s.next <= s.want).map(|(k, _)| k.clone()).collect();
-                        for m in pending {
-                            self.fill(&m).await?;
+                        let pending: Vec<SubId> = self.subs.iter().filter(|(_, s)| s.next <= s.want).map(|(k, _)| *k).collect();
+                        for id in pending {
+                            self.fill(id).await?;
                         }
                     }
                     _ = ping.tick() => {
@@ -515,9 +535,9 @@ impl Writer {
         let fut = write_all_vectored(&mut self.w, &frames, &mut written);
         match tokio::time::timeout(self.ctx.cfg.write_timeout, fut).await {
             Ok(Ok(writes)) => {
-                metrics::counter!("marketcast_ws_frames_sent_total").increment(frames.len() as u64);
-                metrics::counter!("marketcast_ws_bytes_sent_total").increment(bytes as u64);
-                metrics::counter!("marketcast_ws_writes_total").increment(writes);
+                FRAMES_SENT.increment(frames.len() as u64);
+                BYTES_SENT.increment(bytes as u64);
+                WRITES.increment(writes);
                 // Reuse the allocation unless a burst grew it.
                 let mut frames = frames;
                 frames.clear();
@@ -563,9 +583,8 @@ impl Writer {
                 self.out.push(json_frame(&Value::Object(m)));
             }
             Op::Unsubscribe { market, id } => {
-                if self.subs.remove(&market).is_some() {
-                    self.live.remove(&market);
-                    metrics::gauge!("marketcast_subscriptions").decrement(1.0);
+                if let Some(&sid) = self.ids.get(&market) {
+                    self.end_sub(sid);
                     let mut m = json!({"type": "unsubscribed", "market": market});
                     if let Some(id) = id {
                         m["id"] = id;
@@ -606,7 +625,7 @@ impl Writer {
         id: Option<Value>,
     ) -> Result<(), ErrorReply> {
         let err = |code, msg: String| ErrorReply::new(id.clone(), code, msg);
-        if self.subs.contains_key(market) {
+        if self.ids.contains_key(market) {
             return Err(err(
                 "already_subscribed",
                 format!("already subscribed to {market}; unsubscribe first to change from_seq"),
@@ -701,25 +720,42 @@ impl Writer {
         // Everything the hub publishes from now on reaches `rx`; everything it
         // published before is at most shared.head() and is filled below.
         let want = head.max(shared.head());
-        self.subs
-            .insert(market.to_string(), Sub { shared, next, want });
-        self.live
-            .insert(market.to_string(), BroadcastStream::new(rx));
+        let sid = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.subs.insert(
+            sid,
+            Sub {
+                market: market.to_string(),
+                shared,
+                next,
+                want,
+            },
+        );
+        self.ids.insert(market.to_string(), sid);
+        self.live.insert(sid, BroadcastStream::new(rx));
         metrics::gauge!("marketcast_subscriptions").increment(1.0);
         tracing::debug!(conn = self.conn_id, market, next, head, "subscribed");
-        match self.fill(market).await {
+        match self.fill(sid).await {
             Ok(()) => Ok(()),
             // The socket failed mid-fill; the run loop's next flush sees it.
             Err(_) => Ok(()),
         }
     }
 
+    fn end_sub(&mut self, sid: SubId) {
+        if let Some(sub) = self.subs.remove(&sid) {
+            self.ids.remove(&sub.market);
+            self.live.remove(&sid);
+            metrics::gauge!("marketcast_subscriptions").decrement(1.0);
+        }
+    }
+
     async fn on_live(
         &mut self,
-        market: &str,
+        sid: SubId,
         item: Result<EncodedTrade, tokio_stream::wrappers::errors::BroadcastStreamRecvError>,
     ) -> Result<(), End> {
-        let Some(sub) = self.subs.get_mut(market) else {
+        let Some(sub) = self.subs.get_mut(&sid) else {
             return Ok(());
         };
         match item {
@@ -734,7 +770,7 @@ impl Writer {
                 // Ahead of what the client has: fill in order first; the ring
                 // already holds this trade, so the fill includes it.
                 sub.want = sub.want.max(t.seq);
-                self.fill(market).await
+                self.fill(sid).await
             }
             // The live queue overflowed for this subscriber (it is slower than
             // the market). Nothing to do now: the next trade received is above
@@ -744,11 +780,13 @@ impl Writer {
     }
 
     /// Send `next..=want` from the ring or the log, a page at a time.
-    async fn fill(&mut self, market: &str) -> Result<(), End> {
+    async fn fill(&mut self, sid: SubId) -> Result<(), End> {
         loop {
-            let Some(sub) = self.subs.get(market) else {
+            let Some(sub) = self.subs.get(&sid) else {
                 return Ok(());
             };
+            let market = sub.market.clone();
+            let market = market.as_str();
             if sub.next > sub.want {
                 return Ok(());
             }
@@ -785,9 +823,7 @@ impl Writer {
                 // The log no longer has `after + 1` (pruned meanwhile): the
                 // guarantee cannot be kept for this subscription.
                 let earliest = page.first().map(|t| t.seq).unwrap_or(upto + 1);
-                self.subs.remove(market);
-                self.live.remove(market);
-                metrics::gauge!("marketcast_subscriptions").decrement(1.0);
+                self.end_sub(sid);
                 self.out.push(
                     ErrorReply::new(
                         None,
@@ -804,7 +840,7 @@ impl Writer {
             }
             metrics::counter!("marketcast_replayed_trades_total", "source" => source)
                 .increment(page.len() as u64);
-            let sub = self.subs.get_mut(market).expect("checked above");
+            let sub = self.subs.get_mut(&sid).expect("checked above");
             for t in page {
                 if t.seq != sub.next {
                     break; // contiguity checked per page start; defensive
