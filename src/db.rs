@@ -226,6 +226,17 @@ pub async fn earliest_seq(
     Ok(row.get(0))
 }
 
+/// Run a database step under `timeout`; running out of time is an outage
+/// like any other ([`DbError::Unavailable`]).
+pub async fn bounded<T>(
+    timeout: Duration,
+    step: impl std::future::Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    tokio::time::timeout(timeout, step)
+        .await
+        .map_err(DbError::from)?
+}
+
 /// Errors a caller branches on: the database could not be reached (retry
 /// later, answer 503 / `unavailable`) versus it answered with an error.
 #[derive(Debug, thiserror::Error)]

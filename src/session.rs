@@ -644,13 +644,11 @@ impl Writer {
             |e: db::DbError| err("unavailable", format!("database unavailable, retry: {e}"));
         let pool = &self.ctx.pool;
         let timeout = self.ctx.cfg.db.timeout;
-        let m = tokio::time::timeout(timeout, async {
+        let m = db::bounded(timeout, async {
             let c = pool.get().await?;
             db::market(&**c, market).await
         })
         .await
-        .map_err(db::DbError::from)
-        .and_then(|r| r)
         .map_err(unavailable)?
         .ok_or_else(|| err("unknown_market", format!("no market named {market}")))?;
         if !self.ctx.shards.contains(&(m.shard as u32)) {
@@ -692,13 +690,11 @@ impl Writer {
                 .first_seq()
                 .is_none_or(|f| f > next)
         {
-            let earliest = tokio::time::timeout(timeout, async {
+            let earliest = db::bounded(timeout, async {
                 let c = pool.get().await?;
                 db::earliest_seq(&**c, market).await
             })
             .await
-            .map_err(db::DbError::from)
-            .and_then(|r| r)
             .map_err(unavailable)?;
             let earliest = earliest.unwrap_or(head + 1);
             if earliest > next {
@@ -799,13 +795,11 @@ impl Writer {
                 Some(p) => (p, "memory"),
                 None => {
                     let pool = &self.ctx.pool;
-                    let read = tokio::time::timeout(self.ctx.cfg.db.timeout, async {
+                    let read = db::bounded(self.ctx.cfg.db.timeout, async {
                         let c = pool.get().await?;
                         db::trades_after(&**c, market, after, Some(upto), page_cap as i64).await
                     })
-                    .await
-                    .map_err(db::DbError::from)
-                    .and_then(|r| r);
+                    .await;
                     match read {
                         Ok(rows) => (
                             rows.iter().map(|t| t.encode()).collect::<Vec<_>>(),

@@ -351,9 +351,7 @@ impl Writer {
                 .await?;
             Ok::<_, DbError>(rows.iter().map(Market::from_row).collect::<Vec<_>>())
         };
-        let markets = tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(DbError::from)??;
+        let markets = db::bounded(self.timeout, work).await?;
         Ok(http::json(StatusCode::OK, &json!({ "markets": markets })))
     }
 
@@ -362,10 +360,7 @@ impl Writer {
             let c = self.pool.get().await?;
             db::market(&**c, id).await
         };
-        match tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(DbError::from)??
-        {
+        match db::bounded(self.timeout, work).await? {
             Some(m) => Ok(http::json(StatusCode::OK, &m)),
             None => Err(ApiError::unknown_market(id)),
         }
@@ -404,10 +399,7 @@ impl Writer {
                 Err(e) => Err(DbError::from(e)),
             }
         };
-        match tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(DbError::from)?
-        {
+        match db::bounded(self.timeout, work).await {
             Ok(m) => Ok(http::json(StatusCode::CREATED, &m)),
             Err(e) if e.code() == Some("23505") => Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -446,9 +438,8 @@ impl Writer {
                 .await
                 .map(Some)
         };
-        let trades = tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(DbError::from)??
+        let trades = db::bounded(self.timeout, work)
+            .await?
             .ok_or_else(|| ApiError::unknown_market(id))?;
         // Each trade is already its contract JSON; splice them rather than re-parse.
         let mut out = Vec::with_capacity(16 + trades.len() * 180);
