@@ -105,18 +105,6 @@ async fn shard_of(c: &tokio_postgres::Client, market: &str) -> i32 {
         .get(0)
 }
 
-async fn seqs(c: &tokio_postgres::Client, market: &str) -> Vec<i64> {
-    c.query(
-        "SELECT seq FROM trades WHERE market_id = $1 ORDER BY seq",
-        &[&market],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
-}
-
 /// (last_seq, volume, last_price as text)
 async fn market_row(c: &tokio_postgres::Client, market: &str) -> (i64, i64, Option<String>) {
     let r = c

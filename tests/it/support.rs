@@ -142,6 +142,19 @@ impl TestDb {
     }
 }
 
+/// A market's seqs as the log holds them.
+pub async fn seqs(c: &tokio_postgres::Client, market: &str) -> Vec<i64> {
+    c.query(
+        "SELECT seq FROM trades WHERE market_id = $1 ORDER BY seq",
+        &[&market],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 /// A server running in this process on 127.0.0.1:0.
 pub struct Server {
     pub addr: SocketAddr,

@@ -93,18 +93,6 @@ async fn db_trade(c: &tokio_postgres::Client, market: &str, seq: i64) -> Value {
     })
 }
 
-async fn seqs(c: &tokio_postgres::Client, market: &str) -> Vec<i64> {
-    c.query(
-        "SELECT seq FROM trades WHERE market_id = $1 ORDER BY seq",
-        &[&market],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
-}
-
 /// One raw HTTP/1.1 exchange (`Connection: close`), for requests the hyper
 /// helper will not send: no Content-Type, chunked bodies.
 async fn raw(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, Value) {
