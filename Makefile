@@ -52,9 +52,10 @@ unit:
 
 # Benchmarks (issue 5: S1 latency, S2 fan-out, S5 writes, with a raw
 # baseline) against their own throwaway Postgres in /tmp/marketcast-bench-pg.
-# `bench` writes docs/BENCHMARKS.md (about 4 minutes; quote medians of 3 runs:
-# BENCH_ARGS="--runs 3"); `bench-quick` is a small smoke run whose report goes
-# to target/bench-quick.md.
+# `bench` runs each scenario 3 times and writes the medians to
+# docs/BENCHMARKS.md (about 9 minutes; BENCH_ARGS="--runs 1" for one pass);
+# `bench-quick` is a small smoke run (about 2 minutes) whose report goes to
+# target/bench-quick.md.
 BENCH_ARGS ?=
 bench: build
 	./target/release/marketcast-bench $(BENCH_ARGS)
