@@ -22,13 +22,12 @@ const MIGRATIONS: &[(i32, &str, &str)] =
 /// Key of the advisory lock that serialises concurrent `migrate` runs on one database.
 const MIGRATE_LOCK: i64 = 0x6d61_726b_6574_6361; // "marketca"
 
-/// The columns of a trade as clients see it, in [`Trade::from_row`] order. The
-/// timestamp is formatted by Postgres (RFC 3339, UTC, exactly six fraction
-/// digits) and price by numeric's own text form, which for numeric(5,4) always
-/// has four places: no float ever touches a price.
-pub const TRADE_COLUMNS: &str = "trade_id, market_id, seq, side, price::text, qty, \
-     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
-     (extract(epoch FROM created_at) * 1000000)::int8";
+/// The columns of a trade, in [`Trade::from_row`] order. Price comes as
+/// numeric's own text form, which for numeric(5,4) always has four places (no
+/// float ever touches a price); `created_at` comes binary and is formatted once
+/// in Rust ([`crate::trade::PgTimestamp`]), which keeps the per-row work off
+/// the database.
+pub const TRADE_COLUMNS: &str = "trade_id, market_id, seq, side, price::text, qty, created_at";
 
 /// The columns of a market, in [`Market::from_row`] order.
 pub const MARKET_COLUMNS: &str =
@@ -195,19 +194,23 @@ pub async fn market(
 }
 
 /// Trades with `after < seq <= upto` (upto None: no upper bound), in seq order,
-/// at most `limit`.
+/// at most `limit`. The hot read of the broadcaster (hub and catch-up): its
+/// statement is prepared once per pooled connection.
 pub async fn trades_after(
-    client: &impl tokio_postgres::GenericClient,
+    client: &deadpool_postgres::Client,
     market: &str,
     after: i64,
     upto: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Trade>, DbError> {
-    let sql = format!(
-        "SELECT {TRADE_COLUMNS} FROM trades WHERE market_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
-    );
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT {TRADE_COLUMNS} FROM trades WHERE market_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+        )
+    });
+    let stmt = client.prepare_cached(&SQL).await?;
     let rows = client
-        .query(&sql, &[&market, &after, &upto.unwrap_or(i64::MAX), &limit])
+        .query(&stmt, &[&market, &after, &upto.unwrap_or(i64::MAX), &limit])
         .await?;
     Ok(rows.iter().map(Trade::from_row).collect())
 }

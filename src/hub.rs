@@ -424,7 +424,7 @@ impl Hub {
         tokio::spawn(async move {
             let result = async {
                 let c = pool.get().await?;
-                let rows = db::trades_after(&**c, &market, f.after, None, page).await?;
+                let rows = db::trades_after(&c, &market, f.after, None, page).await?;
                 let full = rows.len() as i64 == page;
                 // Encoded once here, shared by every subscriber.
                 Ok((rows.iter().map(|t| t.encode()).collect(), full))

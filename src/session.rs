@@ -499,7 +499,7 @@ impl Writer {
                             }
                         }
                     }
-                    _ = retry.tick() => {
+                    _ = retry.tick(), if self.subs.values().any(|s| s.next <= s.want) => {
                         let pending: Vec<SubId> = self.subs.iter().filter(|(_, s)| s.next <= s.want).map(|(k, _)| *k).collect();
                         for id in pending {
                             self.fill(id).await?;
@@ -797,7 +797,7 @@ impl Writer {
                     let pool = &self.ctx.pool;
                     let read = db::bounded(self.ctx.cfg.db.timeout, async {
                         let c = pool.get().await?;
-                        db::trades_after(&**c, market, after, Some(upto), page_cap as i64).await
+                        db::trades_after(&c, market, after, Some(upto), page_cap as i64).await
                     })
                     .await;
                     match read {
@@ -847,7 +847,11 @@ impl Writer {
     }
 }
 
-/// Write all frames with vectored writes; returns the number of syscalls.
+/// Most slices handed to one `writev`. The array lives on the stack (no
+/// allocation per write) and inside the session's future, so it stays small;
+/// 32 frames of ~180 bytes already make one write of several KiB.
+const MAX_IOV: usize = 32;
+
 /// Write all frames with vectored writes; returns the number of syscalls.
 /// `written` counts bytes as they go out, so that a caller whose timeout
 /// cancelled this future knows where the stream stopped.
@@ -856,17 +860,33 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     frames: &[Bytes],
     written: &mut usize,
 ) -> std::io::Result<u64> {
-    let mut slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
-    let mut bufs = &mut slices[..];
+    let (mut i, mut off) = (0, 0); // first frame not fully written, bytes of it written
     let mut writes = 0;
-    while !bufs.is_empty() {
-        let n = w.write_vectored(bufs).await?;
+    while i < frames.len() {
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let mut n_iov = 0;
+        for (k, f) in frames[i..].iter().take(MAX_IOV).enumerate() {
+            iov[k] = IoSlice::new(if k == 0 { &f[off..] } else { f });
+            n_iov += 1;
+        }
+        let n = w.write_vectored(&iov[..n_iov]).await?;
         writes += 1;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         *written += n;
-        IoSlice::advance_slices(&mut bufs, n);
+        let mut left = n;
+        while left > 0 {
+            let rest = frames[i].len() - off;
+            if left >= rest {
+                left -= rest;
+                i += 1;
+                off = 0;
+            } else {
+                off += left;
+                left = 0;
+            }
+        }
     }
     Ok(writes)
 }
@@ -937,6 +957,46 @@ mod tests {
             parse_op(br#"{"op":"dance","id":3}"#).unwrap_err().id,
             Some(json!(3))
         );
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_survive_short_writes() {
+        // A writer that takes at most 7 bytes per call, across frame borders.
+        struct Dribble(Vec<u8>);
+        impl AsyncWrite for Dribble {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                b: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                let n = b.len().min(7);
+                self.0.extend_from_slice(&b[..n]);
+                std::task::Poll::Ready(Ok(n))
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        let frames: Vec<Bytes> = (0..100)
+            .map(|i| Bytes::from(format!("frame-{i};")))
+            .collect();
+        let want: Vec<u8> = frames.iter().flat_map(|f| f.to_vec()).collect();
+        let mut w = Dribble(Vec::new());
+        let mut written = 0;
+        write_all_vectored(&mut w, &frames, &mut written)
+            .await
+            .unwrap();
+        assert_eq!(w.0, want);
+        assert_eq!(written, want.len());
     }
 
     #[test]

@@ -39,6 +39,7 @@ struct TradeJson<'a> {
 impl Trade {
     /// From a row selected with [`crate::db::TRADE_COLUMNS`].
     pub fn from_row(r: &Row) -> Self {
+        let ts: PgTimestamp = r.get(6);
         Trade {
             trade_id: r.get(0),
             market: r.get(1),
@@ -46,8 +47,8 @@ impl Trade {
             side: r.get(3),
             price: r.get(4),
             qty: r.get(5),
-            ts: r.get(6),
-            ts_micros: r.get(7),
+            ts: format_ts(ts.unix_micros()),
+            ts_micros: ts.unix_micros(),
         }
     }
 
@@ -79,6 +80,38 @@ impl Trade {
             frame: text_frame(&self.to_json()),
         }
     }
+}
+
+/// A `timestamptz` in Postgres's binary form: microseconds since 2000-01-01 UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgTimestamp(pub i64);
+
+/// 2000-01-01T00:00:00Z in Unix microseconds.
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+impl PgTimestamp {
+    pub fn unix_micros(self) -> i64 {
+        self.0 + PG_EPOCH_UNIX_MICROS
+    }
+}
+
+impl<'a> tokio_postgres::types::FromSql<'a> for PgTimestamp {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let b: [u8; 8] = raw.try_into()?;
+        Ok(PgTimestamp(i64::from_be_bytes(b)))
+    }
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::TIMESTAMPTZ
+    }
+}
+
+/// RFC 3339, UTC, exactly six fraction digits and `Z`, as the contract says.
+pub fn format_ts(unix_micros: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(unix_micros.max(0) as u64);
+    humantime::format_rfc3339_micros(t).to_string()
 }
 
 /// A trade as the bytes of one server-to-client WebSocket text frame (header
@@ -163,6 +196,18 @@ mod tests {
             String::from_utf8(t().to_json()).unwrap(),
             r#"{"type":"trade","market":"ELECTION-2028","seq":1042,"trade_id":88123,"side":"yes","price":"0.6300","qty":25,"ts":"2026-11-27T05:31:02.123456Z"}"#
         );
+    }
+
+    #[test]
+    fn timestamps_format_as_the_contract_says() {
+        // 2026-11-27T05:31:02.123456Z
+        let unix = 1_795_757_462_123_456;
+        assert_eq!(format_ts(unix), "2026-11-27T05:31:02.123456Z");
+        assert_eq!(
+            format_ts(1_795_757_462_000_000),
+            "2026-11-27T05:31:02.000000Z"
+        );
+        assert_eq!(PgTimestamp(unix - PG_EPOCH_UNIX_MICROS).unix_micros(), unix);
     }
 
     #[test]

@@ -434,9 +434,7 @@ impl Writer {
             if db::market(&**c, id).await?.is_none() {
                 return Ok(None);
             }
-            db::trades_after(&**c, id, after, None, limit)
-                .await
-                .map(Some)
+            db::trades_after(&c, id, after, None, limit).await.map(Some)
         };
         let trades = db::bounded(self.timeout, work)
             .await?
@@ -846,7 +844,7 @@ impl Batcher {
                      WHERE (market_id, client_order_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
                 );
                 for r in tx.query(&sql, &[&m, &c]).await? {
-                    existing.insert((r.get(1), r.get(8)), Trade::from_row(&r));
+                    existing.insert((r.get(1), r.get(7)), Trade::from_row(&r));
                 }
             }
             // Decide each trade's fate; `insert` keeps (index, trade) in arrival order.
