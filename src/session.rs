@@ -51,6 +51,10 @@ use crate::trade::{control_frame, text_frame, EncodedTrade};
 /// vectored write (the kernel takes at most 1024 slices anyway).
 const WRITE_BATCH_FRAMES: usize = 512;
 
+/// The writer's fast path polls only live data; every this many turns it
+/// also looks at ops, timers and shutdown (see `Writer::run`).
+const CONTROL_EVERY: u32 = 8;
+
 /// How long a closing connection may take to get its Close frame out (a slow
 /// consumer that starts reading again still learns why it was closed).
 const CLOSE_LINGER: Duration = Duration::from_secs(10);
@@ -462,17 +466,34 @@ impl Writer {
         ping.tick().await;
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Created once: a fresh `cancelled()` per turn registers and
+        // unregisters a waiter every time, which showed in profiles.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let mut turn: u32 = 0;
         let result: Result<(), End> = async {
             loop {
                 if !self.out.is_empty() {
                     self.flush().await?;
                 }
+                turn = turn.wrapping_add(1);
+                // Fast path: while live frames are ready, take them without
+                // polling the control side; every CONTROL_EVERY-th turn (and
+                // whenever nothing is ready) the full select below runs, so
+                // ops, pings and shutdown wait at most a few batches.
+                if turn % CONTROL_EVERY != 0 && !self.live.is_empty() {
+                    if let Some(Some((id, item))) = self.live.next().now_or_never() {
+                        self.on_live(id, item).await?;
+                        self.coalesce().await?;
+                        continue;
+                    }
+                }
                 // Cancel safety: mpsc recv, StreamMap::next (a Stream), ticks
-                // and the token are all cancel-safe; no branch holds partial
-                // state across an await.
+                // and the pinned token future are all cancel-safe; no branch
+                // holds partial state across an await.
                 tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => {
+                    _ = &mut cancelled => {
                         self.close_now(1001, "server shutting down").await;
                         return Ok(());
                     }
@@ -491,13 +512,7 @@ impl Writer {
                     },
                     Some((id, item)) = self.live.next(), if !self.live.is_empty() => {
                         self.on_live(id, item).await?;
-                        // Coalesce: take whatever else is already queued.
-                        while self.out.len() < WRITE_BATCH_FRAMES {
-                            match self.live.next().now_or_never() {
-                                Some(Some((id, item))) => self.on_live(id, item).await?,
-                                _ => break,
-                            }
-                        }
+                        self.coalesce().await?;
                     }
                     _ = retry.tick(), if self.subs.values().any(|s| s.next <= s.want) => {
                         let pending: Vec<SubId> = self.subs.iter().filter(|(_, s)| s.next <= s.want).map(|(k, _)| *k).collect();
@@ -524,6 +539,17 @@ impl Writer {
             self.close_now(4000, "slow consumer: reconnect with from_seq")
                 .await;
         }
+    }
+
+    /// Take whatever live frames are already queued, up to one write's worth.
+    async fn coalesce(&mut self) -> Result<(), End> {
+        while self.out.len() < WRITE_BATCH_FRAMES {
+            match self.live.next().now_or_never() {
+                Some(Some((id, item))) => self.on_live(id, item).await?,
+                _ => break,
+            }
+        }
+        Ok(())
     }
 
     /// Write every queued frame, in order, in as few syscalls as the kernel
