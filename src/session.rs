@@ -51,6 +51,9 @@ use crate::trade::{control_frame, text_frame, EncodedTrade};
 /// vectored write (the kernel takes at most 1024 slices anyway).
 const WRITE_BATCH_FRAMES: usize = 512;
 
+/// How long a closed connection keeps reading for the peer's Close reply.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+
 /// The writer's fast path polls only live data; every this many turns it
 /// also looks at ops, timers and shutdown (see `Writer::run`).
 const CONTROL_EVERY: u32 = 8;
@@ -305,7 +308,17 @@ pub async fn run(
             };
         }
         writer.run(ctl_rx, shutdown, last_seen, started).await;
-        reader_task.abort(); // the connection is over either way
+        // The closing handshake: our Close is out; keep reading until the
+        // peer's Close (or EOF) so that its last frames, a pong say, are not
+        // left unread. Dropping a socket with unread input sends a RST, and
+        // the peer may then lose our Close frame and never learn the code.
+        let mut reader_task = reader_task;
+        if tokio::time::timeout(CLOSE_HANDSHAKE, &mut reader_task)
+            .await
+            .is_err()
+        {
+            reader_task.abort();
+        }
     }
     let subs = writer.subs.len();
     metrics::gauge!("marketcast_subscriptions").decrement(subs as f64);

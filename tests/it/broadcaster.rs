@@ -446,10 +446,13 @@ async fn limits_close_with_the_documented_codes() {
     let db = TestDb::new().await;
     db.market("M").await;
     let mut cfg = broadcaster_config(&db);
-    cfg.max_connections = 2;
     cfg.rate_per_sec = 1;
     cfg.rate_burst = 3;
+    cfg.max_connections = 3;
     let b = broadcaster(cfg).await;
+    // A control client that must keep receiving through all of it.
+    let mut control = connect_ws(&b.ws()).await;
+    subscribe(&mut control, "M", Some(0)).await;
 
     let mut a = connect_ws(&b.ws()).await;
     let big = format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(5000));
@@ -494,7 +497,7 @@ async fn limits_close_with_the_documented_codes() {
     }
     assert_eq!(expect_close(&mut a).await, Some(1008));
 
-    // Connection limit: the third concurrent connection gets 1013.
+    // Connection limit (3): with the control client and two more, the next gets 1013.
     let _c1 = connect_ws(&b.ws()).await;
     let mut c2 = connect_ws(&b.ws()).await;
     send(&mut c2, json!({"op": "ping"})).await;
@@ -505,6 +508,8 @@ async fn limits_close_with_the_documented_codes() {
     );
     let mut c3 = connect_ws(&b.ws()).await;
     assert_eq!(expect_close(&mut c3).await, Some(1013));
+    db.trades("M", 3).await;
+    expect_trades(&mut control, "M", 1, 3).await;
     b.stop().await;
 }
 
@@ -554,5 +559,144 @@ async fn many_markets_one_connection_each_gapless() {
         next,
         std::collections::HashMap::from([("A", 11), ("B", 11), ("C", 11)])
     );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_loss_while_trades_flow() {
+    let db = TestDb::new().await;
+    db.market("LF").await;
+    let b = broadcaster(broadcaster_config(&db)).await;
+    let mut ws = connect_ws(&b.ws()).await;
+    subscribe(&mut ws, "LF", Some(0)).await;
+    let url = db.url.clone();
+    let n = 400i64;
+    let writer = tokio::spawn(async move {
+        let c = connect(&url).await;
+        for _ in 0..n {
+            c.execute(
+                "INSERT INTO trades (market_id, side, price, qty) VALUES ('LF', 'yes', 0.5, 1)",
+                &[],
+            )
+            .await
+            .unwrap();
+        }
+    });
+    // Cut the LISTEN connection three times while the writer runs.
+    let c = db.client().await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let _ = c
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'marketcast-listener' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+    expect_trades(&mut ws, "LF", 1, n).await;
+    writer.await.unwrap();
+    expect_silence(&mut ws, Duration::from_millis(300)).await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_trades_arrive_through_the_reference_path() {
+    let db = TestDb::new().await;
+    db.market("BIG").await;
+    let b = broadcaster(broadcaster_config(&db)).await;
+    let mut ws = connect_ws(&b.ws()).await;
+    subscribe(&mut ws, "BIG", None).await;
+    let trader = "t".repeat(20_000);
+    let coid = "c".repeat(120);
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO trades (market_id, side, price, qty, trader, client_order_id) VALUES ('BIG', 'no', 0.1234, 7, $1, $2)",
+            &[&trader, &coid],
+        )
+        .await
+        .unwrap();
+    let got = expect_trades(&mut ws, "BIG", 1, 1).await;
+    let t = &got[0];
+    assert_eq!(
+        (t["side"].as_str(), t["price"].as_str(), t["qty"].as_i64()),
+        (Some("no"), Some("0.1234"), Some(7))
+    );
+    assert!(
+        t.get("trader").is_none() && t.get("client_order_id").is_none(),
+        "never broadcast: {t}"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_broadcasters_with_disjoint_shards() {
+    let db = TestDb::new().await;
+    // Markets until both halves of the shard space have one.
+    let c = db.client().await;
+    let (mut low, mut high) = (None, None);
+    for i in 0..200 {
+        let id = format!("S{i}");
+        db.market(&id).await;
+        let shard: i32 = c
+            .query_one("SELECT shard FROM markets WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        if shard < 8 && low.is_none() {
+            low = Some(id);
+        } else if shard >= 8 && high.is_none() {
+            high = Some(id);
+        }
+        if low.is_some() && high.is_some() {
+            break;
+        }
+    }
+    let (low, high) = (low.unwrap(), high.unwrap());
+    let mut c1 = broadcaster_config(&db);
+    c1.shards = Some((0..8).collect());
+    c1.shard_url_template = Some("ws://high-{shard}/ws".into());
+    let mut c2 = broadcaster_config(&db);
+    c2.shards = Some((8..16).collect());
+    let (b1, b2) = (broadcaster(c1).await, broadcaster(c2).await);
+    let mut w1 = connect_ws(&b1.ws()).await;
+    let mut w2 = connect_ws(&b2.ws()).await;
+    subscribe(&mut w1, &low, Some(0)).await;
+    subscribe(&mut w2, &high, Some(0)).await;
+    send(&mut w1, json!({"op": "subscribe", "market": high, "id": 5})).await;
+    let v = recv(&mut w1).await;
+    let high_shard = shard_of(&db, &high).await;
+    assert_eq!(
+        (v["code"].as_str(), v["shard"].as_i64()),
+        (Some("wrong_shard"), Some(high_shard as i64)),
+        "{v}"
+    );
+    assert_eq!(v["url"], format!("ws://high-{high_shard}/ws"));
+    db.trades(&low, 3).await;
+    db.trades(&high, 4).await;
+    expect_trades(&mut w1, &low, 1, 3).await;
+    expect_trades(&mut w2, &high, 1, 4).await;
+    expect_silence(&mut w1, Duration::from_millis(300)).await;
+    expect_silence(&mut w2, Duration::from_millis(100)).await;
+    b1.stop().await;
+    b2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_pinged_then_closed() {
+    let db = TestDb::new().await;
+    let mut cfg = broadcaster_config(&db);
+    cfg.ping_interval = Duration::from_millis(200);
+    cfg.idle_timeout = Duration::from_millis(700);
+    let b = broadcaster(cfg).await;
+    // A client that reads (tungstenite answers pings while reading) stays;
+    // one that sends nothing and reads nothing, so never pongs, is closed.
+    let mut live = connect_ws(&b.ws()).await;
+    let mut idle = connect_ws(&b.ws()).await;
+    expect_silence(&mut live, Duration::from_millis(1500)).await;
+    assert_eq!(expect_close(&mut idle).await, Some(1000));
+    send(&mut live, json!({"op": "ping", "id": 1})).await;
+    assert_eq!(recv(&mut live).await, json!({"type": "pong", "id": 1}));
     b.stop().await;
 }

@@ -362,9 +362,18 @@ pub async fn expect_trades(ws: &mut Ws, market: &str, from: i64, to: i64) -> Vec
 }
 
 /// Assert nothing arrives for `d` (used after the exact expected sequence).
+/// Keeps reading (so pings get their pongs) until `d` has passed.
 pub async fn expect_silence(ws: &mut Ws, d: Duration) {
-    if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(d, ws.next()).await {
-        panic!("unexpected message: {t}");
+    let until = tokio::time::Instant::now() + d;
+    loop {
+        match tokio::time::timeout_at(until, ws.next()).await {
+            Err(_) => return,
+            Ok(Some(Ok(Message::Text(t)))) => panic!("unexpected message: {t}"),
+            Ok(Some(Ok(Message::Close(c)))) => panic!("unexpected close: {c:?}"),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => panic!("connection failed: {e}"),
+            Ok(None) => panic!("connection ended"),
+        }
     }
 }
 
