@@ -96,6 +96,11 @@ pub struct WriterArgs {
     /// which adds no latency when idle.
     #[arg(long, env = "MARKETCAST_BATCH_LINGER", default_value = "0ms")]
     pub batch_linger: String,
+
+    /// Batches in flight at once. Default 2: one inserting while the other
+    /// waits for its COMMIT (NOTIFY serialises commits cluster-wide).
+    #[arg(long, env = "MARKETCAST_BATCH_WORKERS", default_value_t = 2)]
+    pub batch_workers: usize,
 }
 
 #[derive(Debug, Args)]

@@ -48,6 +48,7 @@ pub struct WriterConfig {
     pub write_token: Option<String>,
     pub batch_max: usize,
     pub batch_linger: Duration,
+    pub batch_workers: usize,
 }
 
 impl WriterConfig {
@@ -58,12 +59,13 @@ impl WriterConfig {
             write_token: None,
             batch_max: 64,
             batch_linger: Duration::ZERO,
+            batch_workers: 2,
         }
     }
 
     pub fn from_cli(a: &cli::WriterArgs) -> Result<Self> {
-        if a.batch_max == 0 {
-            bail!("--batch-max must be at least 1");
+        if a.batch_max == 0 || a.batch_workers == 0 {
+            bail!("--batch-max and --batch-workers must be at least 1");
         }
         Ok(WriterConfig {
             db: DbConfig::from_cli(&a.db)?,
@@ -71,6 +73,7 @@ impl WriterConfig {
             write_token: a.write_token.clone().filter(|t| !t.is_empty()),
             batch_max: a.batch_max,
             batch_linger: duration("--batch-linger", &a.batch_linger)?,
+            batch_workers: a.batch_workers,
         })
     }
 }

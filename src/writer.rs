@@ -54,13 +54,26 @@ pub async fn run(
     crate::metrics::install();
     let pool = db::pool(&cfg.db, "marketcast-writer")?;
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-    let batcher = Batcher {
+    let batcher = Arc::new(Batcher {
         pool: pool.clone(),
         max: cfg.batch_max,
         linger: cfg.batch_linger,
         timeout: cfg.db.timeout,
-    };
-    let batch_task = tokio::spawn(batcher.run(rx));
+    });
+    // Several batchers share the queue: while one waits for its COMMIT (the
+    // NOTIFY lock serialises commits), the next batch is already inserting.
+    // Batches lock their markets in id order, so they never deadlock.
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let batch_task = tokio::spawn({
+        let workers: Vec<_> = (0..cfg.batch_workers)
+            .map(|_| tokio::spawn(batcher.clone().run(rx.clone())))
+            .collect();
+        async move {
+            for w in workers {
+                let _ = w.await; // a panic was already reported by the runtime
+            }
+        }
+    });
     let state = Arc::new(Writer {
         pool,
         token: cfg.write_token.clone(),
@@ -647,9 +660,12 @@ struct Batcher {
 }
 
 impl Batcher {
-    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+    async fn run(self: Arc<Self>, queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>) {
         let mut batch = Vec::with_capacity(self.max);
-        while let Some(first) = rx.recv().await {
+        loop {
+            // Hold the queue only while taking a batch, never while processing it.
+            let mut rx = queue.lock().await;
+            let Some(first) = rx.recv().await else { return };
             batch.push(first);
             if !self.linger.is_zero() && self.max > 1 {
                 let until = tokio::time::Instant::now() + self.linger;
@@ -666,6 +682,7 @@ impl Batcher {
                     Err(_) => break,
                 }
             }
+            drop(rx);
             self.process(std::mem::take(&mut batch)).await;
         }
     }
@@ -684,8 +701,8 @@ impl Batcher {
             return;
         }
         metrics::histogram!("marketcast_writer_batch_size").record(live.len() as f64);
-        // Everything before COMMIT is bounded by the oldest request's deadline,
-        // and abandoned by dropping the connection: nothing commits.
+        // Everything before COMMIT is bounded by the oldest request's deadline;
+        // past it the statement is cancelled and the transaction rolls back.
         let deadline = live.iter().map(|j| j.enqueued).min().expect("non-empty") + budget;
         let trades: Vec<NewTrade> = live.iter().map(|j| j.trade.clone()).collect();
         let outcomes = if trades.len() == 1 {
