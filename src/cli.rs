@@ -97,9 +97,10 @@ pub struct WriterArgs {
     #[arg(long, env = "MARKETCAST_BATCH_LINGER", default_value = "0ms")]
     pub batch_linger: String,
 
-    /// Batches in flight at once. Default 2: one inserting while the other
-    /// waits for its COMMIT (NOTIFY serialises commits cluster-wide).
-    #[arg(long, env = "MARKETCAST_BATCH_WORKERS", default_value_t = 2)]
+    /// Batches in flight at once. Default 1: NOTIFY serialises commits
+    /// cluster-wide, so fewer, larger batches win; measured with 32 clients,
+    /// 2 workers gave 7.0k trades/s against 7.8k with 1 (docs/BENCHMARKS.md).
+    #[arg(long, env = "MARKETCAST_BATCH_WORKERS", default_value_t = 1)]
     pub batch_workers: usize,
 }
 

@@ -59,7 +59,7 @@ impl WriterConfig {
             write_token: None,
             batch_max: 64,
             batch_linger: Duration::ZERO,
-            batch_workers: 2,
+            batch_workers: 1,
         }
     }
 

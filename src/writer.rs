@@ -60,9 +60,9 @@ pub async fn run(
         linger: cfg.batch_linger,
         timeout: cfg.db.timeout,
     });
-    // Several batchers share the queue: while one waits for its COMMIT (the
-    // NOTIFY lock serialises commits), the next batch is already inserting.
-    // Batches lock their markets in id order, so they never deadlock.
+    // `batch_workers` batchers share the queue (default 1: see the option's
+    // help for the measurement). Batches lock their markets in id order, so
+    // concurrent ones never deadlock.
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let batch_task = tokio::spawn({
         let workers: Vec<_> = (0..cfg.batch_workers)
