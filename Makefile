@@ -34,6 +34,13 @@ test:
 # (a fresh database is created in its cluster) or a throwaway cluster.
 browser-test:
 	@set -euo pipefail; \
+	missing=""; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "browser-test needs:$$missing (sudo apt-get install$$missing)" >&2; exit 1; fi; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi; \
 	$(CARGO) build; \
 	if [ ! -d tests/browser/node_modules ]; then npm ci --prefix tests/browser --no-audit --no-fund; fi; \
 	if [ -z "$${DATABASE_URL:-}" ]; then \

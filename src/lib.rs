@@ -41,6 +41,9 @@
 //! - [`http`]: server plumbing shared by both roles.
 //! - [`metrics`]: the Prometheus recorder.
 //! - [`shutdown`]: signals, cancellation, the shutdown deadline.
+//!
+//! `src/bin/marketcast-bench.rs` is `make bench`: its own Postgres, the roles
+//! in-process, a load client and a raw fan-out baseline (docs/BENCHMARKS.md).
 #![forbid(unsafe_code)]
 
 pub mod broadcaster;
