@@ -289,6 +289,16 @@ pub async fn run(
             .close_now(1013, "server overloaded: connection limit reached")
             .await;
     } else {
+        // The URL's subscribe goes first through the same queue as every op,
+        // so the writer handles it (and any socket failure during its replay)
+        // exactly like one sent as a message. The queue is empty: never full.
+        if let Some(first) = initial {
+            let first = match first {
+                Ok(op) => Ctl::Op(op),
+                Err(e) => Ctl::Frame(e.frame()),
+            };
+            let _ = ctl_tx.try_send(first); // capacity 16, nothing queued yet
+        }
         let rl = RateLimit::new(ctx.cfg.rate_per_sec, ctx.cfg.rate_burst, Instant::now());
         let reader_task = tokio::spawn(read_loop(
             reader,
@@ -298,15 +308,6 @@ pub async fn run(
             last_seen.clone(),
             started,
         ));
-        if let Some(first) = initial {
-            match first {
-                Ok(op) => writer.on_op(op).await.ok(),
-                Err(e) => {
-                    writer.out.push(e.frame());
-                    Some(())
-                }
-            };
-        }
         writer.run(ctl_rx, shutdown, last_seen, started).await;
         // The closing handshake: our Close is out; keep reading until the
         // peer's Close (or EOF) so that its last frames, a pong say, are not
@@ -649,7 +650,10 @@ impl Writer {
                 .subscribe(&market, from_seq, epoch.as_deref(), id.clone())
                 .await
             {
-                Ok(()) => {}
+                // The replay owed since from_seq. A socket failure here must
+                // end the connection (the frames taken by the failed write are
+                // gone while `next` moved past them), so it propagates.
+                Ok(sid) => self.fill(sid).await?,
                 Err(e) => self.out.push(e.frame()),
             },
         }
@@ -662,7 +666,7 @@ impl Writer {
         from_seq: Option<i64>,
         epoch: Option<&str>,
         id: Option<Value>,
-    ) -> Result<(), ErrorReply> {
+    ) -> Result<SubId, ErrorReply> {
         let err = |code, msg: String| ErrorReply::new(id.clone(), code, msg);
         if self.ids.contains_key(market) {
             return Err(err(
@@ -770,11 +774,7 @@ impl Writer {
         self.live.insert(sid, BroadcastStream::new(rx));
         metrics::gauge!("marketcast_subscriptions").increment(1.0);
         tracing::debug!(conn = self.conn_id, market, next, head, "subscribed");
-        match self.fill(sid).await {
-            Ok(()) => Ok(()),
-            // The socket failed mid-fill; the run loop's next flush sees it.
-            Err(_) => Ok(()),
-        }
+        Ok(sid)
     }
 
     fn end_sub(&mut self, sid: SubId) {
