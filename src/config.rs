@@ -171,8 +171,12 @@ impl BroadcasterConfig {
         if self.idle_timeout <= self.ping_interval {
             bail!("--idle-timeout must be longer than --ping-interval, or idle clients that answer pings are closed");
         }
-        if self.listen_heartbeat.is_zero() || self.reconcile_interval.is_zero() {
-            bail!("--listen-heartbeat and --reconcile-interval must be positive");
+        if self.listen_heartbeat.is_zero()
+            || self.reconcile_interval.is_zero()
+            || self.ping_interval.is_zero()
+            || self.write_timeout.is_zero()
+        {
+            bail!("--listen-heartbeat, --reconcile-interval, --ping-interval and --write-timeout must be positive");
         }
         Ok(())
     }

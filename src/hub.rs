@@ -66,6 +66,8 @@ pub mod core {
         pub duplicates: usize,
         /// Trades no doorbell had announced: a lost notification repaired.
         pub repaired: usize,
+        /// Seqs missing from the log (pruned) that the hub moved past.
+        pub skipped: usize,
         /// Read again right away.
         pub next: Option<Fetch>,
     }
@@ -81,6 +83,8 @@ pub mod core {
         /// A doorbell above head arrived while the read was in flight, so the
         /// read may have started before that trade committed: read once more.
         rang_while_fetching: bool,
+        /// The head at which the last read found a hole in the log.
+        hole_at: Option<i64>,
     }
 
     impl MarketCore {
@@ -90,6 +94,7 @@ pub mod core {
                 announced: head,
                 fetching: false,
                 rang_while_fetching: false,
+                hole_at: None,
             }
         }
 
@@ -131,10 +136,21 @@ pub mod core {
                     continue;
                 }
                 if t.seq != self.head + 1 {
-                    // The log cannot have holes (seq is gapless), but if it
-                    // ever returned one, never skip: stop and read again.
-                    broken = true;
-                    break;
+                    // Seq is gapless and commits in order, so a hole means
+                    // trades were pruned above our head. Read once more to be
+                    // sure; the same hole twice is permanent: move past it
+                    // (re-reading forever would stall the market). Sessions
+                    // still owed those trades find them missing in the log
+                    // and get `history_unavailable`: never a silent skip.
+                    if self.hole_at == Some(self.head) {
+                        out.skipped += (t.seq - self.head - 1) as usize;
+                        self.head = t.seq - 1;
+                        self.hole_at = None;
+                    } else {
+                        self.hole_at = Some(self.head);
+                        broken = true;
+                        break;
+                    }
                 }
                 self.head = t.seq;
                 if t.seq > self.announced {
@@ -443,6 +459,9 @@ impl Hub {
                 match result {
                     Ok((rows, full)) => {
                         let applied = m.core.fetched(rows, full);
+                        if applied.skipped > 0 {
+                            tracing::warn!(%market, skipped = applied.skipped, head = m.core.head(), "trades above the head were pruned; subscribers still owed them get history_unavailable");
+                        }
                         if applied.repaired > 0 {
                             metrics::counter!("marketcast_gaps_repaired_total")
                                 .increment(applied.repaired as u64);
@@ -604,6 +623,18 @@ mod tests {
         assert_eq!(a.next, Some(Fetch { after: 4 }));
         let a = m.fetched(vec![t(5), t(6), t(7)], false);
         assert_eq!(seqs(&a.publish), vec![5, 6, 7]);
+        assert_eq!(m.head(), 7);
+    }
+
+    #[test]
+    fn a_permanent_hole_is_crossed_after_one_reread() {
+        let mut m = MarketCore::new(3);
+        m.poke();
+        let a = m.fetched(vec![t(6), t(7)], false);
+        assert!(a.publish.is_empty());
+        assert_eq!(a.next, Some(Fetch { after: 3 }), "read again once");
+        let a = m.fetched(vec![t(6), t(7)], false);
+        assert_eq!((seqs(&a.publish), a.skipped, a.next), (vec![6, 7], 2, None));
         assert_eq!(m.head(), 7);
     }
 

@@ -69,7 +69,13 @@ pub async fn run(
             metrics::counter!("marketcast_listen_reconnects_total").increment(1);
         }
         first = false;
-        match session(&cfg, &events, &up, &shutdown).await {
+        // Cancel safety: dropping `session` mid-connect or mid-query just
+        // drops the connection; shutdown must not wait on an unreachable server.
+        let r = tokio::select! {
+            r = session(&cfg, &events, &up, &shutdown) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match r {
             Ok(()) => return, // shutdown
             Err(e) => {
                 let was_up = up.swap(false, Ordering::AcqRel);

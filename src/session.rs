@@ -283,6 +283,7 @@ pub async fn run(
         live: StreamMap::new(),
         next_id: 0,
         conn_id,
+        shutdown: shutdown.clone(),
     };
     if over_limit {
         writer
@@ -449,6 +450,8 @@ enum End {
     Gone,
     /// A write did not finish within write_timeout.
     Slow,
+    /// The server is shutting down (noticed between replay pages).
+    Shutdown,
 }
 
 struct Writer {
@@ -464,6 +467,8 @@ struct Writer {
     live: StreamMap<SubId, BroadcastStream<EncodedTrade>>,
     next_id: SubId,
     conn_id: u64,
+    /// Checked between replay pages, so a long replay never outlives shutdown.
+    shutdown: CancellationToken,
 }
 
 type SubId = u32;
@@ -546,12 +551,16 @@ impl Writer {
             }
         }
         .await;
-        if let Err(End::Slow) = result {
-            metrics::counter!("marketcast_slow_consumer_closes_total").increment(1);
-            tracing::info!(conn = self.conn_id, "closing a slow consumer (4000)");
-            // `out` holds at most the tail of a half-written frame (see flush).
-            self.close_now(4000, "slow consumer: reconnect with from_seq")
-                .await;
+        match result {
+            Err(End::Slow) => {
+                metrics::counter!("marketcast_slow_consumer_closes_total").increment(1);
+                tracing::info!(conn = self.conn_id, "closing a slow consumer (4000)");
+                // `out` holds at most the tail of a half-written frame (see flush).
+                self.close_now(4000, "slow consumer: reconnect with from_seq")
+                    .await;
+            }
+            Err(End::Shutdown) => self.close_now(1001, "server shutting down").await,
+            Ok(()) | Err(End::Gone) => {}
         }
     }
 
@@ -605,7 +614,14 @@ impl Writer {
         let frames = std::mem::take(&mut self.out);
         let w = &mut self.w;
         let mut written = 0;
-        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        // A slow consumer may start reading again and deserves its code; at
+        // shutdown the whole process waits, so the wait is short.
+        let linger = if self.shutdown.is_cancelled() {
+            Duration::from_secs(1)
+        } else {
+            CLOSE_LINGER
+        };
+        let _ = tokio::time::timeout(linger, async {
             write_all_vectored(w, &frames, &mut written).await?;
             w.shutdown().await
         })
@@ -817,6 +833,9 @@ impl Writer {
     /// Send `next..=want` from the ring or the log, a page at a time.
     async fn fill(&mut self, sid: SubId) -> Result<(), End> {
         loop {
+            if self.shutdown.is_cancelled() {
+                return Err(End::Shutdown);
+            }
             let Some(sub) = self.subs.get(&sid) else {
                 return Ok(());
             };
