@@ -700,3 +700,40 @@ async fn idle_connections_are_pinged_then_closed() {
     assert_eq!(recv(&mut live).await, json!({"type": "pong", "id": 1}));
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_503_while_the_database_and_listen_are_down() {
+    // Nothing listens on port 1: no database, no LISTEN.
+    let mut cfg = marketcast::config::BroadcasterConfig::new(marketcast::config::DbConfig::new(
+        "postgres://postgres@127.0.0.1:1/none",
+    ));
+    cfg.shards = Some((0..4).collect());
+    cfg.reconnect_max = Duration::from_millis(200);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(marketcast::broadcaster::run(l, cfg, shutdown.clone()));
+    let (status, body) = http("GET", &format!("http://{addr}/healthz"), &[], None).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        (body["listen"].as_bool(), body["database"].as_bool()),
+        (Some(false), Some(false)),
+        "{body}"
+    );
+    // WebSockets still open; a subscribe answers `unavailable`.
+    let mut ws = connect_ws(&format!("ws://{addr}/ws")).await;
+    send(&mut ws, json!({"op": "subscribe", "market": "X", "id": 1})).await;
+    let v = recv(&mut ws).await;
+    assert_eq!(
+        (v["code"].as_str(), v["id"].as_i64()),
+        (Some("unavailable"), Some(1)),
+        "{v}"
+    );
+    shutdown.cancel();
+    assert_eq!(expect_close(&mut ws).await, Some(1001));
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
