@@ -54,7 +54,16 @@ pub async fn run(
             page: cfg.replay_page,
             reconcile_interval: cfg.reconcile_interval,
         },
-        pool.clone(),
+        // Its own small pool: a storm of clients catching up from the log
+        // (say after a restart) must not starve the reads that publish live
+        // trades.
+        db::pool(
+            &crate::config::DbConfig {
+                pool_size: cfg.hub_pool_size,
+                ..cfg.db.clone()
+            },
+            "marketcast-hub",
+        )?,
         events_rx,
         internal.clone(),
     );

@@ -189,6 +189,13 @@ pub struct BroadcasterArgs {
     /// jitter starts at 100ms). Default 5s.
     #[arg(long, env = "MARKETCAST_RECONNECT_MAX", default_value = "5s")]
     pub reconnect_max: String,
+
+    /// Connections reserved for the hub's reads of new trades, apart from the
+    /// pool that serves subscribes and catch-up replays, so that a storm of
+    /// replays cannot delay live trades. Default 4 (one read per market is in
+    /// flight at most).
+    #[arg(long, env = "MARKETCAST_HUB_POOL_SIZE", default_value_t = 4)]
+    pub hub_pool_size: usize,
 }
 
 #[derive(Debug, Args)]

@@ -99,6 +99,7 @@ pub struct BroadcasterConfig {
     pub listen_heartbeat: Duration,
     pub reconcile_interval: Duration,
     pub reconnect_max: Duration,
+    pub hub_pool_size: usize,
 }
 
 impl BroadcasterConfig {
@@ -122,6 +123,7 @@ impl BroadcasterConfig {
             listen_heartbeat: Duration::from_secs(5),
             reconcile_interval: Duration::from_secs(2),
             reconnect_max: Duration::from_secs(5),
+            hub_pool_size: 4,
         }
     }
 
@@ -145,6 +147,7 @@ impl BroadcasterConfig {
             listen_heartbeat: duration("--listen-heartbeat", &a.listen_heartbeat)?,
             reconcile_interval: duration("--reconcile-interval", &a.reconcile_interval)?,
             reconnect_max: duration("--reconnect-max", &a.reconnect_max)?,
+            hub_pool_size: a.hub_pool_size,
         };
         c.check()?;
         Ok(c)
@@ -160,6 +163,7 @@ impl BroadcasterConfig {
             ("--ring-size", self.ring_size),
             ("--replay-page", self.replay_page),
             ("--live-queue", self.live_queue),
+            ("--hub-pool-size", self.hub_pool_size),
         ] {
             if v == 0 {
                 bail!("{name} must be at least 1");
