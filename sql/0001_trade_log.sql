@@ -29,6 +29,10 @@
 -- opposite orders can deadlock, and Postgres aborts one (retry it). The writer
 -- role sorts by market id to avoid this.
 --
+-- (Migration 0002 keeps this design but takes the same row lock with
+-- SELECT ... FOR UPDATE and writes the market row once per transaction at
+-- COMMIT: the per-row UPDATE made bulk inserts quadratic. See its header.)
+--
 -- # Why the notification is a doorbell, not the trade
 --
 -- The same trigger calls pg_notify('marketcast_shard_<k>', '{"m":"<id>","s":<seq>}')
