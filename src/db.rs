@@ -18,7 +18,11 @@ use crate::trade::{Market, Trade};
 /// The migrations, in order. Each runs once, inside the migrate transaction.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "trade_log", include_str!("../sql/0001_trade_log.sql")),
-    (2, "linear_bulk_inserts", include_str!("../sql/0002_linear_bulk_inserts.sql")),
+    (
+        2,
+        "linear_bulk_inserts",
+        include_str!("../sql/0002_linear_bulk_inserts.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent `migrate` runs on one database.
