@@ -219,14 +219,15 @@ impl State {
         // in the tracked session task, never here.
         // No tracing span around the session: entering one on every poll
         // cost ~1% of the fan-out CPU; log lines carry `conn` instead.
-        self.sessions.spawn(async move {
+        let task = async move {
             match fut.await {
                 Ok(ws) => session::run(ws, ctx, initial, shutdown, conn_id).await,
                 Err(e) => {
                     tracing::debug!(conn = conn_id, %peer, error = %e, "WebSocket upgrade failed")
                 }
             }
-        });
+        };
+        self.sessions.spawn(task);
         resp.map(|_| Full::new(Bytes::new()))
     }
 }

@@ -1,7 +1,7 @@
 //! One WebSocket connection of the broadcaster.
 //!
-//! Two tasks, because fastwebsockets' `read_frame` is not cancel-safe and must
-//! never sit in a `select!`:
+//! Two tasks, because reading a client frame ([`inbound`]) is not cancel-safe
+//! and must never sit in a `select!`:
 //! - the **reader** parses client frames, enforces the size limit (1009),
 //!   binary frames (1008) and the op rate limit, and passes parsed ops, pongs
 //!   and close echoes to the writer over a small bounded channel;
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deadpool_postgres::Pool;
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
 use futures_util::FutureExt;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -46,6 +46,9 @@ use crate::config::BroadcasterConfig;
 use crate::db;
 use crate::hub::{HubHandle, MarketShared};
 use crate::trade::{control_frame, text_frame, EncodedTrade};
+
+mod inbound;
+pub use inbound::{parse_head, FrameReader, Inbound, ReadError};
 
 /// Frames queued before the writer stops draining and writes. Bounds one
 /// vectored write (the kernel takes at most 1024 slices anyway).
@@ -243,7 +246,9 @@ impl RateLimit {
 }
 
 /// Reader -> writer messages. Bounded (16): a client that floods ops waits on
-/// its own socket, nobody else does.
+/// its own socket, nobody else does. Sent boxed: tokio's channel allocates
+/// its slots 32 at a time per connection, and with `Ctl` inline that block
+/// was 3 KiB of every idle connection (massif); the messages are rare.
 enum Ctl {
     Op(Op),
     /// A ready frame: a pong, an error reply, the echo of a client's Close.
@@ -265,11 +270,9 @@ pub async fn run(
     metrics::gauge!("marketcast_ws_connections").increment(1.0);
     let over_limit = open as usize > ctx.cfg.max_connections;
 
+    // fastwebsockets did the handshake; from here frames are read by
+    // `inbound` (no buffer kept while idle) and written pre-encoded, vectored.
     let (r, w) = tokio::io::split(ws.into_inner());
-    // The write half of fastwebsockets is not used: frames are pre-encoded and
-    // written (vectored) by the writer below. It gets a sink to satisfy the API.
-    let (mut reader, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), Role::Server);
-    reader.set_max_message_size(ctx.cfg.max_message_bytes + 1);
     let (ctl_tx, ctl_rx) = mpsc::channel(16);
     let last_seen = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -298,11 +301,11 @@ pub async fn run(
                 Ok(op) => Ctl::Op(op),
                 Err(e) => Ctl::Frame(e.frame()),
             };
-            let _ = ctl_tx.try_send(first); // capacity 16, nothing queued yet
+            let _ = ctl_tx.try_send(Box::new(first)); // capacity 16, nothing queued yet
         }
         let rl = RateLimit::new(ctx.cfg.rate_per_sec, ctx.cfg.rate_burst, Instant::now());
         let reader_task = tokio::spawn(read_loop(
-            reader,
+            r,
             ctl_tx,
             rl,
             ctx.cfg.max_message_bytes,
@@ -329,87 +332,47 @@ pub async fn run(
 }
 
 async fn read_loop(
-    mut reader: fastwebsockets::WebSocketRead<tokio::io::ReadHalf<TokioIo<Upgraded>>>,
-    ctl: mpsc::Sender<Ctl>,
+    mut r: tokio::io::ReadHalf<TokioIo<Upgraded>>,
+    ctl: mpsc::Sender<Box<Ctl>>,
     mut rl: RateLimit,
     max_bytes: usize,
     last_seen: Arc<AtomicU64>,
     started: Instant,
 ) {
-    let mut fragments: Option<Vec<u8>> = None;
+    let mut frames = FrameReader::new(max_bytes);
     let mut refused: u32 = 0;
     loop {
-        let send_ctl = ctl.clone();
-        let mut obligated = move |f: Frame<'_>| {
-            // Auto-pong and the Close echo: forward to the writer as bytes.
-            let bytes = control_frame(f);
-            let c = send_ctl.clone();
-            async move { c.send(Ctl::Frame(bytes)).await.map_err(|_| "writer gone") }
-        };
-        let frame = match reader.read_frame(&mut obligated).await {
-            Ok(f) => f,
-            Err(WebSocketError::FrameTooLarge) => {
-                let _ = ctl
-                    .send(Ctl::Close(1009, "message over the size limit"))
-                    .await; // writer may be gone: then the connection is over anyway
-                return;
-            }
+        let msg = match frames.next(&mut r).await {
+            Ok(m) => m,
             Err(e) => {
-                tracing::debug!(error = %e, "websocket read ended");
-                let code = match e {
-                    WebSocketError::UnexpectedEOF
-                    | WebSocketError::IoError(_)
-                    | WebSocketError::SendError(_) => None,
-                    _ => Some(1002),
-                };
-                if let Some(code) = code {
-                    let _ = ctl.send(Ctl::Close(code, "protocol error")).await; // see above
+                tracing::debug!(error = ?e, "websocket read ended");
+                if let Some((code, reason)) = e.close_code() {
+                    let _ = ctl.send(Box::new(Ctl::Close(code, reason))).await; // writer may be gone: then the connection is over anyway
                 }
                 return;
             }
         };
         last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let payload = match frame.opcode {
-            OpCode::Close => return, // the echo was sent through `obligated`
-            OpCode::Ping | OpCode::Pong => continue,
-            OpCode::Binary => {
-                let _ = ctl
-                    .send(Ctl::Close(1008, "binary frames are not accepted"))
-                    .await; // see above
-                return;
-            }
-            OpCode::Text if frame.fin && fragments.is_none() => frame.payload.to_vec(),
-            OpCode::Text if fragments.is_none() => {
-                fragments = Some(frame.payload.to_vec());
-                continue;
-            }
-            OpCode::Continuation if fragments.is_some() => {
-                let buf = fragments.as_mut().expect("checked");
-                buf.extend_from_slice(&frame.payload);
-                if buf.len() > max_bytes {
-                    let _ = ctl
-                        .send(Ctl::Close(1009, "message over the size limit"))
-                        .await; // see above
+        let payload = match msg {
+            Inbound::Text(p) => p,
+            Inbound::Pong => continue,
+            Inbound::Ping(pong) => {
+                if ctl.send(Box::new(Ctl::Frame(pong))).await.is_err() {
                     return;
                 }
-                if !frame.fin {
-                    continue;
-                }
-                fragments.take().expect("checked")
+                continue;
             }
-            _ => {
+            Inbound::Close(echo) => {
+                let _ = ctl.send(Box::new(Ctl::Frame(echo))).await; // see above
+                return;
+            }
+            Inbound::Binary => {
                 let _ = ctl
-                    .send(Ctl::Close(1002, "unexpected continuation frame"))
+                    .send(Box::new(Ctl::Close(1008, "binary frames are not accepted")))
                     .await; // see above
                 return;
             }
         };
-        if payload.len() > max_bytes {
-            let _ = ctl
-                .send(Ctl::Close(1009, "message over the size limit"))
-                .await; // see above
-            return;
-        }
         let msg = if rl.allow(Instant::now()) {
             refused = 0;
             match parse_op(&payload) {
@@ -421,7 +384,9 @@ async fn read_loop(
             // Sustained abuse: a client still sending after a full burst of
             // refusals is not going to slow down.
             if refused > rl.burst as u32 {
-                let _ = ctl.send(Ctl::Close(1008, "rate limit exceeded")).await; // see above
+                let _ = ctl
+                    .send(Box::new(Ctl::Close(1008, "rate limit exceeded")))
+                    .await; // see above
                 return;
             }
             let id = serde_json::from_slice::<Value>(&payload)
@@ -429,7 +394,7 @@ async fn read_loop(
                 .and_then(|v| v.get("id").cloned());
             Ctl::Frame(ErrorReply::new(id, "rate_limited", "too many messages; slow down").frame())
         };
-        if ctl.send(msg).await.is_err() {
+        if ctl.send(Box::new(msg)).await.is_err() {
             return;
         }
     }
@@ -476,7 +441,7 @@ type SubId = u32;
 impl Writer {
     async fn run(
         &mut self,
-        mut ctl: mpsc::Receiver<Ctl>,
+        mut ctl: mpsc::Receiver<Box<Ctl>>,
         shutdown: CancellationToken,
         last_seen: Arc<AtomicU64>,
         started: Instant,
@@ -516,8 +481,11 @@ impl Writer {
                         self.close_now(1001, "server shutting down").await;
                         return Ok(());
                     }
-                    c = ctl.recv() => match c {
-                        Some(Ctl::Op(op)) => self.on_op(op).await?,
+                    c = ctl.recv() => match c.map(|b| *b) {
+                        // Boxed: an op's future (subscribe, log reads) is
+                        // large and rare; inline, every idle connection
+                        // would carry its state (massif: 6 KiB per task).
+                        Some(Ctl::Op(op)) => Box::pin(self.on_op(op)).await?,
                         Some(Ctl::Frame(f)) => self.out.push(f),
                         Some(Ctl::Close(code, reason)) => {
                             self.close_now(code, reason).await;
@@ -536,7 +504,7 @@ impl Writer {
                     _ = retry.tick(), if self.subs.values().any(|s| s.next <= s.want) => {
                         let pending: Vec<SubId> = self.subs.iter().filter(|(_, s)| s.next <= s.want).map(|(k, _)| *k).collect();
                         for id in pending {
-                            self.fill(id).await?;
+                            Box::pin(self.fill(id)).await?;
                         }
                     }
                     _ = ping.tick() => {
@@ -821,7 +789,9 @@ impl Writer {
                 // Ahead of what the client has: fill in order first; the ring
                 // already holds this trade, so the fill includes it.
                 sub.want = sub.want.max(t.seq);
-                self.fill(sid).await
+                // Boxed: a fill may read the log, a large future that every
+                // connection would otherwise carry inline while idle.
+                Box::pin(self.fill(sid)).await
             }
             // The live queue overflowed for this subscriber (it is slower than
             // the market). Nothing to do now: the next trade received is above
@@ -905,10 +875,11 @@ impl Writer {
     }
 }
 
-/// Most slices handed to one `writev`. The array lives on the stack (no
-/// allocation per write) and inside the session's future, so it stays small;
-/// 32 frames of ~180 bytes already make one write of several KiB.
-const MAX_IOV: usize = 32;
+/// Most slices handed to one `writev` (Linux takes up to 1024). The array
+/// is built on the stack inside each poll, never kept in the session's
+/// future, so it costs an idle connection nothing; 256 frames of ~180 bytes
+/// make one write of ~45 KiB, and a full batch (`WRITE_BATCH_FRAMES`) two.
+const MAX_IOV: usize = 256;
 
 /// Write all frames with vectored writes; returns the number of syscalls.
 /// `written` counts bytes as they go out, so that a caller whose timeout
@@ -921,13 +892,16 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     let (mut i, mut off) = (0, 0); // first frame not fully written, bytes of it written
     let mut writes = 0;
     while i < frames.len() {
-        let mut iov = [IoSlice::new(&[]); MAX_IOV];
-        let mut n_iov = 0;
-        for (k, f) in frames[i..].iter().take(MAX_IOV).enumerate() {
-            iov[k] = IoSlice::new(if k == 0 { &f[off..] } else { f });
-            n_iov += 1;
-        }
-        let n = w.write_vectored(&iov[..n_iov]).await?;
+        let n = std::future::poll_fn(|cx| {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n_iov = 0;
+            for (k, f) in frames[i..].iter().take(MAX_IOV).enumerate() {
+                iov[k] = IoSlice::new(if k == 0 { &f[off..] } else { f });
+                n_iov += 1;
+            }
+            std::pin::Pin::new(&mut *w).poll_write_vectored(cx, &iov[..n_iov])
+        })
+        .await?;
         writes += 1;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
