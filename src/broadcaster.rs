@@ -53,6 +53,7 @@ pub async fn run(
             live_queue: cfg.live_queue,
             page: cfg.replay_page,
             reconcile_interval: cfg.reconcile_interval,
+            notify_queue_warn: cfg.notify_queue_warn,
         },
         // Its own small pool: a storm of clients catching up from the log
         // (say after a restart) must not starve the reads that publish live

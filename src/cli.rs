@@ -196,6 +196,14 @@ pub struct BroadcasterArgs {
     /// flight at most).
     #[arg(long, env = "MARKETCAST_HUB_POOL_SIZE", default_value_t = 4)]
     pub hub_pool_size: usize,
+
+    /// Log a warning when `pg_notification_queue_usage()` (sampled every
+    /// reconcile interval, exported as `marketcast_notify_queue_usage`) is at
+    /// or above this fraction. Default 0.01 (80 MiB of the 8 GiB queue): the
+    /// queue only grows when some LISTEN session in the cluster stops reading,
+    /// and when it is full every notifying commit (every trade) fails.
+    #[arg(long, env = "MARKETCAST_NOTIFY_QUEUE_WARN", default_value_t = 0.01)]
+    pub notify_queue_warn: f64,
 }
 
 #[derive(Debug, Args)]

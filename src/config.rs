@@ -100,6 +100,8 @@ pub struct BroadcasterConfig {
     pub reconcile_interval: Duration,
     pub reconnect_max: Duration,
     pub hub_pool_size: usize,
+    /// `pg_notification_queue_usage()` (0..1) at or above which a warning is logged.
+    pub notify_queue_warn: f64,
 }
 
 impl BroadcasterConfig {
@@ -124,6 +126,7 @@ impl BroadcasterConfig {
             reconcile_interval: Duration::from_secs(2),
             reconnect_max: Duration::from_secs(5),
             hub_pool_size: 4,
+            notify_queue_warn: 0.01,
         }
     }
 
@@ -148,6 +151,7 @@ impl BroadcasterConfig {
             reconcile_interval: duration("--reconcile-interval", &a.reconcile_interval)?,
             reconnect_max: duration("--reconnect-max", &a.reconnect_max)?,
             hub_pool_size: a.hub_pool_size,
+            notify_queue_warn: a.notify_queue_warn,
         };
         c.check()?;
         Ok(c)
@@ -168,6 +172,10 @@ impl BroadcasterConfig {
             if v == 0 {
                 bail!("{name} must be at least 1");
             }
+        }
+        // NaN fails this too.
+        if !(self.notify_queue_warn > 0.0 && self.notify_queue_warn <= 1.0) {
+            bail!("--notify-queue-warn must be a fraction in (0, 1]");
         }
         if self.max_message_bytes < 64 {
             bail!("--max-message-bytes must be at least 64");

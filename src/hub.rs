@@ -306,7 +306,12 @@ pub struct HubConfig {
     pub live_queue: usize,
     pub page: usize,
     pub reconcile_interval: Duration,
+    /// Warn when `pg_notification_queue_usage()` is at or above this.
+    pub notify_queue_warn: f64,
 }
+
+/// While the NOTIFY queue stays above the threshold, repeat the warning this often.
+const QUEUE_WARN_EVERY: Duration = Duration::from_secs(60);
 
 struct Market {
     core: core::MarketCore,
@@ -318,7 +323,10 @@ enum Internal {
         market: String,
         result: Result<(Vec<EncodedTrade>, bool), db::DbError>,
     },
-    Reconciled(Vec<(String, i64)>),
+    Reconciled {
+        heads: Vec<(String, i64)>,
+        notify_queue_usage: f64,
+    },
 }
 
 /// Start the hub task. `events` comes from the listener (unbounded there, so
@@ -335,6 +343,7 @@ pub fn spawn(
         pool,
         markets: HashMap::new(),
         internal: mpsc::unbounded_channel(),
+        queue_warned_at: None,
     };
     let task = tokio::spawn(hub.run(events, joins_rx, shutdown));
     (HubHandle { joins: joins_tx }, task)
@@ -350,6 +359,8 @@ struct Hub {
         mpsc::UnboundedSender<Internal>,
         mpsc::UnboundedReceiver<Internal>,
     ),
+    /// When the NOTIFY-queue warning was last logged; None while below the threshold.
+    queue_warned_at: Option<tokio::time::Instant>,
 }
 
 impl Hub {
@@ -494,7 +505,11 @@ impl Hub {
                     }
                 }
             }
-            Internal::Reconciled(heads) => {
+            Internal::Reconciled {
+                heads,
+                notify_queue_usage,
+            } => {
+                self.check_queue(notify_queue_usage);
                 for (id, last_seq) in heads {
                     let behind = self
                         .markets
@@ -505,6 +520,30 @@ impl Hub {
                     }
                 }
             }
+        }
+    }
+
+    /// The cluster-wide NOTIFY queue only grows while some LISTEN session (any
+    /// database, any channel) stops reading; when it is full every notifying
+    /// commit, so every trade, fails. Our own listener never stops reading
+    /// (see `listener.rs`), so the culprit is elsewhere: say so loudly, once
+    /// a minute while it lasts.
+    fn check_queue(&mut self, usage: f64) {
+        let threshold = self.cfg.notify_queue_warn;
+        if usage >= threshold {
+            let due = self
+                .queue_warned_at
+                .is_none_or(|t| t.elapsed() >= QUEUE_WARN_EVERY);
+            if due {
+                self.queue_warned_at = Some(tokio::time::Instant::now());
+                tracing::warn!(
+                    usage,
+                    threshold,
+                    "NOTIFY queue usage above --notify-queue-warn: a LISTEN session in this cluster is not reading its notifications (look in pg_stat_activity for wait_event ClientWrite or idle in transaction); when the queue is full every trade's commit fails"
+                );
+            }
+        } else if self.queue_warned_at.take().is_some() {
+            tracing::info!(usage, threshold, "NOTIFY queue usage back below --notify-queue-warn");
         }
     }
 
@@ -523,21 +562,27 @@ impl Hub {
                     .await?
                     .get(0);
                 metrics::gauge!("marketcast_notify_queue_usage").set(usage);
-                if ids.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let rows = c
-                    .query(
+                let heads = if ids.is_empty() {
+                    Vec::new()
+                } else {
+                    c.query(
                         "SELECT id, last_seq FROM markets WHERE id = ANY($1)",
                         &[&ids],
                     )
-                    .await?;
-                Ok::<_, db::DbError>(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+                    .await?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect()
+                };
+                Ok::<_, db::DbError>(Internal::Reconciled {
+                    heads,
+                    notify_queue_usage: usage,
+                })
             }
             .await;
             match r {
-                Ok(heads) => {
-                    let _ = tx.send(Internal::Reconciled(heads)); // Fails only when the hub has stopped.
+                Ok(reconciled) => {
+                    let _ = tx.send(reconciled); // Fails only when the hub has stopped.
                 }
                 Err(e) => tracing::debug!(error = %e, "reconcile skipped: database unavailable"),
             }
