@@ -543,7 +543,11 @@ impl Hub {
                 );
             }
         } else if self.queue_warned_at.take().is_some() {
-            tracing::info!(usage, threshold, "NOTIFY queue usage back below --notify-queue-warn");
+            tracing::info!(
+                usage,
+                threshold,
+                "NOTIFY queue usage back below --notify-queue-warn"
+            );
         }
     }
 

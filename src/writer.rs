@@ -159,6 +159,15 @@ impl From<DbError> for ApiError {
                 "P0002" => ApiError::new(StatusCode::NOT_FOUND, "unknown_market", message),
                 "55000" => ApiError::new(StatusCode::CONFLICT, "market_not_open", message),
                 "23514" | "22P02" | "22003" => ApiError::invalid(message),
+                // program_limit_exceeded: for a trade insert (small, validated
+                // rows) this is "too many notifications in the NOTIFY queue",
+                // raised at COMMIT when some other LISTEN session has stopped
+                // reading and the cluster-wide queue is full. The server
+                // answered, so the transaction rolled back: nothing committed.
+                "54000" => {
+                    tracing::warn!(%code, %message, "a write failed on a database limit (a full NOTIFY queue?); see marketcast_notify_queue_usage");
+                    ApiError::unavailable(message)
+                }
                 _ => {
                     tracing::error!(%code, %message, "unexpected database error");
                     ApiError::new(
@@ -1026,6 +1035,20 @@ fn commit_failed(e: tokio_postgres::Error) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_notify_queue_is_503_nothing_committed() {
+        let e = ApiError::from(DbError::Sql {
+            code: "54000".into(),
+            message: "too many notifications in the NOTIFY queue".into(),
+            constraint: None,
+        });
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        );
+        assert!(e.message.contains("nothing was committed"), "{}", e.message);
+    }
 
     #[test]
     fn prices() {

@@ -563,44 +563,6 @@ async fn many_markets_one_connection_each_gapless() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listen_loss_while_trades_flow() {
-    let db = TestDb::new().await;
-    db.market("LF").await;
-    let b = broadcaster(broadcaster_config(&db)).await;
-    let mut ws = connect_ws(&b.ws()).await;
-    subscribe(&mut ws, "LF", Some(0)).await;
-    let url = db.url.clone();
-    let n = 400i64;
-    let writer = tokio::spawn(async move {
-        let c = connect(&url).await;
-        for _ in 0..n {
-            c.execute(
-                "INSERT INTO trades (market_id, side, price, qty) VALUES ('LF', 'yes', 0.5, 1)",
-                &[],
-            )
-            .await
-            .unwrap();
-        }
-    });
-    // Cut the LISTEN connection three times while the writer runs.
-    let c = db.client().await;
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        let _ = c
-            .execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'marketcast-listener' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap();
-    }
-    expect_trades(&mut ws, "LF", 1, n).await;
-    writer.await.unwrap();
-    expect_silence(&mut ws, Duration::from_millis(300)).await;
-    b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_trades_arrive_through_the_reference_path() {
     let db = TestDb::new().await;
     db.market("BIG").await;

@@ -13,10 +13,14 @@
 //! - `broadcaster`: the WebSocket surface and the delivery guarantee: replay,
 //!   replay-to-live handoff, forged notifications, LISTEN loss, slow
 //!   consumers, limits, shutdown.
-//! - `resilience`: a Postgres restart (own cluster) and a broadcaster replaced
-//!   under the reference client.
+//! - `resilience`: a broadcaster replaced under the reference client.
+//! - `faults`: the fault suite: many reconnecting clients under a flowing
+//!   load while LISTEN is cut, Postgres restarts or goes away, the broadcaster
+//!   is killed, a subscriber stalls, the NOTIFY queue is pinned; every
+//!   sequence checked exactly (docs/RELIABILITY.md).
 
 mod broadcaster;
+mod faults;
 mod resilience;
 mod sql;
 mod support;

@@ -396,3 +396,86 @@ pub fn broadcaster_config(db: &TestDb) -> BroadcasterConfig {
     c.reconnect_max = Duration::from_millis(500);
     c
 }
+
+fn pg_dev() -> String {
+    format!("{}/bin/pg-dev", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A PostgreSQL cluster of its own, for tests that stop or restart Postgres
+/// (that must not disturb the tests sharing DATABASE_URL's cluster). Stopped
+/// and wiped on drop, also when the test panics.
+pub struct OwnCluster {
+    dir: String,
+    pub url: String,
+}
+
+impl OwnCluster {
+    /// `name` keeps the state directories of concurrent tests apart.
+    pub async fn start(name: &str) -> OwnCluster {
+        let dir = format!("/tmp/mc-{name}-{}", std::process::id());
+        let out = tokio::process::Command::new(pg_dev())
+            .arg("start")
+            .env("PGDEV_DIR", &dir)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "pg-dev start");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let url = stdout
+            .lines()
+            .last()
+            .unwrap()
+            .strip_prefix("DATABASE_URL=")
+            .unwrap()
+            .to_string();
+        OwnCluster { dir, url }
+    }
+
+    /// `bin/pg-dev <cmd>` on this cluster (`restart`, `stop`, `start`).
+    pub async fn run(&self, cmd: &str) {
+        let out = tokio::process::Command::new(pg_dev())
+            .args(cmd.split(' '))
+            .env("PGDEV_DIR", &self.dir)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "pg-dev {cmd}");
+        if cmd == "start" || cmd == "restart" {
+            let last = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(
+                last.lines()
+                    .last()
+                    .and_then(|l| l.strip_prefix("DATABASE_URL=")),
+                Some(self.url.as_str()),
+                "the cluster came back on its old port"
+            );
+        }
+    }
+
+    /// A database in this cluster, migrated with 16 shards.
+    pub async fn test_db(&self) -> TestDb {
+        let name = "marketcast".to_string();
+        connect(&self.url)
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let url = with_db(&self.url, &name);
+        marketcast::db::migrate(&url, 16).await.expect("migrate");
+        TestDb { name, url }
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        // Blocking, but only for the pg_ctl stop of a test that is ending anyway.
+        let _ = std::process::Command::new(pg_dev())
+            .args(["stop", "--wipe"])
+            .env("PGDEV_DIR", &self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
