@@ -1233,6 +1233,7 @@ async fn f_notify_queue_pinned_by_a_stuck_listener() {
     }
     rig.wait_committed(100).await; // trades still commit and notify
     let after = queue_usage(&c).await;
+    eprintln!("faults: NOTIFY queue usage behind the stuck listener: {before} -> {after}");
     assert!(
         after >= before + 3e-4 && after >= threshold,
         "the queue grows behind the stuck listener: {before} -> {after}"
