@@ -593,8 +593,8 @@ struct Rig {
     ready_rx: mpsc::UnboundedReceiver<String>,
     writer: Server,
     stop: CancellationToken,
-    sql: JoinHandle<u64>,
-    http: JoinHandle<WriterLog>,
+    /// The two producers, started once every client is subscribed.
+    load: Option<(JoinHandle<u64>, JoinHandle<WriterLog>)>,
     clients: Vec<ClientHandle>,
 }
 
@@ -663,8 +663,7 @@ impl Rig {
             targets,
             ready_tx,
             ready_rx,
-            sql: tokio::spawn(std::future::ready(0)),
-            http: tokio::spawn(std::future::ready(WriterLog::default())),
+            load: None,
             writer,
             stop: stop.clone(),
             clients: Vec::new(),
@@ -689,8 +688,10 @@ impl Rig {
             rig.add_client(spec);
         }
         rig.wait_ready(opts.clients).await;
-        rig.sql = tokio::spawn(sql_load(db.url.clone(), markets.clone(), stop.clone()));
-        rig.http = tokio::spawn(http_load(rig.writer.http(), markets, stop));
+        rig.load = Some((
+            tokio::spawn(sql_load(db.url.clone(), markets.clone(), stop.clone())),
+            tokio::spawn(http_load(rig.writer.http(), markets, stop)),
+        ));
         rig.wait_committed(100).await;
         rig
     }
@@ -769,8 +770,9 @@ impl Rig {
     /// check every sequence and every writer answer against the log.
     async fn finish(self) -> Outcome {
         self.stop.cancel();
-        let sql_committed = self.sql.await.unwrap();
-        let writer = self.http.await.unwrap();
+        let (sql, http) = self.load.expect("the load was started");
+        let sql_committed = sql.await.unwrap();
+        let writer = http.await.unwrap();
         assert!(sql_committed > 0, "the SQL load committed something");
         assert!(
             !writer.committed.is_empty(),
