@@ -519,47 +519,81 @@ struct WriterLog {
     unknown: usize,
 }
 
-/// The writer's HTTP API: one trade every 10 ms, round-robin over markets,
-/// each with a fresh client_order_id. A 503 is final (nothing committed, by
-/// contract, checked in `finish`); an unknown outcome is retried with the
-/// same id until the writer gives a definite answer, as its docs tell clients.
+/// A trade posted to the writer: (client_order_id, URL, body).
+type Post = (String, String, String);
+
+enum Answer {
+    Committed,
+    Refused,
+    Unknown,
+}
+
+/// Post once. `retry`: an earlier try's outcome is unknown, so a 503 now says
+/// nothing about whether that one committed.
+async fn post(p: &Post, retry: bool) -> Answer {
+    match try_http("POST", &p.1, &[], Some(&p.2)).await {
+        Ok((200 | 201, _)) => Answer::Committed,
+        Ok((503, _)) if !retry => Answer::Refused,
+        Ok((503, _)) => Answer::Unknown,
+        Ok((500, v)) if v["error"]["code"] == "outcome_unknown" => Answer::Unknown,
+        Ok((s, v)) => panic!("the writer answered {s} {v} to {}", p.0),
+        Err(_) => Answer::Unknown, // no answer: it may have committed
+    }
+}
+
+/// The writer's HTTP API: one new trade every 10 ms, round-robin over
+/// markets, each with a fresh client_order_id. A 503 is final (nothing
+/// committed, by contract; checked in `finish`). An unknown outcome is
+/// retried with the same id, one retry per tick besides the new trade, until
+/// the writer gives a definite answer, as its docs tell clients to.
 async fn http_load(writer: String, markets: Vec<String>, stop: CancellationToken) -> WriterLog {
     let mut log = WriterLog::default();
+    let mut unresolved: std::collections::VecDeque<Post> = Default::default();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n = 0usize;
-    while !stop.is_cancelled() {
+    loop {
+        let stopping = stop.is_cancelled();
+        if stopping && unresolved.is_empty() {
+            return log;
+        }
         tick.tick().await;
+        if let Some(p) = unresolved.pop_front() {
+            match post(&p, true).await {
+                Answer::Committed => {
+                    log.committed.push(p.0);
+                    log.ok_at.push(Instant::now());
+                }
+                _ => {
+                    log.unknown += 1;
+                    unresolved.push_back(p);
+                }
+            }
+        }
+        if stopping {
+            continue;
+        }
         n += 1;
         let coid = format!("w-{n}");
         let m = &markets[n % markets.len()];
         let body =
             json!({"side": "no", "price": "0.4", "qty": 2, "client_order_id": coid}).to_string();
-        let url = format!("{writer}/v1/markets/{m}/trades");
-        let mut unknown = false;
-        loop {
-            match try_http("POST", &url, &[], Some(&body)).await {
-                Ok((200 | 201, _)) => {
-                    log.committed.push(coid);
-                    log.ok_at.push(Instant::now());
-                    break;
-                }
-                Ok((503, _)) if !unknown => {
-                    log.refused.push(coid);
-                    log.refused_at.push(Instant::now());
-                    break;
-                }
-                Ok((500, v)) if v["error"]["code"] == "outcome_unknown" => unknown = true,
-                // After an unknown outcome a 503 says nothing about the first try.
-                Ok((503, _)) => {}
-                Ok((s, v)) => panic!("the writer answered {s} {v}"),
-                Err(_) => unknown = true, // no answer: it may have committed
+        let p = (coid, format!("{writer}/v1/markets/{m}/trades"), body);
+        match post(&p, false).await {
+            Answer::Committed => {
+                log.committed.push(p.0);
+                log.ok_at.push(Instant::now());
             }
-            log.unknown += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            Answer::Refused => {
+                log.refused.push(p.0);
+                log.refused_at.push(Instant::now());
+            }
+            Answer::Unknown => {
+                log.unknown += 1;
+                unresolved.push_back(p);
+            }
         }
     }
-    log
 }
 
 // ------------------------------------------------------------ the rig
