@@ -121,11 +121,15 @@ async fn stored_shard_count(
 ) -> Option<u32> {
     let mut wait = Duration::from_millis(200);
     loop {
-        let r = async {
+        let read = async {
             let c = pool.get().await?;
             db::shard_count(&**c).await
-        }
-        .await;
+        };
+        // Cancel safety: dropping the read only abandons a connection attempt.
+        let r = tokio::select! {
+            r = read => r,
+            _ = shutdown.cancelled() => return None,
+        };
         match r {
             Ok(n) => return Some(n),
             Err(e) => tracing::warn!(error = %e, "cannot read the shard count yet; retrying"),
@@ -202,6 +206,11 @@ impl State {
                 "GET /ws must be a WebSocket upgrade",
             );
         }
+        if let Err(refusal) = check_origin(&self.ctx.cfg, &req) {
+            metrics::counter!("marketcast_ws_origin_refused_total").increment(1);
+            tracing::debug!(%peer, reason = %refusal, "WebSocket upgrade refused: origin");
+            return http::error(StatusCode::FORBIDDEN, "origin_not_allowed", refusal);
+        }
         let initial = initial_op(req.uri().query().unwrap_or(""));
         let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
             Ok(x) => x,
@@ -233,6 +242,38 @@ impl State {
     }
 }
 
+/// The `Origin` allowlist (`--allowed-origins`), checked before the upgrade
+/// so a refused page gets a plain HTTP 403 with a reason it can show, and no
+/// WebSocket is ever opened for it.
+///
+/// It stops *browsers* on other sites from using this feed (a page's script
+/// cannot choose the `Origin` its browser sends). It authenticates nobody: a
+/// non-browser client can send any `Origin` it likes, so the feed is public
+/// to anyone who can reach the port whatever this says (docs/SECURITY.md).
+/// That is also why a missing `Origin` (which no browser omits on a
+/// WebSocket handshake) is accepted unless `--require-origin` says otherwise.
+fn check_origin<B>(cfg: &BroadcasterConfig, req: &Request<B>) -> Result<(), String> {
+    let Some(allowed) = &cfg.allowed_origins else {
+        return Ok(());
+    };
+    let Some(origin) = req.headers().get(hyper::header::ORIGIN) else {
+        return match cfg.require_origin {
+            true => Err("an Origin header is required".to_string()),
+            false => Ok(()),
+        };
+    };
+    let shown = String::from_utf8_lossy(origin.as_bytes());
+    let shown: String = shown.chars().take(200).collect();
+    match origin
+        .to_str()
+        .ok()
+        .and_then(crate::config::normalize_origin)
+    {
+        Some(o) if allowed.contains(&o) => Ok(()),
+        _ => Err(format!("origin {shown:?} is not allowed")),
+    }
+}
+
 /// `?market=ID&from_seq=N&epoch=E`: a subscribe made at connect time.
 fn initial_op(query: &str) -> Option<Result<Op, ErrorReply>> {
     let mut market = None;
@@ -242,7 +283,8 @@ fn initial_op(query: &str) -> Option<Result<Op, ErrorReply>> {
         match &*k {
             "market" => market = Some(v.into_owned()),
             "from_seq" => match v.parse::<i64>() {
-                Ok(n) if n >= 0 => from_seq = Some(n),
+                // As in `session::parse_op`: from_seq + 1 must not overflow.
+                Ok(n) if (0..i64::MAX).contains(&n) => from_seq = Some(n),
                 _ => {
                     return Some(Err(ErrorReply::new(
                         None,

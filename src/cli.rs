@@ -45,7 +45,9 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct DbArgs {
     /// PostgreSQL connection URL, e.g. postgres://user@127.0.0.1:5432/marketcast.
-    #[arg(long, env = "DATABASE_URL")]
+    /// May carry the password; it is never logged (the environment variable's
+    /// value is hidden from --help as well).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
     /// Largest number of pooled connections (queries and writes; the LISTEN
@@ -81,9 +83,30 @@ pub struct WriterArgs {
     #[arg(long, env = "MARKETCAST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
 
-    /// When set, every POST needs `Authorization: Bearer <token>`.
+    /// When set, every POST needs `Authorization: Bearer <token>`. Prefer the
+    /// environment variable: a command line is visible to every local user.
     #[arg(long, env = "MARKETCAST_WRITE_TOKEN", hide_env_values = true)]
     pub write_token: Option<String>,
+
+    /// Largest request body in bytes; a bigger one is answered 413. Default
+    /// 16384, the contract's 16 KiB (a trade request is under 300 bytes).
+    #[arg(long, env = "MARKETCAST_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// API requests handled at once (reading the body, waiting for the
+    /// database); the next one is answered 503 `overloaded` with Retry-After.
+    /// /healthz and /metrics are not counted. Default 1024.
+    #[arg(
+        long,
+        env = "MARKETCAST_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 1024
+    )]
+    pub max_concurrent_requests: usize,
+
+    /// How long a client may take to send a request body; then 408. Default
+    /// 10s, like the 10s allowed for the headers.
+    #[arg(long, env = "MARKETCAST_BODY_TIMEOUT", default_value = "10s")]
+    pub body_timeout: String,
 
     /// Most trades grouped into one transaction. NOTIFY serialises commits
     /// cluster-wide, so grouping concurrent requests is what lets writes scale.
@@ -204,6 +227,18 @@ pub struct BroadcasterArgs {
     /// and when it is full every notifying commit (every trade) fails.
     #[arg(long, env = "MARKETCAST_NOTIFY_QUEUE_WARN", default_value_t = 0.01)]
     pub notify_queue_warn: f64,
+
+    /// Comma-separated origins (`https://app.example,https://b.example:8443`)
+    /// whose pages may open WebSockets; an upgrade carrying any other `Origin`
+    /// is answered 403. Default: unset, any origin (the feed is public).
+    #[arg(long, env = "MARKETCAST_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+
+    /// With --allowed-origins, also refuse upgrades without an `Origin`
+    /// header (403). Browsers always send one; off by default so that
+    /// non-browser clients (`marketcast subscribe`, servers) keep working.
+    #[arg(long, env = "MARKETCAST_REQUIRE_ORIGIN")]
+    pub require_origin: bool,
 }
 
 #[derive(Debug, Args)]
@@ -242,7 +277,7 @@ pub struct PruneArgs {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// PostgreSQL URL; unset: start a throwaway cluster with bin/pg-dev.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Address of the page and the write API.

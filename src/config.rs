@@ -12,12 +12,42 @@ use anyhow::{bail, Context, Result};
 use crate::cli;
 
 /// Database access shared by every role.
-#[derive(Debug, Clone)]
+///
+/// `Debug` is written by hand (as for [`WriterConfig`]): the URL may carry the
+/// database password, and a derived `Debug` would print it wherever a config
+/// is logged with `?`. See docs/SECURITY.md, "Secrets".
+#[derive(Clone)]
 pub struct DbConfig {
+    /// May hold a password: never log it; [`redact_url`] it first.
     pub url: String,
     pub pool_size: usize,
     /// Bound on any single database step; see `--db-timeout`.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for DbConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbConfig")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***`, for messages and logs. A URL
+/// that does not parse is replaced whole: its password cannot be located.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                // Fails only for URLs that cannot have credentials at all.
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparsable URL>".to_string(),
+    }
 }
 
 impl DbConfig {
@@ -41,14 +71,40 @@ impl DbConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WriterConfig {
     pub db: DbConfig,
     pub listen: SocketAddr,
+    /// A secret: never logged (the hand-written `Debug` prints only whether it is set).
     pub write_token: Option<String>,
     pub batch_max: usize,
     pub batch_linger: Duration,
     pub batch_workers: usize,
+    /// Largest request body; 413 above it.
+    pub max_body_bytes: usize,
+    /// API requests handled at once; 503 `overloaded` above it.
+    pub max_concurrent_requests: usize,
+    /// Longest wait for a request body; 408 after it.
+    pub body_timeout: Duration,
+}
+
+impl std::fmt::Debug for WriterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterConfig")
+            .field("db", &self.db)
+            .field("listen", &self.listen)
+            .field(
+                "write_token",
+                &self.write_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("batch_max", &self.batch_max)
+            .field("batch_linger", &self.batch_linger)
+            .field("batch_workers", &self.batch_workers)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("body_timeout", &self.body_timeout)
+            .finish()
+    }
 }
 
 impl WriterConfig {
@@ -60,12 +116,22 @@ impl WriterConfig {
             batch_max: 64,
             batch_linger: Duration::ZERO,
             batch_workers: 1,
+            max_body_bytes: crate::writer::MAX_BODY_BYTES,
+            max_concurrent_requests: 1024,
+            body_timeout: Duration::from_secs(10),
         }
     }
 
     pub fn from_cli(a: &cli::WriterArgs) -> Result<Self> {
-        if a.batch_max == 0 || a.batch_workers == 0 {
-            bail!("--batch-max and --batch-workers must be at least 1");
+        if a.batch_max == 0 || a.batch_workers == 0 || a.max_concurrent_requests == 0 {
+            bail!("--batch-max, --batch-workers and --max-concurrent-requests must be at least 1");
+        }
+        if a.max_body_bytes < 1024 {
+            bail!("--max-body-bytes must be at least 1024");
+        }
+        let body_timeout = duration("--body-timeout", &a.body_timeout)?;
+        if body_timeout.is_zero() {
+            bail!("--body-timeout must be positive");
         }
         Ok(WriterConfig {
             db: DbConfig::from_cli(&a.db)?,
@@ -74,6 +140,9 @@ impl WriterConfig {
             batch_max: a.batch_max,
             batch_linger: duration("--batch-linger", &a.batch_linger)?,
             batch_workers: a.batch_workers,
+            max_body_bytes: a.max_body_bytes,
+            max_concurrent_requests: a.max_concurrent_requests,
+            body_timeout,
         })
     }
 }
@@ -102,6 +171,13 @@ pub struct BroadcasterConfig {
     pub hub_pool_size: usize,
     /// `pg_notification_queue_usage()` (0..1) at or above which a warning is logged.
     pub notify_queue_warn: f64,
+    /// WebSocket upgrades whose `Origin` is not in this set get 403 (see
+    /// [`crate::broadcaster`]); None: any origin. Entries are normalised with
+    /// [`normalize_origin`].
+    pub allowed_origins: Option<BTreeSet<String>>,
+    /// With an allowlist, also refuse upgrades that carry no `Origin` at all
+    /// (non-browser clients). Ignored without an allowlist.
+    pub require_origin: bool,
 }
 
 impl BroadcasterConfig {
@@ -127,6 +203,8 @@ impl BroadcasterConfig {
             reconnect_max: Duration::from_secs(5),
             hub_pool_size: 4,
             notify_queue_warn: 0.01,
+            allowed_origins: None,
+            require_origin: false,
         }
     }
 
@@ -152,7 +230,16 @@ impl BroadcasterConfig {
             reconnect_max: duration("--reconnect-max", &a.reconnect_max)?,
             hub_pool_size: a.hub_pool_size,
             notify_queue_warn: a.notify_queue_warn,
+            allowed_origins: a
+                .allowed_origins
+                .as_deref()
+                .map(parse_origins)
+                .transpose()?,
+            require_origin: a.require_origin,
         };
+        if c.require_origin && c.allowed_origins.is_none() {
+            bail!("--require-origin needs --allowed-origins");
+        }
         c.check()?;
         Ok(c)
     }
@@ -192,6 +279,40 @@ impl BroadcasterConfig {
         }
         Ok(())
     }
+}
+
+/// Parse `https://a.example,https://b.example:8443` into normalised origins.
+pub fn parse_origins(s: &str) -> Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let o = normalize_origin(part).with_context(|| {
+            format!("--allowed-origins: {part:?} is not an origin like https://app.example or https://app.example:8443")
+        })?;
+        out.insert(o);
+    }
+    if out.is_empty() {
+        bail!("--allowed-origins: no origin given");
+    }
+    Ok(out)
+}
+
+/// The form browsers send in `Origin` (RFC 6454): `scheme://host[:port]`,
+/// lowercase, the scheme's default port left out. None for anything else
+/// (a path, credentials, an opaque origin such as `null`): such a value can
+/// never equal an allowed origin.
+pub fn normalize_origin(s: &str) -> Option<String> {
+    let u = url::Url::parse(s.trim()).ok()?;
+    let rest = u.path().trim_start_matches('/');
+    if !rest.is_empty()
+        || u.query().is_some()
+        || u.fragment().is_some()
+        || !u.username().is_empty()
+        || u.password().is_some()
+    {
+        return None;
+    }
+    let o = u.origin();
+    o.is_tuple().then(|| o.ascii_serialization())
 }
 
 /// Parse `0-3,7` into {0,1,2,3,7}.
@@ -252,6 +373,52 @@ mod tests {
         assert!(parse_shards("3-1").is_err());
         assert!(parse_shards("x").is_err());
         assert!(parse_shards("").is_err());
+    }
+
+    #[test]
+    fn origins() {
+        assert_eq!(
+            normalize_origin("HTTPS://App.Example:443").as_deref(),
+            Some("https://app.example")
+        );
+        assert_eq!(
+            normalize_origin("http://a.example:8080/").as_deref(),
+            Some("http://a.example:8080")
+        );
+        for bad in [
+            "null",
+            "a.example",
+            "https://a.example/x",
+            "https://u:p@a.example",
+            "",
+        ] {
+            assert_eq!(normalize_origin(bad), None, "{bad}");
+        }
+        let set = parse_origins(" https://a.example, http://b.example:81 ,").unwrap();
+        assert_eq!(
+            set.into_iter().collect::<Vec<_>>(),
+            vec!["http://b.example:81", "https://a.example"]
+        );
+        assert!(parse_origins(",").is_err());
+        assert!(parse_origins("https://a.example/path").is_err());
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let mut w = WriterConfig::new(DbConfig::new("postgres://me:hunter2-pw@127.0.0.1:5432/db"));
+        w.write_token = Some("tok-abcdef".into());
+        let s = format!("{w:?}");
+        assert!(
+            !s.contains("hunter2-pw") && !s.contains("tok-abcdef"),
+            "{s}"
+        );
+        assert!(s.contains("postgres://me:***@127.0.0.1:5432/db"), "{s}");
+        assert_eq!(redact_url("not a url hunter2"), "<unparsable URL>");
+        assert_eq!(
+            redact_url("postgres://me@h/db"),
+            "postgres://me@h/db",
+            "nothing to hide"
+        );
     }
 
     #[test]

@@ -23,6 +23,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "linear_bulk_inserts",
         include_str!("../sql/0002_linear_bulk_inserts.sql"),
     ),
+    (
+        3,
+        "least_privilege",
+        include_str!("../sql/0003_least_privilege.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent `migrate` runs on one database.
@@ -275,12 +280,20 @@ impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
             // Errors a server raised while shutting down or that cancel our
-            // statement because of the timeout are outages, not answers.
+            // statement because of the timeout are outages, not answers; so
+            // are refusals to let us in at all (class 28: a wrong password or
+            // user, 3D000: no such database, class 08: the connection failed)
+            // and a server out of resources (class 53): nothing was done, and
+            // the same request may succeed once the database is back or fixed.
             Some(db)
                 if matches!(
                     db.code().code(),
-                    "57P01" | "57P02" | "57P03" | "57014" | "53300"
-                ) =>
+                    "57P01" | "57P02" | "57P03" | "57014" | "3D000"
+                ) || db
+                    .code()
+                    .code()
+                    .get(..2)
+                    .is_some_and(|class| ["08", "28", "53"].contains(&class)) =>
             {
                 DbError::Unavailable(format!("{}: {}", db.code().code(), db.message()))
             }
@@ -298,7 +311,14 @@ impl From<tokio_postgres::Error> for DbError {
 impl From<deadpool_postgres::PoolError> for DbError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
-            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            // Getting a pooled connection runs no statement (recycling is
+            // `Fast`): whatever the server said, it was about connecting.
+            deadpool_postgres::PoolError::Backend(e) => match DbError::from(e) {
+                DbError::Sql { code, message, .. } => {
+                    DbError::Unavailable(format!("{code}: {message}"))
+                }
+                other => other,
+            },
             other => DbError::Unavailable(other.to_string()),
         }
     }

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use marketcast::cli::{Cli, Command, LogFormat};
 use marketcast::config::{self, BroadcasterConfig, DbConfig, WriterConfig};
@@ -66,7 +66,15 @@ async fn run(cmd: Command) -> Result<()> {
             let cfg = SubscribeConfig {
                 url: a.url,
                 market: a.market,
-                from_seq: a.from_seq.map(|f| f as i64),
+                from_seq: a
+                    .from_seq
+                    .map(|f| {
+                        i64::try_from(f)
+                            .ok()
+                            .filter(|f| *f < i64::MAX)
+                            .context("--from-seq must be below 2^63-1")
+                    })
+                    .transpose()?,
                 count: a.count,
                 reconnect_max: config::duration("--reconnect-max", &a.reconnect_max)?,
             };

@@ -77,7 +77,8 @@ pub async fn run(
                     Some("trade") => {
                         let seq = v.get("seq").and_then(Value::as_i64).context("trade without seq")?;
                         if let Some(l) = last {
-                            if seq != l + 1 {
+                            // checked: a seq is the server's word, and i64::MAX + 1 must not panic.
+                            if l.checked_add(1) != Some(seq) {
                                 bail!("delivery guarantee broken: got seq {seq} after {l}");
                             }
                         }
@@ -101,7 +102,7 @@ pub async fn run(
                             last = head;
                         }
                         // A backlog worth reporting progress on.
-                        catch_up = head.filter(|h| *h - last.unwrap_or(*h) > PROGRESS_EVERY);
+                        catch_up = head.filter(|h| h.saturating_sub(last.unwrap_or(*h)) > PROGRESS_EVERY);
                         tracing::info!(market = %cfg.market, head_seq = ?v.get("head_seq"), from = ?last, "subscribed");
                     }
                     Some("error") => {

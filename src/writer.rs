@@ -32,7 +32,8 @@ use crate::db::{self, DbError, MARKET_COLUMNS, TRADE_COLUMNS};
 use crate::http::{self, Body};
 use crate::trade::{Market, Trade};
 
-/// Largest accepted request body (PROTOCOL.md: 413 above it).
+/// Default largest accepted request body (PROTOCOL.md: 413 above 16 KiB);
+/// `--max-body-bytes`.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// Largest page of `GET /v1/markets/{id}/trades`.
 pub const MAX_TRADES_PAGE: i64 = 1000;
@@ -79,6 +80,9 @@ pub async fn run(
         token: cfg.write_token.clone(),
         trades: tx,
         timeout: cfg.db.timeout,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_requests)),
+        max_body_bytes: cfg.max_body_bytes,
+        body_timeout: cfg.body_timeout,
     });
     http::serve(listener, shutdown, move |req, peer| {
         let state = state.clone();
@@ -103,6 +107,17 @@ struct Writer {
     /// answered 503 at once rather than queued without limit.
     trades: mpsc::Sender<Job>,
     timeout: Duration,
+    /// One permit per API request being handled (reading its body, waiting
+    /// for the database or the batcher); `--max-concurrent-requests`. When
+    /// none is left the request is answered 503 `overloaded` at once, so
+    /// memory and queued work stay bounded whatever clients do. /healthz and
+    /// /metrics take none: monitoring must still see an overloaded writer.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// `--max-body-bytes`: 413 above it.
+    max_body_bytes: usize,
+    /// `--body-timeout`: a body not received within it is answered 408, so a
+    /// client trickling its body cannot hold a request slot for ever.
+    body_timeout: Duration,
 }
 
 /// A writer-side failure, answered as `{"error":{"code","message"}}`.
@@ -186,10 +201,29 @@ impl Writer {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let (route, resp) = match self.route(req).await {
-            Ok((route, r)) => (route, r),
-            Err((route, e)) => (route, e.response()),
+        let monitoring = matches!(path.as_str(), "/healthz" | "/metrics");
+        // Held until the response is built; dropped with it.
+        let permit = match monitoring {
+            true => None,
+            false => self.in_flight.clone().try_acquire_owned().ok(),
         };
+        let (route, resp) = if !monitoring && permit.is_none() {
+            let mut r = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in progress, nothing was committed; retry",
+            )
+            .response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            ("overloaded", r)
+        } else {
+            match self.route(req).await {
+                Ok((route, r)) => (route, r),
+                Err((route, e)) => (route, e.response()),
+            }
+        };
+        drop(permit);
         let status = resp.status().as_u16().to_string();
         metrics::counter!("marketcast_writer_requests_total", "route" => route, "status" => status)
             .increment(1);
@@ -295,7 +329,7 @@ impl Writer {
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            if !given.is_some_and(|g| token_matches(g.as_bytes(), token.as_bytes())) {
                 return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
@@ -321,11 +355,12 @@ impl Writer {
                 "Content-Type must be application/json",
             ));
         }
+        let max = self.max_body_bytes;
         let too_large = || {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
-                format!("body over {MAX_BODY_BYTES} bytes"),
+                format!("body over {max} bytes"),
             )
         };
         if let Some(len) = req
@@ -334,14 +369,25 @@ impl Writer {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
         {
-            if len > MAX_BODY_BYTES {
+            if len > max {
                 return Err(too_large());
             }
         }
-        let body: Bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES)
-            .collect()
-            .await
-        {
+        let read = tokio::time::timeout(
+            self.body_timeout,
+            Limited::new(req.into_body(), max).collect(),
+        );
+        let Ok(read) = read.await else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the body did not arrive within {}",
+                    humantime::format_duration(self.body_timeout)
+                ),
+            ));
+        };
+        let body: Bytes = match read {
             Ok(c) => c.to_bytes(),
             Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -518,9 +564,16 @@ impl Writer {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    // Length is not secret; the content comparison does not stop early.
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether the bearer token `given` is the configured `token`, in time that
+/// does not depend on where the two first differ (subtle's `ct_eq`, which
+/// the optimiser cannot turn back into an early exit), so a client cannot
+/// guess the token byte by byte from response times. The *length* does leak:
+/// `ct_eq` answers unequal lengths at once. That is accepted (docs/SECURITY.md):
+/// a token's length is no secret worth protecting, and a random token of 32
+/// or more characters is out of reach of guessing whatever its length.
+fn token_matches(given: &[u8], token: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(given.ct_eq(token))
 }
 
 pub fn validate_market_id(id: &str) -> Result<(), ApiError> {
@@ -1048,6 +1101,20 @@ mod tests {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
         );
         assert!(e.message.contains("nothing was committed"), "{}", e.message);
+    }
+
+    #[test]
+    fn tokens_match_only_exactly() {
+        assert!(token_matches(b"s3cret-token", b"s3cret-token"));
+        for given in [
+            &b"s3cret-tokeN"[..],
+            b"s3cret-toke",
+            b"s3cret-token!",
+            b"",
+            b"S3CRET-TOKEN",
+        ] {
+            assert!(!token_matches(given, b"s3cret-token"), "{given:?}");
+        }
     }
 
     #[test]

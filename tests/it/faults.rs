@@ -680,8 +680,8 @@ impl Rig {
                 bcast_args.extend([k.to_string(), v.to_string()]);
             }
         }
-        let bcast = ChildBroadcaster::start(&db.url, &bcast_args).await;
-        let mut wcfg = marketcast::config::WriterConfig::new(db.db_config());
+        let bcast = ChildBroadcaster::start(&db.broadcaster_url(), &bcast_args).await;
+        let mut wcfg = writer_config(db);
         wcfg.db.timeout = Duration::from_secs(2);
         let writer = writer(wcfg).await;
         let (url, _) = watch::channel(bcast.ws());
@@ -795,7 +795,11 @@ impl Rig {
     async fn kill9_and_replace(&mut self) {
         self.bcast.take().unwrap().kill9().await;
         self.wait_committed(50).await;
-        let b = ChildBroadcaster::start(&self.db_url, &self.bcast_args).await;
+        let b = ChildBroadcaster::start(
+            &as_role(&self.db_url, BROADCASTER_ROLE, BROADCASTER_PASSWORD),
+            &self.bcast_args,
+        )
+        .await;
         self.url.send_replace(b.ws());
         self.bcast = Some(b);
     }

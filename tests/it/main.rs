@@ -18,10 +18,19 @@
 //!   load while LISTEN is cut, Postgres restarts or goes away, the broadcaster
 //!   is killed, a subscriber stalls, the NOTIFY queue is pinned; every
 //!   sequence checked exactly (docs/RELIABILITY.md).
+//! - `security`: secrets never in any output (the real binary at
+//!   RUST_LOG=trace), what each role's login may and may not do, the Origin
+//!   allowlist, the writer's request limits, client input that once panicked.
+//!
+//! The writer and the broadcaster under test connect as password-protected
+//! login roles holding only `marketcast_writer` / `marketcast_broadcaster`
+//! (`support::writer_config`, `support::broadcaster_config`); the superuser
+//! of DATABASE_URL only creates, migrates and seeds the databases.
 
 mod broadcaster;
 mod faults;
 mod resilience;
+mod security;
 mod sql;
 mod support;
 mod writer;

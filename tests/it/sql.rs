@@ -117,11 +117,10 @@ async fn market_row(c: &tokio_postgres::Client, market: &str) -> (i64, i64, Opti
     (r.get(0), r.get(1), r.get(2))
 }
 
-/// `url` connecting as `user` (the cluster trusts local connections).
+/// `url` connecting as `user`, whose password is its name (bin/pg-dev asks
+/// every role but `postgres` for its password).
 fn as_user(url: &str, user: &str) -> String {
-    let mut u = url::Url::parse(url).unwrap();
-    u.set_username(user).unwrap();
-    u.to_string()
+    as_role(url, user, user)
 }
 
 async fn insert_trade(
@@ -630,8 +629,8 @@ async fn group_roles_grant_exactly_their_jobs() {
     admin
         .batch_execute(&format!(
             "DROP ROLE IF EXISTS {w_role}; DROP ROLE IF EXISTS {b_role};
-             CREATE ROLE {w_role} LOGIN IN ROLE marketcast_writer;
-             CREATE ROLE {b_role} LOGIN IN ROLE marketcast_broadcaster;"
+             CREATE ROLE {w_role} LOGIN PASSWORD '{w_role}' IN ROLE marketcast_writer;
+             CREATE ROLE {b_role} LOGIN PASSWORD '{b_role}' IN ROLE marketcast_broadcaster;"
         ))
         .await
         .unwrap();

@@ -32,6 +32,118 @@ pub fn with_db(url: &str, db: &str) -> String {
     u.to_string()
 }
 
+/// The login role every test's writer runs as: a member of
+/// `marketcast_writer` and nothing else, with a password (bin/pg-dev trusts
+/// only `postgres`; other roles authenticate with scram-sha-256). The test
+/// database's owner (the superuser of DATABASE_URL) only migrates and seeds.
+pub const WRITER_ROLE: &str = "marketcast_test_writer";
+pub const WRITER_PASSWORD: &str = "writer-test-pw";
+/// Likewise for every test's broadcaster: only `marketcast_broadcaster`.
+pub const BROADCASTER_ROLE: &str = "marketcast_test_broadcaster";
+pub const BROADCASTER_PASSWORD: &str = "broadcaster-test-pw";
+
+/// `url` connecting as `user` with `password`.
+pub fn as_role(url: &str, user: &str, password: &str) -> String {
+    let mut u = url::Url::parse(url).expect("a database URL");
+    u.set_username(user).expect("URL takes a user");
+    u.set_password(Some(password))
+        .expect("URL takes a password");
+    u.to_string()
+}
+
+/// host:port of a URL: roles are per cluster.
+fn cluster_of(url: &str) -> String {
+    let u = url::Url::parse(url).expect("a database URL");
+    format!(
+        "{}:{}",
+        u.host_str().unwrap_or(""),
+        u.port().unwrap_or(5432)
+    )
+}
+
+/// Whether the test login roles exist in the suite's cluster (roles are
+/// cluster-wide). Other clusters (a test's `OwnCluster`) are not remembered:
+/// one may be wiped and another started on the same port.
+static ROLES_READY: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(false);
+
+/// Create (or reset) the test login roles in the cluster of `admin_url`
+/// (once per run for the suite's cluster). Idempotent and safe when several
+/// test processes share a cluster: catalog races are retried.
+pub async fn ensure_roles(admin_url: &str) {
+    let main = cluster_of(admin_url) == cluster_of(&server_url());
+    let mut ready = ROLES_READY.lock().await;
+    if main && *ready {
+        return;
+    }
+    let a = connect(admin_url).await;
+    let mut sql = String::new();
+    for group in ["marketcast_writer", "marketcast_broadcaster"] {
+        // Normally made by migrate; made here too so the order does not matter.
+        sql += &format!(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{group}') THEN CREATE ROLE {group} NOLOGIN; END IF;
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;"
+        );
+    }
+    for (role, pw, group) in [
+        (WRITER_ROLE, WRITER_PASSWORD, "marketcast_writer"),
+        (
+            BROADCASTER_ROLE,
+            BROADCASTER_PASSWORD,
+            "marketcast_broadcaster",
+        ),
+    ] {
+        sql += &format!(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN CREATE ROLE {role} LOGIN; END IF;
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+             ALTER ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT PASSWORD '{pw}';
+             GRANT {group} TO {role};"
+        );
+    }
+    let mut tries = 0;
+    loop {
+        match a.batch_execute(&sql).await {
+            Ok(()) => break,
+            // "tuple concurrently updated" when another process does the same.
+            Err(e) if tries < 20 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("creating the test login roles: {e:?}"),
+        }
+    }
+    if main {
+        *ready = true;
+    }
+}
+
+/// The superuser URL of the cluster that `url` points at: DATABASE_URL for
+/// the suite's cluster, else bin/pg-dev's trusted `postgres` (own clusters).
+fn admin_url_for(url: &str) -> String {
+    let server = server_url();
+    if cluster_of(url) == cluster_of(&server) {
+        return server;
+    }
+    let mut u = url::Url::parse(url).expect("a database URL");
+    u.set_username("postgres").expect("URL takes a user");
+    u.set_password(None).expect("URL takes a password");
+    u.set_path("/postgres");
+    u.to_string()
+}
+
+/// Before a server connects as a test login role, make sure the role exists
+/// in its cluster (a test may have started a cluster of its own).
+async fn ensure_roles_for(db_url: &str) {
+    let Ok(u) = url::Url::parse(db_url) else {
+        return;
+    };
+    if [WRITER_ROLE, BROADCASTER_ROLE].contains(&u.username()) {
+        ensure_roles(&admin_url_for(db_url)).await;
+    }
+}
+
 static TEMPLATE: OnceCell<String> = OnceCell::const_new();
 static NEXT_DB: AtomicU32 = AtomicU32::new(0);
 
@@ -72,6 +184,7 @@ impl TestDb {
                 marketcast::db::migrate(&with_db(&server_url(), &name), 16)
                     .await
                     .expect("migrate template");
+                ensure_roles(&server_url()).await;
                 name
             })
             .await;
@@ -117,8 +230,20 @@ impl TestDb {
         connect(&self.url).await
     }
 
+    /// The owner's (superuser's) database config: for migrating and seeding,
+    /// never for the writer or broadcaster under test (see [`writer_config`]).
     pub fn db_config(&self) -> DbConfig {
         DbConfig::new(self.url.clone())
+    }
+
+    /// This database as [`WRITER_ROLE`].
+    pub fn writer_url(&self) -> String {
+        as_role(&self.url, WRITER_ROLE, WRITER_PASSWORD)
+    }
+
+    /// This database as [`BROADCASTER_ROLE`].
+    pub fn broadcaster_url(&self) -> String {
+        as_role(&self.url, BROADCASTER_ROLE, BROADCASTER_PASSWORD)
     }
 
     pub async fn market(&self, id: &str) {
@@ -181,6 +306,7 @@ impl Server {
 }
 
 pub async fn writer(cfg: WriterConfig) -> Server {
+    ensure_roles_for(&cfg.db.url).await;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -193,6 +319,7 @@ pub async fn writer(cfg: WriterConfig) -> Server {
 }
 
 pub async fn broadcaster(cfg: BroadcasterConfig) -> Server {
+    ensure_roles_for(&cfg.db.url).await;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -389,8 +516,14 @@ pub async fn subscribe(ws: &mut Ws, market: &str, from_seq: Option<i64>) -> Valu
     v
 }
 
+/// The writer every test runs by default: connected as [`WRITER_ROLE`].
+pub fn writer_config(db: &TestDb) -> WriterConfig {
+    WriterConfig::new(DbConfig::new(db.writer_url()))
+}
+
+/// The broadcaster every test runs by default: connected as [`BROADCASTER_ROLE`].
 pub fn broadcaster_config(db: &TestDb) -> BroadcasterConfig {
-    let mut c = BroadcasterConfig::new(db.db_config());
+    let mut c = BroadcasterConfig::new(DbConfig::new(db.broadcaster_url()));
     c.listen_heartbeat = Duration::from_millis(500);
     c.reconcile_interval = Duration::from_millis(500);
     c.reconnect_max = Duration::from_millis(500);
@@ -464,6 +597,7 @@ impl OwnCluster {
             .unwrap();
         let url = with_db(&self.url, &name);
         marketcast::db::migrate(&url, 16).await.expect("migrate");
+        ensure_roles(&self.url).await;
         TestDb { name, url }
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use crate::support::*;
 
 async fn start(db: &TestDb) -> Server {
-    writer(WriterConfig::new(db.db_config())).await
+    writer(writer_config(db)).await
 }
 
 async fn get(s: &Server, path: &str) -> (u16, Value) {
@@ -620,7 +620,7 @@ async fn http_level_errors() {
 #[tokio::test]
 async fn write_token_guards_every_post() {
     let db = TestDb::new().await;
-    let mut cfg = WriterConfig::new(db.db_config());
+    let mut cfg = writer_config(&db);
     cfg.write_token = Some("s3cret".into());
     let s = writer(cfg).await;
     let markets = format!("{}/v1/markets", s.http());
@@ -784,7 +784,7 @@ async fn batched_posts_get_gapless_seqs() {
     for m in markets {
         db.market(m).await;
     }
-    let mut cfg = WriterConfig::new(db.db_config());
+    let mut cfg = writer_config(&db);
     cfg.batch_max = 64;
     let s = writer(cfg).await;
     let tasks: Vec<_> = (0..64)
@@ -848,7 +848,7 @@ async fn one_burst_with_mixed_outcomes() {
     .await
     .unwrap();
     let original = db_trade(&c, "mix-a", 1).await;
-    let mut cfg = WriterConfig::new(db.db_config());
+    let mut cfg = writer_config(&db);
     cfg.batch_max = 64;
     // Long enough that the whole burst lands in one batch (the outcomes must be
     // right however it is split).
@@ -1183,7 +1183,7 @@ async fn commit_cutter(pg: SocketAddr) -> (SocketAddr, Arc<Notify>) {
 async fn connection_lost_during_batch_commit_is_not_redone() {
     let db = TestDb::new().await;
     db.market("cut").await;
-    let u = url::Url::parse(&db.url).unwrap();
+    let u = url::Url::parse(&db.writer_url()).unwrap();
     let pg: SocketAddr = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap())
         .parse()
         .unwrap();
