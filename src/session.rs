@@ -1,15 +1,16 @@
 //! One WebSocket connection of the broadcaster.
 //!
-//! Two tasks, because reading a client frame ([`inbound`]) is not cancel-safe
-//! and must never sit in a `select!`:
-//! - the **reader** parses client frames, enforces the size limit (1009),
-//!   binary frames (1008) and the op rate limit, and passes parsed ops, pongs
-//!   and close echoes to the writer over a small bounded channel;
-//! - the **writer** owns the socket's write half and every subscription. It
-//!   answers ops, follows each subscribed market's live broadcast, fills any
-//!   gap from the ring or the log before anything later, and writes whatever
-//!   is queued in one vectored write (pre-encoded frames, shared by
-//!   refcount: no per-subscriber JSON, no copy).
+//! One task per connection owns the socket and every subscription. In one
+//! `select!` it reads client frames ([`inbound`], cancel-safe: partial frames
+//! are kept in the reader, never in the future), enforces the size limit
+//! (1009), binary frames (1008) and the op rate limit, answers ops, follows
+//! each subscribed market's live broadcast, fills any gap from the ring or
+//! the log before anything later, and writes whatever is queued in one
+//! vectored write (pre-encoded frames, shared by refcount: no per-subscriber
+//! JSON, no copy). One task, no channel, no buffer kept while idle: an idle
+//! subscribed connection costs about 5 KiB (docs/BENCHMARKS.md, S3). While
+//! the task writes (a replay, a slow socket) it does not read: the client's
+//! frames wait in the kernel, which is the backpressure we want.
 //!
 //! The per-subscription rule that gives the delivery guarantee: `next` is the
 //! next seq owed to the client. A live trade below `next` is a duplicate and
@@ -37,7 +38,6 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
@@ -50,15 +50,15 @@ use crate::trade::{control_frame, text_frame, EncodedTrade};
 mod inbound;
 pub use inbound::{parse_head, FrameReader, Inbound, ReadError};
 
-/// Frames queued before the writer stops draining and writes. Bounds one
+/// Frames queued before the session stops draining and writes. Bounds one
 /// vectored write (the kernel takes at most 1024 slices anyway).
 const WRITE_BATCH_FRAMES: usize = 512;
 
 /// How long a closed connection keeps reading for the peer's Close reply.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
-/// The writer's fast path polls only live data; every this many turns it
-/// also looks at ops, timers and shutdown (see `Writer::run`).
+/// The session's fast path polls only live data; every this many turns it
+/// also looks at ops, timers and shutdown (see `Session::run`).
 const CONTROL_EVERY: u32 = 8;
 
 /// How long a closing connection may take to get its Close frame out (a slow
@@ -245,18 +245,6 @@ impl RateLimit {
     }
 }
 
-/// Reader -> writer messages. Bounded (16): a client that floods ops waits on
-/// its own socket, nobody else does. Sent boxed: tokio's channel allocates
-/// its slots 32 at a time per connection, and with `Ctl` inline that block
-/// was 3 KiB of every idle connection (massif); the messages are rare.
-enum Ctl {
-    Op(Op),
-    /// A ready frame: a pong, an error reply, the echo of a client's Close.
-    Frame(Bytes),
-    /// Close with this code and stop.
-    Close(u16, &'static str),
-}
-
 /// Run one upgraded connection to its end. `initial` is the subscribe from
 /// the URL's query, handled as if it were the first op.
 pub async fn run(
@@ -272,14 +260,15 @@ pub async fn run(
 
     // fastwebsockets did the handshake; from here frames are read by
     // `inbound` (no buffer kept while idle) and written pre-encoded, vectored.
-    let (r, w) = tokio::io::split(ws.into_inner());
-    let (ctl_tx, ctl_rx) = mpsc::channel(16);
-    let last_seen = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-
-    let mut writer = Writer {
+    let mut s = Session {
+        io: ws.into_inner(),
+        frames: FrameReader::new(ctx.cfg.max_message_bytes),
+        rate: RateLimit::new(ctx.cfg.rate_per_sec, ctx.cfg.rate_burst, Instant::now()),
+        refused: 0,
+        last_seen: Instant::now(),
+        sent_close: false,
+        peer_closed: false,
         ctx: ctx.clone(),
-        w,
         out: Vec::new(),
         subs: HashMap::new(),
         ids: HashMap::new(),
@@ -289,115 +278,29 @@ pub async fn run(
         shutdown: shutdown.clone(),
     };
     if over_limit {
-        writer
-            .close_now(1013, "server overloaded: connection limit reached")
+        s.close_now(1013, "server overloaded: connection limit reached")
             .await;
     } else {
-        // The URL's subscribe goes first through the same queue as every op,
-        // so the writer handles it (and any socket failure during its replay)
-        // exactly like one sent as a message. The queue is empty: never full.
-        if let Some(first) = initial {
-            let first = match first {
-                Ok(op) => Ctl::Op(op),
-                Err(e) => Ctl::Frame(e.frame()),
-            };
-            let _ = ctl_tx.try_send(Box::new(first)); // capacity 16, nothing queued yet
-        }
-        let rl = RateLimit::new(ctx.cfg.rate_per_sec, ctx.cfg.rate_burst, Instant::now());
-        let reader_task = tokio::spawn(read_loop(
-            r,
-            ctl_tx,
-            rl,
-            ctx.cfg.max_message_bytes,
-            last_seen.clone(),
-            started,
-        ));
-        writer.run(ctl_rx, shutdown, last_seen, started).await;
-        // The closing handshake: our Close is out; keep reading until the
-        // peer's Close (or EOF) so that its last frames, a pong say, are not
-        // left unread. Dropping a socket with unread input sends a RST, and
-        // the peer may then lose our Close frame and never learn the code.
-        let mut reader_task = reader_task;
-        if tokio::time::timeout(CLOSE_HANDSHAKE, &mut reader_task)
-            .await
-            .is_err()
-        {
-            reader_task.abort();
-        }
+        s.run(initial, shutdown).await;
     }
-    let subs = writer.subs.len();
+    // The closing handshake: our Close is out; keep reading until the peer's
+    // Close (or EOF) so that its last frames, a pong say, are not left
+    // unread. Dropping a socket with unread input sends a RST, and the peer
+    // may then lose our Close frame and never learn the code.
+    if s.sent_close && !s.peer_closed {
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+            while let Ok(m) = s.frames.next(&mut s.io).await {
+                if matches!(m, Inbound::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await; // Past the deadline the socket is dropped anyway.
+    }
+    let subs = s.subs.len();
     metrics::gauge!("marketcast_subscriptions").decrement(subs as f64);
     ctx.connections.fetch_sub(1, Ordering::AcqRel);
     metrics::gauge!("marketcast_ws_connections").decrement(1.0);
-}
-
-async fn read_loop(
-    mut r: tokio::io::ReadHalf<TokioIo<Upgraded>>,
-    ctl: mpsc::Sender<Box<Ctl>>,
-    mut rl: RateLimit,
-    max_bytes: usize,
-    last_seen: Arc<AtomicU64>,
-    started: Instant,
-) {
-    let mut frames = FrameReader::new(max_bytes);
-    let mut refused: u32 = 0;
-    loop {
-        let msg = match frames.next(&mut r).await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(error = ?e, "websocket read ended");
-                if let Some((code, reason)) = e.close_code() {
-                    let _ = ctl.send(Box::new(Ctl::Close(code, reason))).await; // writer may be gone: then the connection is over anyway
-                }
-                return;
-            }
-        };
-        last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let payload = match msg {
-            Inbound::Text(p) => p,
-            Inbound::Pong => continue,
-            Inbound::Ping(pong) => {
-                if ctl.send(Box::new(Ctl::Frame(pong))).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            Inbound::Close(echo) => {
-                let _ = ctl.send(Box::new(Ctl::Frame(echo))).await; // see above
-                return;
-            }
-            Inbound::Binary => {
-                let _ = ctl
-                    .send(Box::new(Ctl::Close(1008, "binary frames are not accepted")))
-                    .await; // see above
-                return;
-            }
-        };
-        let msg = if rl.allow(Instant::now()) {
-            refused = 0;
-            match parse_op(&payload) {
-                Ok(op) => Ctl::Op(op),
-                Err(e) => Ctl::Frame(e.frame()),
-            }
-        } else {
-            refused += 1;
-            // Sustained abuse: a client still sending after a full burst of
-            // refusals is not going to slow down.
-            if refused > rl.burst as u32 {
-                let _ = ctl
-                    .send(Box::new(Ctl::Close(1008, "rate limit exceeded")))
-                    .await; // see above
-                return;
-            }
-            let id = serde_json::from_slice::<Value>(&payload)
-                .ok()
-                .and_then(|v| v.get("id").cloned());
-            Ctl::Frame(ErrorReply::new(id, "rate_limited", "too many messages; slow down").frame())
-        };
-        if ctl.send(Box::new(msg)).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// One subscription's position.
@@ -419,9 +322,24 @@ enum End {
     Shutdown,
 }
 
-struct Writer {
+/// One connection: a single task owns the socket, reads client frames and
+/// writes everything else. Client frames are read in the same `select!` as
+/// live trades, which is safe because [`FrameReader`] keeps every byte it
+/// has read; one task and no channel keep an idle connection small
+/// (`docs/BENCHMARKS.md`, S3).
+struct Session {
+    io: TokioIo<Upgraded>,
+    frames: FrameReader,
+    rate: RateLimit,
+    /// Ops refused in a row by the rate limit.
+    refused: u32,
+    /// Last frame from the client (any frame: a pong counts), for idle_timeout.
+    last_seen: Instant,
+    /// Our Close frame went out: wait for the peer's before dropping.
+    sent_close: bool,
+    /// The peer sent its Close (we echoed it).
+    peer_closed: bool,
     ctx: Arc<SessionCtx>,
-    w: tokio::io::WriteHalf<TokioIo<Upgraded>>,
     /// Frames waiting for the next write.
     out: Vec<Bytes>,
     /// Subscriptions by a small per-connection id: the live stream yields
@@ -438,14 +356,8 @@ struct Writer {
 
 type SubId = u32;
 
-impl Writer {
-    async fn run(
-        &mut self,
-        mut ctl: mpsc::Receiver<Box<Ctl>>,
-        shutdown: CancellationToken,
-        last_seen: Arc<AtomicU64>,
-        started: Instant,
-    ) {
+impl Session {
+    async fn run(&mut self, initial: Option<Result<Op, ErrorReply>>, shutdown: CancellationToken) {
         let mut ping = tokio::time::interval(self.ctx.cfg.ping_interval);
         ping.tick().await;
         let mut retry = tokio::time::interval(Duration::from_secs(1));
@@ -456,6 +368,13 @@ impl Writer {
         tokio::pin!(cancelled);
         let mut turn: u32 = 0;
         let result: Result<(), End> = async {
+            // The URL's subscribe is handled exactly like one sent as a
+            // message, socket failures during its replay included.
+            match initial {
+                Some(Ok(op)) => Box::pin(self.on_op(op)).await?,
+                Some(Err(e)) => self.out.push(e.frame()),
+                None => {}
+            }
             loop {
                 if !self.out.is_empty() {
                     self.flush().await?;
@@ -464,7 +383,7 @@ impl Writer {
                 // Fast path: while live frames are ready, take them without
                 // polling the control side; every CONTROL_EVERY-th turn (and
                 // whenever nothing is ready) the full select below runs, so
-                // ops, pings and shutdown wait at most a few batches.
+                // client frames, pings and shutdown wait at most a few batches.
                 if turn % CONTROL_EVERY != 0 && !self.live.is_empty() {
                     if let Some(Some((id, item))) = self.live.next().now_or_never() {
                         self.on_live(id, item).await?;
@@ -472,31 +391,21 @@ impl Writer {
                         continue;
                     }
                 }
-                // Cancel safety: mpsc recv, StreamMap::next (a Stream), ticks
-                // and the pinned token future are all cancel-safe; no branch
-                // holds partial state across an await.
+                // Cancel safety: FrameReader::next keeps its progress in
+                // `self.frames`; StreamMap::next (a Stream), ticks and the
+                // pinned token future are cancel-safe; no branch holds
+                // partial state across an await.
                 tokio::select! {
                     biased;
                     _ = &mut cancelled => {
                         self.close_now(1001, "server shutting down").await;
                         return Ok(());
                     }
-                    c = ctl.recv() => match c.map(|b| *b) {
-                        // Boxed: an op's future (subscribe, log reads) is
-                        // large and rare; inline, every idle connection
-                        // would carry its state (massif: 6 KiB per task).
-                        Some(Ctl::Op(op)) => Box::pin(self.on_op(op)).await?,
-                        Some(Ctl::Frame(f)) => self.out.push(f),
-                        Some(Ctl::Close(code, reason)) => {
-                            self.close_now(code, reason).await;
+                    m = self.frames.next(&mut self.io) => {
+                        if !self.on_inbound(m).await? {
                             return Ok(());
                         }
-                        None => {
-                            // The reader ended: the peer closed or vanished.
-                            self.flush().await?;
-                            return Ok(());
-                        }
-                    },
+                    }
                     Some((id, item)) = self.live.next(), if !self.live.is_empty() => {
                         self.on_live(id, item).await?;
                         self.coalesce().await?;
@@ -508,8 +417,7 @@ impl Writer {
                         }
                     }
                     _ = ping.tick() => {
-                        let idle = started.elapsed().saturating_sub(Duration::from_millis(last_seen.load(Ordering::Relaxed)));
-                        if idle > self.ctx.cfg.idle_timeout {
+                        if self.last_seen.elapsed() > self.ctx.cfg.idle_timeout {
                             self.close_now(1000, "idle timeout").await;
                             return Ok(());
                         }
@@ -532,6 +440,67 @@ impl Writer {
         }
     }
 
+    /// A client frame, or the end of reading. `Ok(false)`: the connection
+    /// is over (our Close is out, or the peer closed or vanished).
+    async fn on_inbound(&mut self, m: Result<Inbound, ReadError>) -> Result<bool, End> {
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(conn = self.conn_id, error = ?e, "websocket read ended");
+                match e.close_code() {
+                    Some((code, reason)) => self.close_now(code, reason).await,
+                    // The peer is gone: whatever is queued has nowhere to go.
+                    None => return Err(End::Gone),
+                }
+                return Ok(false);
+            }
+        };
+        self.last_seen = Instant::now();
+        let payload = match m {
+            Inbound::Text(p) => p,
+            Inbound::Pong => return Ok(true),
+            Inbound::Ping(pong) => {
+                self.out.push(pong);
+                return Ok(true);
+            }
+            Inbound::Close(echo) => {
+                // The closing handshake, peer first: echo its code and end.
+                self.peer_closed = true;
+                self.out.push(echo);
+                self.flush().await?;
+                let _ = self.io.shutdown().await; // the peer may already be gone
+                return Ok(false);
+            }
+            Inbound::Binary => {
+                self.close_now(1008, "binary frames are not accepted").await;
+                return Ok(false);
+            }
+        };
+        if self.rate.allow(Instant::now()) {
+            self.refused = 0;
+            match parse_op(&payload) {
+                // Boxed: an op's future (subscribe, log reads) is large and
+                // rare; inline, every idle connection would carry its state.
+                Ok(op) => Box::pin(self.on_op(op)).await?,
+                Err(e) => self.out.push(e.frame()),
+            }
+        } else {
+            self.refused += 1;
+            // Sustained abuse: a client still sending after a full burst of
+            // refusals is not going to slow down.
+            if self.refused > self.rate.burst as u32 {
+                self.close_now(1008, "rate limit exceeded").await;
+                return Ok(false);
+            }
+            let id = serde_json::from_slice::<Value>(&payload)
+                .ok()
+                .and_then(|v| v.get("id").cloned());
+            self.out
+                .push(ErrorReply::new(id, "rate_limited", "too many messages; slow down").frame());
+        }
+        Ok(true)
+    }
+
     /// Take whatever live frames are already queued, up to one write's worth.
     async fn coalesce(&mut self) -> Result<(), End> {
         while self.out.len() < WRITE_BATCH_FRAMES {
@@ -549,7 +518,7 @@ impl Writer {
         let frames = std::mem::take(&mut self.out);
         let bytes: usize = frames.iter().map(Bytes::len).sum();
         let mut written = 0;
-        let fut = write_all_vectored(&mut self.w, &frames, &mut written);
+        let fut = write_all_vectored(&mut self.io, &frames, &mut written);
         match tokio::time::timeout(self.ctx.cfg.write_timeout, fut).await {
             Ok(Ok(writes)) => {
                 FRAMES_SENT.increment(frames.len() as u64);
@@ -580,7 +549,8 @@ impl Writer {
         self.out
             .push(control_frame(Frame::close(code, reason.as_bytes())));
         let frames = std::mem::take(&mut self.out);
-        let w = &mut self.w;
+        let w = &mut self.io;
+        self.sent_close = true;
         let mut written = 0;
         // A slow consumer may start reading again and deserves its code; at
         // shutdown the whole process waits, so the wait is short.

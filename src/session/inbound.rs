@@ -10,11 +10,14 @@
 //! (bounded by `--max-message-bytes` before anything is allocated).
 //! fastwebsockets still does the handshake and encodes control frames.
 //!
-//! Cancel safety: [`FrameReader::next`] is NOT cancel-safe (a frame may be
-//! half read); it runs in the session's reader task, never in a `select!`.
+//! Cancel safety: [`FrameReader::next`] is cancel-safe: every byte read is
+//! kept in the reader, so the session polls it inside its `select!`.
 
 use fastwebsockets::{CloseCode, Frame};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// A complete client message or control frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -103,10 +106,21 @@ pub fn parse_head(b0: u8, b1: u8) -> Result<Head, ReadError> {
     Ok(head)
 }
 
-/// Reads one client message at a time; remembers only a fragmented text
-/// message in progress.
+/// Reads one client message at a time. Every byte read is kept in `self`,
+/// so a [`FrameReader::next`] future dropped midway (a `select!` that took
+/// another branch) loses nothing: the next call resumes where it stopped.
+/// That is what lets the session poll its socket for client frames in the
+/// same `select!` as its live trades, with one task per connection.
 pub struct FrameReader {
     max_message: usize,
+    /// The current frame's header: 2 bytes, up to 8 of length, 4 of mask.
+    head: [u8; 14],
+    head_len: usize,
+    /// The current frame's payload once its header is complete: `filled`
+    /// of `payload.len()` bytes read.
+    payload: Option<Vec<u8>>,
+    filled: usize,
+    /// A fragmented text message in progress.
     fragments: Option<Vec<u8>>,
 }
 
@@ -116,56 +130,126 @@ impl FrameReader {
     pub fn new(max_message: usize) -> Self {
         FrameReader {
             max_message,
+            head: [0; 14],
+            head_len: 0,
+            payload: None,
+            filled: 0,
             fragments: None,
         }
     }
 
-    /// The next message or control frame.
+    /// The next message or control frame. Cancel-safe (see the type).
     pub async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<Inbound, ReadError> {
-        loop {
-            let mut two = [0u8; 2];
-            r.read_exact(&mut two).await?;
-            let head = parse_head(two[0], two[1])?;
-            let len = match head.len7 {
-                126 => u64::from(r.read_u16().await?),
-                127 => r.read_u64().await?,
-                n => u64::from(n),
-            };
-            let mut mask = [0u8; 4];
-            r.read_exact(&mut mask).await?;
-            let already = self.fragments.as_ref().map_or(0, Vec::len) as u64;
-            if already.saturating_add(len) > self.max_message as u64 {
-                return Err(ReadError::TooLarge);
-            }
-            // Bounded by max_message above: never an allocation the peer sizes.
-            let mut payload = vec![0u8; len as usize];
-            r.read_exact(&mut payload).await?;
-            fastwebsockets::unmask(&mut payload, mask);
+        std::future::poll_fn(|cx| self.poll_next(cx, r)).await
+    }
 
-            match (head.opcode, self.fragments.is_some()) {
-                (OP_TEXT, false) if head.fin => return text(payload),
-                (OP_TEXT, false) => self.fragments = Some(payload),
-                (OP_CONTINUATION, true) => {
-                    let buf = self.fragments.as_mut().expect("checked by the match");
-                    buf.extend_from_slice(&payload);
-                    if head.fin {
-                        return text(self.fragments.take().expect("checked by the match"));
+    /// Bytes are read exactly as needed (a header, then its payload), never
+    /// past the current frame, so nothing is buffered between frames.
+    pub fn poll_next<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+    ) -> Poll<Result<Inbound, ReadError>> {
+        loop {
+            if self.payload.is_none() {
+                let want = if self.head_len < 2 {
+                    2
+                } else {
+                    let head = parse_head(self.head[0], self.head[1])?;
+                    2 + match head.len7 {
+                        126 => 2,
+                        127 => 8,
+                        _ => 0,
+                    } + 4
+                };
+                if self.head_len < want {
+                    let n = ready!(read_some(cx, r, &mut self.head[self.head_len..want]))?;
+                    self.head_len += n;
+                    continue;
+                }
+                let head = parse_head(self.head[0], self.head[1])?;
+                let len = match head.len7 {
+                    126 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
+                    127 => {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&self.head[2..10]);
+                        u64::from_be_bytes(b)
                     }
+                    n => u64::from(n),
+                };
+                let already = self.fragments.as_ref().map_or(0, Vec::len) as u64;
+                if already.saturating_add(len) > self.max_message as u64 {
+                    return Poll::Ready(Err(ReadError::TooLarge));
                 }
-                (OP_BINARY, false) => return Ok(Inbound::Binary),
-                (OP_PING, _) => return Ok(Inbound::Ping(control(Frame::pong(payload.into())))),
-                (OP_PONG, _) => return Ok(Inbound::Pong),
-                (OP_CLOSE, _) => return close_echo(&payload).map(Inbound::Close),
-                (OP_CONTINUATION, false) => {
-                    return Err(ReadError::Protocol("unexpected continuation frame"))
-                }
-                _ => {
-                    return Err(ReadError::Protocol(
-                        "a new message started inside a fragmented one",
-                    ))
-                }
+                // Bounded by max_message above: never an allocation the peer sizes.
+                self.payload = Some(vec![0u8; len as usize]);
+                self.filled = 0;
+            }
+            let payload = self.payload.as_mut().expect("set above");
+            while self.filled < payload.len() {
+                let n = ready!(read_some(cx, r, &mut payload[self.filled..]))?;
+                self.filled += n;
+            }
+            // The frame is complete: take it and reset for the next header.
+            let mut payload = self.payload.take().expect("set above");
+            let head = parse_head(self.head[0], self.head[1])?;
+            let mask_at = self.head_len - 4; // the mask ends the header
+            let mut mask = [0u8; 4];
+            mask.copy_from_slice(&self.head[mask_at..mask_at + 4]);
+            self.head_len = 0;
+            fastwebsockets::unmask(&mut payload, mask);
+            if let Some(m) = self.on_frame(head, payload)? {
+                return Poll::Ready(Ok(m));
             }
         }
+    }
+
+    /// A complete frame: a message, a control frame, or a fragment kept.
+    fn on_frame(&mut self, head: Head, payload: Vec<u8>) -> Result<Option<Inbound>, ReadError> {
+        Ok(Some(match (head.opcode, self.fragments.is_some()) {
+            (OP_TEXT, false) if head.fin => text(payload)?,
+            (OP_TEXT, false) => {
+                self.fragments = Some(payload);
+                return Ok(None);
+            }
+            (OP_CONTINUATION, true) => {
+                let buf = self.fragments.as_mut().expect("checked by the match");
+                buf.extend_from_slice(&payload);
+                if !head.fin {
+                    return Ok(None);
+                }
+                text(self.fragments.take().expect("checked by the match"))?
+            }
+            (OP_BINARY, false) => Inbound::Binary,
+            (OP_PING, _) => Inbound::Ping(control(Frame::pong(payload.into()))),
+            (OP_PONG, _) => Inbound::Pong,
+            (OP_CLOSE, _) => Inbound::Close(close_echo(&payload)?),
+            (OP_CONTINUATION, false) => {
+                return Err(ReadError::Protocol("unexpected continuation frame"))
+            }
+            _ => {
+                return Err(ReadError::Protocol(
+                    "a new message started inside a fragmented one",
+                ))
+            }
+        }))
+    }
+}
+
+/// One read into `buf`; the end of the stream is an error here (we only
+/// read when a frame is owed).
+fn read_some<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    r: &mut R,
+    buf: &mut [u8],
+) -> Poll<Result<usize, ReadError>> {
+    let mut rb = ReadBuf::new(buf);
+    ready!(Pin::new(r).poll_read(cx, &mut rb))?;
+    match rb.filled().len() {
+        0 => Poll::Ready(Err(ReadError::Gone(
+            std::io::ErrorKind::UnexpectedEof.into(),
+        ))),
+        n => Poll::Ready(Ok(n)),
     }
 }
 
@@ -313,6 +397,54 @@ mod tests {
             vec![Ok(Inbound::Close(control(Frame::close_raw(
                 Vec::new().into()
             ))))]
+        );
+    }
+
+    /// Hands out one byte per poll and is pending in between: every
+    /// boundary inside a frame is a point where a `select!` may drop `next`.
+    struct Trickle(Vec<u8>, usize, bool);
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.2 = !self.2;
+            if self.2 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if let Some(&b) = self.0.get(self.1) {
+                buf.put_slice(&[b]);
+                self.1 += 1;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn polling_anew_after_every_pending_loses_nothing() {
+        let mut input = frame(0x01, b"sub", [1, 2, 3, 4]);
+        input.extend(frame(0x89, b"p", [4, 3, 2, 1]));
+        input.extend(frame(0x80, &[b'x'; 200], [9, 8, 7, 6]));
+        let mut src = Trickle(input, 0, false);
+        let mut r = FrameReader::new(4096);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            // A fresh poll every time, as after a cancelled `next` future.
+            if let Poll::Ready(m) = r.poll_next(&mut cx, &mut src) {
+                got.push(m.map_err(|e| format!("{e:?}")));
+            }
+        }
+        let mut text = b"sub".to_vec();
+        text.extend([b'x'; 200]);
+        assert_eq!(
+            got,
+            vec![
+                Ok(Inbound::Ping(control(Frame::pong(b"p".to_vec().into())))),
+                Ok(Inbound::Text(text))
+            ]
         );
     }
 

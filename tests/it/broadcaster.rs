@@ -496,6 +496,17 @@ async fn limits_close_with_the_documented_codes() {
         }
     }
     assert_eq!(expect_close(&mut a).await, Some(1008));
+    // A closed connection counts until its closing handshake ends (it still
+    // holds a socket); wait for only the control client to remain.
+    drop(a);
+    let healthz = format!("{}/healthz", b.http());
+    tokio::time::timeout(WAIT, async {
+        while http("GET", &healthz, &[], None).await.1["connections"] != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("closed connections are released");
 
     // Connection limit (3): with the control client and two more, the next gets 1013.
     let _c1 = connect_ws(&b.ws()).await;
