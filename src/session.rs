@@ -183,8 +183,10 @@ pub fn parse_op(msg: &[u8]) -> Result<Op, ErrorReply> {
             let market = market()?;
             let from_seq = match o.get("from_seq") {
                 None | Some(Value::Null) => None,
+                // i64::MAX is refused too: the first seq owed, from_seq + 1,
+                // must exist as an i64 (it overflowed: a panic in debug builds).
                 Some(Value::Number(n)) => match n.as_i64() {
-                    Some(f) if f >= 0 => Some(f),
+                    Some(f) if (0..i64::MAX).contains(&f) => Some(f),
                     _ => return Err(bad("from_seq must be an integer >= 0")),
                 },
                 Some(_) => return Err(bad("from_seq must be an integer >= 0")),
@@ -952,6 +954,11 @@ mod tests {
         assert_eq!(
             code(br#"{"op":"subscribe","market":"M","from_seq":1.5}"#),
             "bad_request"
+        );
+        assert_eq!(
+            code(br#"{"op":"subscribe","market":"M","from_seq":9223372036854775807}"#),
+            "bad_request",
+            "from_seq + 1 must not overflow"
         );
         assert_eq!(code(br#"{"op":"ping","id":[1]}"#), "bad_request");
         assert_eq!(code(br#"{"op":"dance","id":3}"#), "unknown_op");

@@ -714,6 +714,22 @@ async fn from_seq_at_the_top_of_the_range_is_a_bad_request() {
     let db = TestDb::new().await;
     db.market("TOP").await;
     let b = broadcaster(broadcaster_config(&db)).await;
+    let mut ws = connect_ws(&b.ws()).await;
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "market": "TOP", "from_seq": i64::MAX, "id": 1}),
+    )
+    .await;
+    let v = recv(&mut ws).await;
+    assert_eq!(
+        (v["code"].as_str(), v["id"].as_i64()),
+        (Some("bad_request"), Some(1)),
+        "{v}"
+    );
+    subscribe(&mut ws, "TOP", Some(i64::MAX - 1)).await;
+    send(&mut ws, json!({"op": "ping", "id": 2})).await;
+    assert_eq!(recv(&mut ws).await, json!({"type": "pong", "id": 2}));
+
     let mut q = connect_ws(&format!("{}?market=TOP&from_seq={}", b.ws(), i64::MAX)).await;
     let v = recv(&mut q).await;
     assert_eq!(v["code"], "bad_request", "{v}");
