@@ -237,7 +237,8 @@ pub struct BroadcasterArgs {
     /// With --allowed-origins, also refuse upgrades without an `Origin`
     /// header (403). Browsers always send one; off by default so that
     /// non-browser clients (`marketcast subscribe`, servers) keep working.
-    #[arg(long, env = "MARKETCAST_REQUIRE_ORIGIN")]
+    #[arg(long, env = "MARKETCAST_REQUIRE_ORIGIN", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub require_origin: bool,
 }
 
