@@ -226,6 +226,41 @@ pub async fn trades_after(
     Ok(rows.iter().map(Trade::from_row).collect())
 }
 
+/// For each `(markets[i], afters[i])`: trades with `seq > after`, in seq
+/// order, at most `limit` per market; one query for all of them (the hub's
+/// batched read). The result is aligned with `markets`; each market must
+/// appear once.
+pub async fn trades_after_many(
+    client: &deadpool_postgres::Client,
+    markets: &[String],
+    afters: &[i64],
+    limit: i64,
+) -> Result<Vec<Vec<Trade>>, DbError> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT t.* FROM unnest($1::text[], $2::bigint[]) AS d(m, after) \
+             CROSS JOIN LATERAL (SELECT {TRADE_COLUMNS} FROM trades \
+               WHERE market_id = d.m AND seq > d.after ORDER BY seq LIMIT $3) t \
+             ORDER BY t.market_id, t.seq"
+        )
+    });
+    let stmt = client.prepare_cached(&SQL).await?;
+    let rows = client.query(&stmt, &[&markets, &afters, &limit]).await?;
+    let at: std::collections::HashMap<&str, usize> = markets
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.as_str(), i))
+        .collect();
+    let mut out: Vec<Vec<Trade>> = markets.iter().map(|_| Vec::new()).collect();
+    for r in &rows {
+        let t = Trade::from_row(r);
+        if let Some(&i) = at.get(t.market.as_str()) {
+            out[i].push(t);
+        }
+    }
+    Ok(out)
+}
+
 /// The lowest seq still in the log for a market (None: no trade at all).
 pub async fn earliest_seq(
     client: &impl tokio_postgres::GenericClient,

@@ -26,8 +26,9 @@
 //!   the next expected, fill anything above it from the ring or the log first.
 //!
 //! The hub runs as one task that owns the market map (no lock shared by all
-//! markets); reads of the log run in spawned tasks, one at most per market, so
-//! one busy market never waits behind another. Markets without subscribers
+//! markets); reads of the log run in spawned tasks, one at most per market
+//! and at most one per hub connection, each covering every market rung while
+//! the previous reads ran (one query for many markets under load). Markets without subscribers
 //! leave the map at the next reconcile tick.
 
 use std::collections::HashMap;
@@ -319,9 +320,11 @@ struct Market {
 }
 
 enum Internal {
+    /// One batched read: the markets asked for, and per market (same order)
+    /// its page, encoded, and whether the page was full.
     Fetched {
-        market: String,
-        result: Result<(Vec<EncodedTrade>, bool), db::DbError>,
+        markets: Vec<String>,
+        result: Result<Vec<(Vec<EncodedTrade>, bool)>, db::DbError>,
     },
     Reconciled {
         heads: Vec<(String, i64)>,
@@ -342,6 +345,8 @@ pub fn spawn(
         cfg,
         pool,
         markets: HashMap::new(),
+        pending: Vec::new(),
+        reads_in_flight: 0,
         internal: mpsc::unbounded_channel(),
         queue_warned_at: None,
     };
@@ -353,8 +358,13 @@ struct Hub {
     cfg: HubConfig,
     pool: Pool,
     markets: HashMap<String, Market>,
-    /// Results of spawned reads back into the hub task. Unbounded: at most one
-    /// read per market plus one reconcile is ever in flight.
+    /// Reads the cores asked for that wait for a free hub connection; each
+    /// market at most once (its core allows one read outstanding).
+    pending: Vec<(String, core::Fetch)>,
+    /// Batched reads running, at most the hub pool's size.
+    reads_in_flight: usize,
+    /// Results of spawned reads back into the hub task. Unbounded: at most
+    /// one read per hub connection plus one reconcile is ever in flight.
     internal: (
         mpsc::UnboundedSender<Internal>,
         mpsc::UnboundedReceiver<Internal>,
@@ -442,68 +452,72 @@ impl Hub {
         }
     }
 
-    fn fetch(&self, market: &str, f: core::Fetch) {
+    /// Queue a core's read. Reads are batched: while every hub connection
+    /// is busy, the markets rung meanwhile wait here and then go together in
+    /// one query (`db::trades_after_many`). Under load that turns one query
+    /// per trade into one per batch of markets; at light load a read starts
+    /// at once, so nothing waits for a batch to fill.
+    fn fetch(&mut self, market: &str, f: core::Fetch) {
+        // A market dropped and followed again may still have its old read
+        // queued: one entry, from the lower seq (the core drops duplicates).
+        match self.pending.iter_mut().find(|(m, _)| m == market) {
+            Some((_, queued)) => queued.after = queued.after.min(f.after),
+            None => self.pending.push((market.to_string(), f)),
+        }
+        self.dispatch();
+    }
+
+    fn dispatch(&mut self) {
+        if self.pending.is_empty() || self.reads_in_flight >= self.pool.status().max_size {
+            return;
+        }
+        self.reads_in_flight += 1;
         metrics::counter!("marketcast_log_reads_total").increment(1);
+        let (markets, afters): (Vec<String>, Vec<i64>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|(m, f)| (m, f.after))
+            .unzip();
         let pool = self.pool.clone();
         let tx = self.internal.0.clone();
-        let market = market.to_string();
         let page = self.cfg.page as i64;
         tokio::spawn(async move {
             let result = async {
                 let c = pool.get().await?;
-                let rows = db::trades_after(&c, &market, f.after, None, page).await?;
-                let full = rows.len() as i64 == page;
+                let pages = db::trades_after_many(&c, &markets, &afters, page).await?;
                 // Encoded once here, shared by every subscriber.
-                Ok((rows.iter().map(|t| t.encode()).collect(), full))
+                Ok(pages
+                    .into_iter()
+                    .map(|rows| {
+                        let full = rows.len() as i64 == page;
+                        (rows.iter().map(|t| t.encode()).collect(), full)
+                    })
+                    .collect())
             }
             .await;
-            let _ = tx.send(Internal::Fetched { market, result }); // Fails only when the hub has stopped.
+            let _ = tx.send(Internal::Fetched { markets, result }); // Fails only when the hub has stopped.
         });
     }
 
     fn on_internal(&mut self, i: Internal) {
         match i {
-            Internal::Fetched { market, result } => {
-                let Some(m) = self.markets.get_mut(&market) else {
-                    return;
-                };
+            Internal::Fetched { markets, result } => {
+                self.reads_in_flight -= 1;
                 match result {
-                    Ok((rows, full)) => {
-                        let applied = m.core.fetched(rows, full);
-                        if applied.skipped > 0 {
-                            tracing::warn!(%market, skipped = applied.skipped, head = m.core.head(), "trades above the head were pruned; subscribers still owed them get history_unavailable");
-                        }
-                        if applied.repaired > 0 {
-                            metrics::counter!("marketcast_gaps_repaired_total")
-                                .increment(applied.repaired as u64);
-                        }
-                        if !applied.publish.is_empty() {
-                            metrics::counter!("marketcast_trades_published_total")
-                                .increment(applied.publish.len() as u64);
-                            {
-                                let mut ring =
-                                    m.shared.ring.write().unwrap_or_else(|p| p.into_inner());
-                                for t in &applied.publish {
-                                    ring.push(t.clone());
-                                }
-                            }
-                            m.shared.head.store(m.core.head(), Ordering::Release);
-                            let now = now_micros();
-                            for t in applied.publish {
-                                COMMIT_TO_SEND.record((now - t.ts_micros).max(0) as f64 / 1e6);
-                                // Err means no receiver right now: nobody to tell.
-                                let _ = m.shared.tx.send(t);
-                            }
-                        }
-                        if let Some(f) = applied.next {
-                            self.fetch(&market, f);
+                    Ok(pages) => {
+                        for (market, (rows, full)) in markets.into_iter().zip(pages) {
+                            self.apply(market, rows, full);
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(%market, error = %e, "reading new trades failed; the next reconcile retries");
-                        m.core.fetch_failed();
+                        tracing::warn!(markets = markets.len(), error = %e, "reading new trades failed; the next reconcile retries");
+                        for market in &markets {
+                            if let Some(m) = self.markets.get_mut(market) {
+                                m.core.fetch_failed();
+                            }
+                        }
                     }
                 }
+                self.dispatch();
             }
             Internal::Reconciled {
                 heads,
@@ -520,6 +534,40 @@ impl Hub {
                     }
                 }
             }
+        }
+    }
+
+    /// One market's page from a batched read: publish what the core accepts.
+    fn apply(&mut self, market: String, rows: Vec<EncodedTrade>, full: bool) {
+        let Some(m) = self.markets.get_mut(&market) else {
+            return;
+        };
+        let applied = m.core.fetched(rows, full);
+        if applied.skipped > 0 {
+            tracing::warn!(%market, skipped = applied.skipped, head = m.core.head(), "trades above the head were pruned; subscribers still owed them get history_unavailable");
+        }
+        if applied.repaired > 0 {
+            metrics::counter!("marketcast_gaps_repaired_total").increment(applied.repaired as u64);
+        }
+        if !applied.publish.is_empty() {
+            metrics::counter!("marketcast_trades_published_total")
+                .increment(applied.publish.len() as u64);
+            {
+                let mut ring = m.shared.ring.write().unwrap_or_else(|p| p.into_inner());
+                for t in &applied.publish {
+                    ring.push(t.clone());
+                }
+            }
+            m.shared.head.store(m.core.head(), Ordering::Release);
+            let now = now_micros();
+            for t in applied.publish {
+                COMMIT_TO_SEND.record((now - t.ts_micros).max(0) as f64 / 1e6);
+                // Err means no receiver right now: nobody to tell.
+                let _ = m.shared.tx.send(t);
+            }
+        }
+        if let Some(f) = applied.next {
+            self.fetch(&market, f);
         }
     }
 
