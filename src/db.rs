@@ -13,7 +13,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 use crate::config::DbConfig;
-use crate::trade::{Market, Trade};
+use crate::trade::{EncodedTrade, Market, Trade, TradeRef};
 
 /// The migrations, in order. Each runs once, inside the migrate transaction.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -214,28 +214,54 @@ pub async fn trades_after(
     upto: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Trade>, DbError> {
+    let rows = trade_rows_after(client, market, after, upto, limit).await?;
+    Ok(rows.iter().map(Trade::from_row).collect())
+}
+
+/// [`trades_after`], each trade encoded into its WebSocket frame straight
+/// from the row (replays).
+pub async fn trade_frames_after(
+    client: &deadpool_postgres::Client,
+    market: &str,
+    after: i64,
+    upto: Option<i64>,
+    limit: i64,
+) -> Result<Vec<EncodedTrade>, DbError> {
+    let rows = trade_rows_after(client, market, after, upto, limit).await?;
+    Ok(rows
+        .iter()
+        .map(|r| TradeRef::from_row(r).encode())
+        .collect())
+}
+
+async fn trade_rows_after(
+    client: &deadpool_postgres::Client,
+    market: &str,
+    after: i64,
+    upto: Option<i64>,
+    limit: i64,
+) -> Result<Vec<tokio_postgres::Row>, DbError> {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
             "SELECT {TRADE_COLUMNS} FROM trades WHERE market_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
         )
     });
     let stmt = client.prepare_cached(&SQL).await?;
-    let rows = client
+    Ok(client
         .query(&stmt, &[&market, &after, &upto.unwrap_or(i64::MAX), &limit])
-        .await?;
-    Ok(rows.iter().map(Trade::from_row).collect())
+        .await?)
 }
 
 /// For each `(markets[i], afters[i])`: trades with `seq > after`, in seq
 /// order, at most `limit` per market; one query for all of them (the hub's
-/// batched read). The result is aligned with `markets`; each market must
-/// appear once.
-pub async fn trades_after_many(
+/// batched read), each encoded into its WebSocket frame straight from the
+/// row. The result is aligned with `markets`; each market must appear once.
+pub async fn trade_frames_after_many(
     client: &deadpool_postgres::Client,
     markets: &[String],
     afters: &[i64],
     limit: i64,
-) -> Result<Vec<Vec<Trade>>, DbError> {
+) -> Result<Vec<Vec<EncodedTrade>>, DbError> {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
             "SELECT t.* FROM unnest($1::text[], $2::bigint[]) AS d(m, after) \
@@ -251,11 +277,11 @@ pub async fn trades_after_many(
         .enumerate()
         .map(|(i, m)| (m.as_str(), i))
         .collect();
-    let mut out: Vec<Vec<Trade>> = markets.iter().map(|_| Vec::new()).collect();
+    let mut out: Vec<Vec<EncodedTrade>> = markets.iter().map(|_| Vec::new()).collect();
     for r in &rows {
-        let t = Trade::from_row(r);
-        if let Some(&i) = at.get(t.market.as_str()) {
-            out[i].push(t);
+        let t = TradeRef::from_row(r);
+        if let Some(&i) = at.get(t.market) {
+            out[i].push(t.encode());
         }
     }
     Ok(out)

@@ -454,7 +454,7 @@ impl Hub {
 
     /// Queue a core's read. Reads are batched: while every hub connection
     /// is busy, the markets rung meanwhile wait here and then go together in
-    /// one query (`db::trades_after_many`). Under load that turns one query
+    /// one query (`db::trade_frames_after_many`). Under load that turns one query
     /// per trade into one per batch of markets; at light load a read starts
     /// at once, so nothing waits for a batch to fill.
     fn fetch(&mut self, market: &str, f: core::Fetch) {
@@ -483,13 +483,13 @@ impl Hub {
         tokio::spawn(async move {
             let result = async {
                 let c = pool.get().await?;
-                let pages = db::trades_after_many(&c, &markets, &afters, page).await?;
+                let pages = db::trade_frames_after_many(&c, &markets, &afters, page).await?;
                 // Encoded once here, shared by every subscriber.
                 Ok(pages
                     .into_iter()
                     .map(|rows| {
                         let full = rows.len() as i64 == page;
-                        (rows.iter().map(|t| t.encode()).collect(), full)
+                        (rows, full)
                     })
                     .collect())
             }

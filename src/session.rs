@@ -797,14 +797,11 @@ impl Session {
                     let pool = &self.ctx.pool;
                     let read = db::bounded(self.ctx.cfg.db.timeout, async {
                         let c = pool.get().await?;
-                        db::trades_after(&c, market, after, Some(upto), page_cap as i64).await
+                        db::trade_frames_after(&c, market, after, Some(upto), page_cap as i64).await
                     })
                     .await;
                     match read {
-                        Ok(rows) => (
-                            rows.iter().map(|t| t.encode()).collect::<Vec<_>>(),
-                            "postgres",
-                        ),
+                        Ok(rows) => (rows, "postgres"),
                         Err(e) => {
                             // Retried by the run loop every second; never skip.
                             tracing::debug!(conn = self.conn_id, market, error = %e, "fill deferred: database unavailable");
