@@ -274,8 +274,9 @@ fn check_origin<B>(cfg: &BroadcasterConfig, req: &Request<B>) -> Result<(), Stri
     }
 }
 
-/// `?market=ID&from_seq=N&epoch=E`: a subscribe made at connect time.
-fn initial_op(query: &str) -> Option<Result<Op, ErrorReply>> {
+/// `?market=ID&from_seq=N&epoch=E`: a subscribe made at connect time. None
+/// without `market`; a bad `from_seq` is the error a `subscribe` op would get.
+pub fn initial_op(query: &str) -> Option<Result<Op, ErrorReply>> {
     let mut market = None;
     let mut from_seq = None;
     let mut epoch = None;

@@ -49,10 +49,19 @@ pub struct Doorbell {
     pub s: i64,
 }
 
-/// Parse a payload; None for anything that is not a doorbell.
+/// Parse a payload; None for anything that is not a doorbell: a JSON object
+/// whose `m` is a market id (PROTOCOL.md grammar) and `s` an integer >= 1.
+/// Extra fields are ignored (a later trigger may add some).
 pub fn parse_doorbell(payload: &str) -> Option<Doorbell> {
+    // Objects only: a derived Deserialize also takes the array `["M",1]`.
+    if !payload
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
+        return None;
+    }
     let d: Doorbell = serde_json::from_str(payload).ok()?;
-    (d.s >= 1 && !d.m.is_empty() && d.m.len() <= 64).then_some(d)
+    (d.s >= 1 && crate::trade::is_market_id(&d.m)).then_some(d)
 }
 
 /// Run until `shutdown`. `up` mirrors whether LISTEN is in place (for /healthz).
@@ -212,6 +221,22 @@ mod tests {
     #[test]
     fn doorbells() {
         assert_eq!(
+            parse_doorbell(" \n{\"m\":\"A\",\"s\":1,\"x\":[]}"),
+            Some(Doorbell {
+                m: "A".into(),
+                s: 1
+            }),
+            "whitespace and extra fields are fine"
+        );
+        assert_eq!(
+            parse_doorbell(r#"{"m":"A","s":2,"x":1e869}"#),
+            Some(Doorbell {
+                m: "A".into(),
+                s: 2
+            }),
+            "an extra field is skipped, even a number no f64 holds (valid JSON)"
+        );
+        assert_eq!(
             parse_doorbell(r#"{"m":"ELECTION-2028","s":1042}"#),
             Some(Doorbell {
                 m: "ELECTION-2028".into(),
@@ -227,6 +252,15 @@ mod tests {
             r#"{"m":"A","s":"1"}"#,
             r#"{"m":"","s":1}"#,
             r#"[1]"#,
+            // Found by the proptest model: a derived Deserialize takes arrays.
+            r#"["A",1]"#,
+            // Not a market id: no such market can exist.
+            r#"{"m":"a b","s":1}"#,
+            r#"{"m":"-x","s":1}"#,
+            r#"{"m":"é","s":1}"#,
+            r#"{"m":"A","s":1,"s":2}"#,
+            r#"{"m":"A","s":1.0}"#,
+            r#"{"m":"A","s":9223372036854775808}"#,
         ] {
             assert_eq!(parse_doorbell(bad), None, "{bad}");
         }

@@ -8,6 +8,20 @@ use fastwebsockets::{Frame, Payload};
 use serde::Serialize;
 use tokio_postgres::Row;
 
+/// Whether `id` is a market id: `^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$`
+/// (PROTOCOL.md; the `markets` table has the same CHECK). The writer answers
+/// 422 for anything else, and the listener drops doorbells naming anything
+/// else: no such market can exist.
+pub fn is_market_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.:-".contains(c))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trade {
     pub trade_id: i64,

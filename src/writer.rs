@@ -238,7 +238,6 @@ impl Writer {
         req: Request<Incoming>,
     ) -> Result<(&'static str, Response<Body>), (&'static str, ApiError)> {
         let path = req.uri().path().to_string();
-        let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let method = req.method().clone();
         let not_allowed = |route| {
             Err((
@@ -250,10 +249,10 @@ impl Writer {
                 ),
             ))
         };
-        match segs.as_slice() {
-            ["healthz"] => Ok(("healthz", self.healthz().await)),
-            ["metrics"] => Ok(("metrics", http::metrics())),
-            ["v1", "markets"] => match method {
+        match route_path(&path) {
+            Route::Healthz => Ok(("healthz", self.healthz().await)),
+            Route::Metrics => Ok(("metrics", http::metrics())),
+            Route::Markets => match method {
                 Method::GET => self
                     .list_markets()
                     .await
@@ -266,7 +265,7 @@ impl Writer {
                     .map_err(|e| ("create_market", e)),
                 _ => not_allowed("markets"),
             },
-            ["v1", "markets", id] => match method {
+            Route::Market(id) => match method {
                 Method::GET => self
                     .get_market(id)
                     .await
@@ -274,7 +273,7 @@ impl Writer {
                     .map_err(|e| ("get_market", e)),
                 _ => not_allowed("market"),
             },
-            ["v1", "markets", id, "trades"] => match method {
+            Route::Trades(id) => match method {
                 Method::GET => {
                     let q = req.uri().query().unwrap_or("").to_string();
                     self.list_trades(id, &q)
@@ -291,7 +290,7 @@ impl Writer {
                 }
                 _ => not_allowed("trades"),
             },
-            _ => Err((
+            Route::NotFound => Err((
                 "not_found",
                 ApiError::new(
                     StatusCode::NOT_FOUND,
@@ -324,12 +323,7 @@ impl Writer {
     /// Check the bearer token (when configured) and read a JSON object body.
     async fn read_json(&self, req: Request<Incoming>) -> Result<Map<String, Value>, ApiError> {
         if let Some(token) = &self.token {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|g| token_matches(g.as_bytes(), token.as_bytes())) {
+            if !authorized(req.headers(), token) {
                 return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
@@ -401,11 +395,7 @@ impl Writer {
                 )))
             }
         };
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(Value::Object(m)) => Ok(m),
-            Ok(_) => Err(ApiError::bad_request("body must be a JSON object")),
-            Err(e) => Err(ApiError::bad_request(format!("malformed JSON: {e}"))),
-        }
+        parse_json_object(&body)
     }
 
     async fn list_markets(&self) -> Result<Response<Body>, ApiError> {
@@ -436,27 +426,7 @@ impl Writer {
 
     async fn create_market(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
         let body = self.read_json(req).await?;
-        let id = match body.get("id") {
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(ApiError::bad_request("id must be a string")),
-            None => return Err(ApiError::bad_request("missing field id")),
-        };
-        let title = match body.get("title") {
-            None | Some(Value::Null) => String::new(),
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(ApiError::bad_request("title must be a string")),
-        };
-        validate_market_id(&id)?;
-        if title.len() > MAX_TITLE_BYTES {
-            return Err(ApiError::invalid(format!(
-                "title is over {MAX_TITLE_BYTES} bytes"
-            )));
-        }
-        // Valid JSON ("\u0000"), but Postgres text cannot hold NUL: left to the
-        // database it is a 22021 error, answered 500 instead of 422.
-        if title.contains('\0') {
-            return Err(ApiError::invalid("title must not contain NUL"));
-        }
+        let NewMarket { id, title } = NewMarket::parse(&body)?;
         let work = async {
             let c = self.pool.get().await?;
             let sql = format!(
@@ -479,24 +449,7 @@ impl Writer {
     }
 
     async fn list_trades(&self, id: &str, query: &str) -> Result<Response<Body>, ApiError> {
-        let mut after: i64 = 0;
-        let mut limit: i64 = 100;
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let n: i64 = v
-                .parse()
-                .map_err(|_| ApiError::bad_request(format!("{k} must be an integer")))?;
-            match &*k {
-                "after_seq" if n >= 0 => after = n,
-                "after_seq" => return Err(ApiError::invalid("after_seq must be >= 0")),
-                "limit" if (1..=MAX_TRADES_PAGE).contains(&n) => limit = n,
-                "limit" => {
-                    return Err(ApiError::invalid(format!(
-                        "limit must be between 1 and {MAX_TRADES_PAGE}"
-                    )))
-                }
-                _ => {}
-            }
-        }
+        let (after, limit) = parse_trades_query(query)?;
         let work = async {
             let c = self.pool.get().await?;
             if db::market(&**c, id).await?.is_none() {
@@ -576,15 +529,118 @@ fn token_matches(given: &[u8], token: &[u8]) -> bool {
     bool::from(given.ct_eq(token))
 }
 
+/// The writer's routes, from the request path alone (the method is checked
+/// per route). `{id}` is the raw segment: validated where it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    Healthz,
+    Metrics,
+    /// `/v1/markets`
+    Markets,
+    /// `/v1/markets/{id}`
+    Market(&'a str),
+    /// `/v1/markets/{id}/trades`
+    Trades(&'a str),
+    NotFound,
+}
+
+/// Route a request path; one trailing slash or more is ignored.
+pub fn route_path(path: &str) -> Route<'_> {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match segs.as_slice() {
+        ["healthz"] => Route::Healthz,
+        ["metrics"] => Route::Metrics,
+        ["v1", "markets"] => Route::Markets,
+        ["v1", "markets", id] => Route::Market(id),
+        ["v1", "markets", id, "trades"] => Route::Trades(id),
+        _ => Route::NotFound,
+    }
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`.
+pub fn authorized(headers: &header::HeaderMap, token: &str) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    given.is_some_and(|g| token_matches(g.as_bytes(), token.as_bytes()))
+}
+
+/// A request body: one JSON object, else 400.
+pub fn parse_json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad_request("body must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request(format!("malformed JSON: {e}"))),
+    }
+}
+
+/// `?after_seq=N&limit=M` of `GET /v1/markets/{id}/trades`: (after, limit).
+/// Unknown keys are ignored; after_seq or limit not an integer is 400, out
+/// of range 422.
+pub fn parse_trades_query(query: &str) -> Result<(i64, i64), ApiError> {
+    let mut after: i64 = 0;
+    let mut limit: i64 = 100;
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        if k != "after_seq" && k != "limit" {
+            continue; // say a cache buster: not ours to judge
+        }
+        let n: i64 = v
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("{k} must be an integer")))?;
+        match &*k {
+            "after_seq" if n >= 0 => after = n,
+            "after_seq" => return Err(ApiError::invalid("after_seq must be >= 0")),
+            "limit" if (1..=MAX_TRADES_PAGE).contains(&n) => limit = n,
+            "limit" => {
+                return Err(ApiError::invalid(format!(
+                    "limit must be between 1 and {MAX_TRADES_PAGE}"
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok((after, limit))
+}
+
+/// A validated `POST /v1/markets` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMarket {
+    pub id: String,
+    /// Empty when absent or null.
+    pub title: String,
+}
+
+impl NewMarket {
+    /// Types are checked first (400), then values (422).
+    pub fn parse(body: &Map<String, Value>) -> Result<NewMarket, ApiError> {
+        let id = match body.get("id") {
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(ApiError::bad_request("id must be a string")),
+            None => return Err(ApiError::bad_request("missing field id")),
+        };
+        let title = match body.get("title") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(ApiError::bad_request("title must be a string")),
+        };
+        validate_market_id(&id)?;
+        if title.len() > MAX_TITLE_BYTES {
+            return Err(ApiError::invalid(format!(
+                "title is over {MAX_TITLE_BYTES} bytes"
+            )));
+        }
+        // Valid JSON ("\u0000"), but Postgres text cannot hold NUL: left to the
+        // database it is a 22021 error, answered 500 instead of 422.
+        if title.contains('\0') {
+            return Err(ApiError::invalid("title must not contain NUL"));
+        }
+        Ok(NewMarket { id, title })
+    }
+}
+
 pub fn validate_market_id(id: &str) -> Result<(), ApiError> {
-    let b = id.as_bytes();
-    let ok = !b.is_empty()
-        && b.len() <= 64
-        && b[0].is_ascii_alphanumeric()
-        && b[1..]
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"_.:-".contains(c));
-    if ok {
+    if crate::trade::is_market_id(id) {
         Ok(())
     } else {
         Err(ApiError::invalid(format!(
@@ -1128,6 +1184,23 @@ mod tests {
         ] {
             assert!(normalize_price(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn trade_page_queries() {
+        assert_eq!(parse_trades_query("").unwrap(), (0, 100));
+        assert_eq!(
+            parse_trades_query("after_seq=5&limit=1000").unwrap(),
+            (5, 1000)
+        );
+        // Found by the property test: unknown keys used to be parsed as
+        // integers too, so `?_=abc` was a 400.
+        assert_eq!(parse_trades_query("_=abc&limit=7").unwrap(), (0, 7));
+        let status = |q| parse_trades_query(q).unwrap_err().status;
+        assert_eq!(status("after_seq=x"), StatusCode::BAD_REQUEST);
+        assert_eq!(status("after_seq=-1"), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(status("limit=0"), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(status("limit=1001"), StatusCode::UNPROCESSABLE_ENTITY);
     }
 
     #[test]
