@@ -177,11 +177,15 @@ impl FrameReader {
                     }
                     n => u64::from(n),
                 };
+                // Control frames (at most 125 bytes, checked by parse_head)
+                // are not part of the message: one between fragments must not
+                // push it over the limit (found by tests/it/props.rs).
+                let is_control = head.opcode & 0x8 != 0;
                 let already = self.fragments.as_ref().map_or(0, Vec::len) as u64;
-                if already.saturating_add(len) > self.max_message as u64 {
+                if !is_control && already.saturating_add(len) > self.max_message as u64 {
                     return Poll::Ready(Err(ReadError::TooLarge));
                 }
-                // Bounded by max_message above: never an allocation the peer sizes.
+                // Bounded by max_message or 125 above: never an allocation the peer sizes.
                 self.payload = Some(vec![0u8; len as usize]);
                 self.filled = 0;
             }
@@ -358,6 +362,21 @@ mod tests {
         // 126 and 127 length forms.
         let got = read_all(frame(0x81, &[b'x'; 300], [3, 1, 4, 1]), 4096).await;
         assert_eq!(got, vec![Ok(Inbound::Text(vec![b'x'; 300]))]);
+    }
+
+    #[tokio::test]
+    async fn control_frames_between_fragments_do_not_count_toward_the_limit() {
+        let mut input = frame(0x01, &[b'a'; 8], [0; 4]);
+        input.extend(frame(0x89, &[b'p'; 100], [1, 2, 3, 4]));
+        input.extend(frame(0x80, &[b'a'; 2], [0; 4]));
+        let got = read_all(input, 10).await;
+        assert_eq!(
+            got,
+            vec![
+                Ok(Inbound::Ping(control(Frame::pong(vec![b'p'; 100].into())))),
+                Ok(Inbound::Text(vec![b'a'; 10]))
+            ]
+        );
     }
 
     #[tokio::test]
