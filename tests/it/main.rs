@@ -13,6 +13,9 @@
 //! - `broadcaster`: the WebSocket surface and the delivery guarantee: replay,
 //!   replay-to-live handoff, forged notifications, LISTEN loss, slow
 //!   consumers, limits, shutdown.
+//! - `props`: property tests of every parser of untrusted input against
+//!   models written from PROTOCOL.md, and random client op sequences against
+//!   a real broadcaster (the cargo-fuzz targets are in `fuzz/`).
 //! - `resilience`: a broadcaster replaced under the reference client.
 //! - `faults`: the fault suite: many reconnecting clients under a flowing
 //!   load while LISTEN is cut, Postgres restarts or goes away, the broadcaster
@@ -29,6 +32,7 @@
 
 mod broadcaster;
 mod faults;
+mod props;
 mod resilience;
 mod security;
 mod sql;
