@@ -5,7 +5,7 @@ CARGO ?= cargo
 export PGDEV_DIR ?= /tmp/marketcast-pg-dev
 
 
-.PHONY: all build run test browser-test unit bench bench-sql bench-quick fmt clippy pg-start pg-stop clean
+.PHONY: all build run test browser-test unit fuzz bench bench-sql bench-quick fmt clippy pg-start pg-stop clean
 
 all: build
 
@@ -49,6 +49,22 @@ browser-test:
 	  trap 'bin/pg-dev stop --wipe >/dev/null 2>&1 || true' EXIT; \
 	fi; \
 	node tests/browser/page.test.mjs
+
+# cargo-fuzz targets of every parser of untrusted input (fuzz/, its own
+# workspace; docs/TESTING.md). Stable Rust is enough: `--sanitizer none` needs
+# no -Z flag, and `--debug-assertions` makes integer overflow a crash. One
+# target after another, FUZZ_SECONDS each; never part of `make test`.
+FUZZ_TARGETS ?= client_op query_subscribe writer_request doorbell ws_frames
+FUZZ_SECONDS ?= 600
+fuzz:
+	@set -euo pipefail; \
+	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked; \
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
+	  $(CARGO) fuzz run --sanitizer none --debug-assertions $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+	    -dict=fuzz/json.dict -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1; \
+	done
 
 # Plain-SQL inserts/s with and without the trigger's NOTIFY (pgbench).
 bench-sql:
