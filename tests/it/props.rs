@@ -1452,3 +1452,300 @@ fn websocket_frames_read_back_as_sent() {
     })
     .unwrap();
 }
+
+// ------------------------------------------------------------------ the writer over HTTP
+
+/// One request to the writer, with what PROTOCOL.md section 3 says of it
+/// judged by the model below.
+#[derive(Debug, Clone)]
+struct Req {
+    method: &'static str,
+    /// 0 `/v1/markets`, 1 `/v1/markets/{id}`, 2 `/v1/markets/{id}/trades`, 3 `/v1/nope`
+    route: u8,
+    id: &'static str,
+    query: Vec<(String, String)>,
+    /// 0 the token, 1 a wrong one, 2 none
+    auth: u8,
+    json: bool,
+    body: ReqBody,
+}
+
+#[derive(Debug, Clone)]
+enum ReqBody {
+    Market(Value, Verdict, Option<String>),
+    Trade(Value, Verdict, Option<String>, Option<String>), // (body, verdict, canonical price, client_order_id)
+    Raw(String),
+}
+
+/// Path ids: an existing market, a valid unknown one, and two that can
+/// never exist (one of them percent-encoded, which the writer does not decode).
+const HTTP_IDS: [&str; 4] = ["W1", "W-NONE", "a%20b", "-x"];
+
+fn writer_request() -> impl Strategy<Value = Req> {
+    let market_body = (
+        prop_oneof![
+            3 => prop::sample::select(vec!["W1", "W2", "W3"]).prop_map(|s| (Some(json!(s)), Verdict::Ok)),
+            1 => prop::sample::select(vec!["", "a b", "é"]).prop_map(|s| (Some(json!(s)), Verdict::Invalid)),
+            1 => Just((Some(json!(5)), Verdict::Bad)),
+            1 => Just((None, Verdict::Bad)),
+        ],
+        prop_oneof![Just(None), Just(Some(json!("t"))), Just(Some(json!(1)))],
+    )
+        .prop_map(|((id, ij), title)| {
+            let tj = if title.as_ref().is_some_and(Value::is_number) { Verdict::Bad } else { Verdict::Ok };
+            let created = id.as_ref().and_then(Value::as_str).map(String::from);
+            let v = object(vec![("id", id), ("title", title)], vec![]);
+            ReqBody::Market(v, ij.max(tj), created)
+        });
+    let trade_body = (
+        side(),
+        prop_oneof![
+            4 => price_field().prop_map(|(v, c)| {
+                let j = if c.is_some() { Verdict::Ok } else { Verdict::Invalid };
+                (Some(v), j, c)
+            }),
+            1 => Just((Some(json!(true)), Verdict::Bad, None)),
+        ],
+        qty(),
+        prop_oneof![
+            Just((None, Verdict::Ok)),
+            prop::sample::select(vec!["c1", "c2"]).prop_map(|c| (Some(json!(c)), Verdict::Ok)),
+            Just((Some(json!("")), Verdict::Invalid)),
+        ],
+    )
+        .prop_map(|((sv, sj), (pv, pj, canon), (qv, qj), (cv, cj))| {
+            let coid = cv.as_ref().and_then(Value::as_str).map(String::from);
+            let v = object(
+                vec![
+                    ("side", sv),
+                    ("price", pv),
+                    ("qty", qv),
+                    ("client_order_id", cv),
+                ],
+                vec![],
+            );
+            ReqBody::Trade(v, [sj, pj, qj, cj].into_iter().max().unwrap(), canon, coid)
+        });
+    let body = prop_oneof![
+        2 => market_body,
+        4 => trade_body,
+        1 => prop::sample::select(vec!["", "[]", "{", "null", "\"x\"", "{}"]).prop_map(|s| ReqBody::Raw(s.to_string())),
+    ];
+    let query = prop::collection::vec(
+        (
+            prop::sample::select(vec!["after_seq", "limit", "x"]).prop_map(String::from),
+            prop_oneof![
+                (-2..1002i64).prop_map(|n| n.to_string()),
+                Just("z".to_string())
+            ],
+        ),
+        0..3,
+    );
+    (
+        prop::sample::select(vec!["GET", "POST", "POST", "POST", "PUT", "DELETE"]),
+        prop_oneof![1 => Just(0u8), 1 => Just(1u8), 3 => Just(2u8), 1 => Just(3u8)],
+        prop::sample::select(HTTP_IDS.to_vec()),
+        query,
+        prop_oneof![6 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)],
+        prop_oneof![6 => Just(true), 1 => Just(false)],
+        body,
+    )
+        .prop_map(|(method, route, id, query, auth, json, body)| Req {
+            method,
+            route,
+            id,
+            query,
+            auth,
+            json,
+            body,
+        })
+}
+
+/// What the writer owes, from PROTOCOL.md section 3 and the documented
+/// order of checks: route (404), method (405), then for a POST the token
+/// (401), the content type (415), JSON (400: not an object), the path's
+/// market id (422), the body (400 types, then 422 values), and last what the
+/// database says (404 unknown market, 409 market exists; a retried
+/// client_order_id is 200 with the original trade).
+struct WriterModel {
+    markets: std::collections::HashSet<String>,
+    coids: std::collections::HashSet<(String, String)>,
+}
+
+impl WriterModel {
+    fn expect(&mut self, r: &Req) -> u16 {
+        let id = r.id.to_string();
+        let allowed: &[&str] = match r.route {
+            0 => &["GET", "POST"],
+            1 => &["GET"],
+            2 => &["GET", "POST"],
+            _ => return 404,
+        };
+        if !allowed.contains(&r.method) {
+            return 405;
+        }
+        if r.method == "GET" {
+            return match r.route {
+                0 => 200,
+                1 => {
+                    if self.markets.contains(&id) {
+                        200
+                    } else {
+                        404
+                    }
+                }
+                _ => {
+                    for (k, v) in &r.query {
+                        if k == "x" {
+                            continue;
+                        }
+                        let Ok(n) = v.parse::<i64>() else { return 400 };
+                        if (k == "after_seq" && n < 0) || (k == "limit" && !(1..=1000).contains(&n))
+                        {
+                            return 422;
+                        }
+                    }
+                    if self.markets.contains(&id) {
+                        200
+                    } else {
+                        404
+                    }
+                }
+            };
+        }
+        if r.auth != 0 {
+            return 401;
+        }
+        if !r.json {
+            return 415;
+        }
+        let (object, verdict) = match &r.body {
+            // `{}` lacks every field; the others are not objects.
+            ReqBody::Raw(s) => (s == "{}", Verdict::Bad),
+            ReqBody::Market(_, j, _) if r.route == 0 => (true, *j),
+            ReqBody::Trade(_, j, _, _) if r.route == 2 => (true, *j),
+            // A body of the other kind: its fields are missing here.
+            _ => (true, Verdict::Bad),
+        };
+        if !object {
+            return 400;
+        }
+        if r.route == 2 && !id_model(&id) {
+            return 422;
+        }
+        match verdict {
+            Verdict::Bad => return 400,
+            Verdict::Invalid => return 422,
+            Verdict::Ok => {}
+        }
+        if r.route == 0 {
+            let ReqBody::Market(_, _, Some(m)) = &r.body else {
+                unreachable!("a valid market body has an id")
+            };
+            return if self.markets.insert(m.clone()) {
+                201
+            } else {
+                409
+            };
+        }
+        if !self.markets.contains(&id) {
+            return 404;
+        }
+        match &r.body {
+            ReqBody::Trade(_, _, _, Some(c)) if !self.coids.insert((id, c.clone())) => 200,
+            _ => 201,
+        }
+    }
+}
+
+/// Random request sequences against a real writer (with a write token):
+/// every answer is the status the contract gives it, every error has the
+/// `{"error":{"code","message"}}` shape, every trade created is the canonical
+/// form of what was sent, and nothing is ever a 500.
+#[test]
+fn the_writer_answers_as_the_protocol_says() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (_db, server) = rt.block_on(async {
+        let db = support::TestDb::new().await;
+        let mut cfg = support::writer_config(&db);
+        cfg.write_token = Some("tok3n".into());
+        let server = support::writer(cfg).await;
+        (db, server)
+    });
+    let base = server.http();
+    // One model for the whole run: the database keeps what earlier cases made.
+    let model = std::sync::Mutex::new(WriterModel {
+        markets: Default::default(),
+        coids: Default::default(),
+    });
+    // W1 exists from the start.
+    let (status, _) = rt.block_on(support::http(
+        "POST",
+        &format!("{base}/v1/markets"),
+        &[("authorization", "Bearer tok3n")],
+        Some(r#"{"id":"W1"}"#),
+    ));
+    assert_eq!(status, 201);
+    model.lock().unwrap().markets.insert("W1".into());
+
+    let mut runner = TestRunner::new(Config {
+        max_shrink_iters: 32,
+        ..config(48)
+    });
+    let result = runner.run(&prop::collection::vec(writer_request(), 1..8), |reqs| {
+        for r in &reqs {
+            let path = match r.route {
+                0 => "/v1/markets".to_string(),
+                1 => format!("/v1/markets/{}", r.id),
+                2 => format!("/v1/markets/{}/trades", r.id),
+                _ => "/v1/nope".to_string(),
+            };
+            let query = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&r.query)
+                .finish();
+            let url = format!("{base}{path}?{query}");
+            let mut headers = vec![];
+            match r.auth {
+                0 => headers.push(("authorization", "Bearer tok3n")),
+                1 => headers.push(("authorization", "Bearer tok3n2")),
+                _ => {}
+            }
+            headers.push((
+                "content-type",
+                if r.json {
+                    "application/json; charset=utf-8"
+                } else {
+                    "text/plain"
+                },
+            ));
+            let body = match &r.body {
+                ReqBody::Market(v, ..) | ReqBody::Trade(v, ..) => v.to_string(),
+                ReqBody::Raw(s) => s.clone(),
+            };
+            let body = (r.method != "GET").then_some(body);
+            let (status, v) = rt.block_on(support::http(r.method, &url, &headers, body.as_deref()));
+            let want = model.lock().unwrap().expect(r);
+            prop_assert_eq!(status, want, "{:?} answered {}", r, v);
+            if status >= 400 {
+                prop_assert!(
+                    v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+                    "{v}"
+                );
+            }
+            if let (201, ReqBody::Trade(_, _, canon, _)) = (status, &r.body) {
+                prop_assert_eq!(v["type"].as_str(), Some("trade"));
+                prop_assert_eq!(v["market"].as_str(), Some(r.id));
+                prop_assert_eq!(v["price"].as_str(), canon.as_deref());
+            }
+        }
+        Ok(())
+    });
+    rt.block_on(server.stop());
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
