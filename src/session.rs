@@ -37,6 +37,7 @@ use futures_util::FutureExt;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
+use smallvec::SmallVec;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{StreamExt, StreamMap};
@@ -862,13 +863,16 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     let mut writes = 0;
     while i < frames.len() {
         let n = std::future::poll_fn(|cx| {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let mut n_iov = 0;
-            for (k, f) in frames[i..].iter().take(MAX_IOV).enumerate() {
-                iov[k] = IoSlice::new(if k == 0 { &f[off..] } else { f });
-                n_iov += 1;
-            }
-            std::pin::Pin::new(&mut *w).poll_write_vectored(cx, &iov[..n_iov])
+            // SmallVec, not an array: only the slices used are written (an
+            // initialised [IoSlice; 256] was a 4 KiB memset per poll, 3% of
+            // the fan-out CPU in perf).
+            let iov: SmallVec<[IoSlice<'_>; MAX_IOV]> = frames[i..]
+                .iter()
+                .take(MAX_IOV)
+                .enumerate()
+                .map(|(k, f)| IoSlice::new(if k == 0 { &f[off..] } else { f }))
+                .collect();
+            std::pin::Pin::new(&mut *w).poll_write_vectored(cx, &iov)
         })
         .await?;
         writes += 1;
