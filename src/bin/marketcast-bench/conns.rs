@@ -1,0 +1,97 @@
+//! S3 connections: N idle subscribed connections on one market. The server's
+//! RSS (VmRSS of its process) before any connection, once all are subscribed
+//! and after one trade has reached them all, as KiB per connection; and the
+//! time from that trade's commit (`ts`) to its arrival at the last client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use crate::fleet::Fleet;
+use crate::hist::Meter;
+use crate::report::Rec;
+use crate::{Env, Target, Up};
+
+/// Settle time before each RSS sample (allocator and kernel queues calm down).
+const SETTLE: Duration = Duration::from_secs(2);
+
+pub async fn run(env: &Env, run: usize, target: Target) -> Result<Rec> {
+    let up = env.start(target).await?;
+    let r = measure(env, &up, run, target).await;
+    up.stop().await;
+    r
+}
+
+async fn measure(env: &Env, up: &Up, run: usize, target: Target) -> Result<Rec> {
+    let n = env.set.s3_connections;
+    let markets = env
+        .make_markets(up, &format!("s3-r{run}-{}", target.name()), 1)
+        .await?;
+    // One subscriber first, so that the market's state in the hub and the
+    // server's pools exist before the baseline sample: what follows is the
+    // cost of connections only.
+    let meter = Arc::new(Meter::new(1, Duration::from_secs(3600)));
+    meter.t0_us.store(0, std::sync::atomic::Ordering::Relaxed);
+    let first = Fleet::connect(
+        &env.client_rt,
+        env.fleet_cfg(up, meter.clone(), None, None),
+        &markets,
+        1,
+        target.name(),
+    )
+    .await?;
+    tokio::time::sleep(SETTLE).await;
+    let before = up.server.stats();
+    let t = std::time::Instant::now();
+    let fleet = Fleet::connect(
+        &env.client_rt,
+        env.fleet_cfg(up, meter.clone(), None, None),
+        &markets,
+        n - 1,
+        target.name(),
+    )
+    .await?;
+    let connect_s = t.elapsed().as_secs_f64();
+    tokio::time::sleep(SETTLE).await;
+    let subscribed = up.server.stats();
+    let (seq, _ts) = env.publish_one(up, &markets[0]).await?;
+    let all = first.drain(&[seq], Duration::from_secs(30)).await
+        && fleet.drain(&[seq], Duration::from_secs(30)).await;
+    if !all {
+        eprintln!("  the trade did not reach every connection within 30 s");
+    }
+    tokio::time::sleep(SETTLE).await;
+    let after = up.server.stats();
+    let h = &meter.phases[0];
+    if h.count() == 0 {
+        bail!("no connection received the trade");
+    }
+    let undelivered = (n as u64).saturating_sub(h.count());
+    let c1 = first.finish(&[seq]).await;
+    let c2 = fleet.finish(&[seq]).await;
+    let per_conn = |s: &crate::procs::ProcStats| {
+        s.rss_kib.saturating_sub(before.rss_kib) as f64 / (n - 1) as f64
+    };
+    Ok(vec![
+        ("connections", n as f64),
+        ("connect_s", connect_s),
+        ("rss_before_mib", before.rss_mib()),
+        ("rss_subscribed_mib", subscribed.rss_mib()),
+        ("rss_after_trade_mib", after.rss_mib()),
+        ("kib_per_conn", per_conn(&subscribed)),
+        ("kib_per_conn_after_trade", per_conn(&after)),
+        ("fds", after.fds as f64),
+        ("threads", after.threads as f64),
+        ("reach_p50_ms", h.quantile(0.5, undelivered) / 1000.0),
+        ("reach_p99_ms", h.quantile(0.99, undelivered) / 1000.0),
+        ("reach_all_ms", h.quantile(1.0, undelivered) / 1000.0),
+        ("lost", (c1.lost + c2.lost) as f64),
+        ("duplicated", (c1.duplicated + c2.duplicated) as f64),
+        ("reordered", (c1.reordered + c2.reordered) as f64),
+        ("undrained", (c1.undrained + c2.undrained) as f64),
+        ("reconnects", (c1.reconnects + c2.reconnects) as f64),
+        ("parse_errors", (c1.parse_errors + c2.parse_errors) as f64),
+        ("errors", (c1.errors + c2.errors) as f64),
+    ])
+}

@@ -1,0 +1,242 @@
+//! The servers under test run as child processes, so that their CPU, memory,
+//! descriptors and threads can be read from /proc apart from the load client,
+//! and so that 15,000 connections fit: each end of a loopback WebSocket holds
+//! one descriptor, and the open-files limit here (20,000) is per process.
+//!
+//! - marketcast: the real `marketcast broadcaster` / `marketcast writer`
+//!   binaries next to this one (`target/release/`);
+//! - the raw baseline: this binary again with `--serve-raw` (see `raw.rs`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::pgdev::PgDev;
+
+/// A server child process: killed when dropped, whatever happened.
+pub struct Server {
+    child: Child,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    pub name: &'static str,
+}
+
+/// A binary next to this one in the target directory.
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("locating marketcast-bench")?;
+    let p = me.with_file_name(name);
+    if !p.exists() {
+        bail!(
+            "{} not found: build it first (`cargo build --release` builds both binaries)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+impl Server {
+    /// Start `cmd` and wait for its first stdout line, `listening on HOST:PORT`.
+    pub async fn spawn(name: &'static str, mut cmd: Command) -> Result<Server> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting the {name}"))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow!("the {name} exited at once"))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .map_err(|_| anyhow!("the {name} printed nothing within 30 s"))?
+            .with_context(|| format!("reading the {name}'s stdout"))?
+            .ok_or_else(|| anyhow!("the {name} exited before listening"))?;
+        let addr: SocketAddr = first
+            .strip_prefix("listening on ")
+            .and_then(|a| a.trim().parse().ok())
+            .ok_or_else(|| anyhow!("the {name} printed {first:?}, not `listening on ADDR`"))?;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Server {
+            child,
+            pid,
+            addr,
+            name,
+        })
+    }
+
+    pub fn stats(&self) -> ProcStats {
+        ProcStats::of(self.pid)
+    }
+
+    /// SIGTERM (the roles close their sockets and exit 0), SIGKILL after 10 s.
+    pub async fn stop(mut self) {
+        let term = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+        if term.is_ok() {
+            match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+                Ok(Ok(s)) if s.success() => return,
+                Ok(Ok(s)) => {
+                    eprintln!("  the {} exited with {s}", self.name);
+                    return;
+                }
+                _ => eprintln!("  the {} did not stop within 10 s; killing it", self.name),
+            }
+        }
+        // Err: it is gone already.
+        let _ = self.child.kill().await;
+    }
+}
+
+/// What /proc says about one process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcStats {
+    pub at: Option<Instant>,
+    pub rss_kib: u64,
+    /// utime + stime, in clock ticks.
+    pub cpu_ticks: u64,
+    pub threads: u64,
+    pub fds: u64,
+}
+
+impl ProcStats {
+    pub fn of(pid: u32) -> ProcStats {
+        let mut s = ProcStats {
+            at: Some(Instant::now()),
+            ..Default::default()
+        };
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            for l in status.lines() {
+                let num = || {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0)
+                };
+                if l.starts_with("VmRSS:") {
+                    s.rss_kib = num();
+                } else if l.starts_with("Threads:") {
+                    s.threads = num();
+                }
+            }
+        }
+        s.cpu_ticks = cpu_ticks(pid).unwrap_or(0);
+        s.fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+        s
+    }
+
+    pub fn rss_mib(&self) -> f64 {
+        self.rss_kib as f64 / 1024.0
+    }
+
+    /// CPU used between two samples, in % of one core.
+    pub fn cpu_pct_since(&self, before: &ProcStats) -> f64 {
+        cpu_pct(before.at, before.cpu_ticks, self.at, self.cpu_ticks)
+    }
+}
+
+fn cpu_pct(t0: Option<Instant>, c0: u64, t1: Option<Instant>, c1: u64) -> f64 {
+    match (t0, t1) {
+        (Some(a), Some(b)) if b > a => {
+            let secs = (b - a).as_secs_f64();
+            (c1.saturating_sub(c0)) as f64 / clk_tck() / secs * 100.0
+        }
+        _ => f64::NAN,
+    }
+}
+
+/// utime + stime of a process (fields 14 and 15 of /proc/PID/stat, counted
+/// after the command name, which may hold spaces).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, stime 15.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux if that fails).
+fn clk_tck() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU of the throwaway cluster: the postmaster and all its children
+/// (backends, WAL writer, checkpointer...). Backends that end between two
+/// samples are not counted; the scenarios keep theirs open.
+#[derive(Debug, Clone, Default)]
+pub struct PgCpu {
+    at: Option<Instant>,
+    ticks: u64,
+}
+
+impl PgCpu {
+    pub fn sample() -> PgCpu {
+        let Some(pm) = PgDev::postmaster_pid() else {
+            return PgCpu::default();
+        };
+        let mut ticks = cpu_ticks(pm).unwrap_or(0);
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for e in dir.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if ppid(pid) == Some(pm) {
+                    ticks += cpu_ticks(pid).unwrap_or(0);
+                }
+            }
+        }
+        PgCpu {
+            at: Some(Instant::now()),
+            ticks,
+        }
+    }
+
+    pub fn pct_since(&self, before: &PgCpu) -> f64 {
+        cpu_pct(before.at, before.ticks, self.at, self.ticks)
+    }
+}
+
+/// The ephemeral port range, for the connection-count checks.
+pub fn ephemeral_ports() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+    let (lo, hi) = (it.next()??, it.next()??);
+    Some(hi.saturating_sub(lo) + 1)
+}
+
+/// The soft RLIMIT_NOFILE, read from /proc (no libc in this crate).
+pub fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}

@@ -1,0 +1,181 @@
+//! S4 replay: one market with N trades in the log (loaded once per
+//! invocation). One client subscribing with `from_seq=0`: trades/s until it
+//! has seq N, every seq checked; then C clients at once, each with
+//! `from_seq = N - tail`: their total trades/s until the last one has seq N.
+//!
+//! Baseline: the same rows read by one plain streaming `SELECT ... ORDER BY
+//! seq` from this process (tokio-postgres, text decoding of each row): the
+//! speed of getting the log out of Postgres at all, without WebSockets.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use futures_util::{pin_mut, TryStreamExt};
+
+use crate::fleet::{Fleet, Probe};
+use crate::hist::{unix_us, Meter};
+use crate::report::Rec;
+use crate::{Env, Target, Up};
+
+/// The market whose log S4 replays.
+pub struct Loaded {
+    pub market: String,
+    pub trades: i64,
+    pub load_s: f64,
+}
+
+/// Load the market's log once: one INSERT ... SELECT generate_series in one
+/// transaction through the product's trigger (seq, NOTIFY, market totals),
+/// exactly as any SQL client would write it.
+pub async fn prepare(env: &Env) -> Result<Loaded> {
+    let n = env.set.s4_trades as i64;
+    let market = "s4-replay".to_string();
+    let t = Instant::now();
+    env.admin
+        .execute(
+            "INSERT INTO markets (id, title) VALUES ($1, 'bench replay')",
+            &[&market],
+        )
+        .await
+        .context("creating the S4 market")?;
+    env.admin
+        .execute(
+            "INSERT INTO trades (market_id, side, price, qty) \
+             SELECT $1, CASE WHEN g % 2 = 0 THEN 'yes' ELSE 'no' END, \
+                    ((100 + g % 9800) / 10000.0)::numeric(5,4), 1 + g % 100 \
+             FROM generate_series(1, $2::int8) AS g",
+            &[&market, &n],
+        )
+        .await
+        .context("loading the S4 log")?;
+    let last: i64 = env
+        .admin
+        .query_one("SELECT last_seq FROM markets WHERE id = $1", &[&market])
+        .await?
+        .try_get(0)?;
+    if last != n {
+        bail!("the S4 market has last_seq {last} after loading {n} trades");
+    }
+    // Fresh statistics for the planner (autovacuum may not have run yet).
+    env.admin.batch_execute("VACUUM ANALYZE trades").await?;
+    Ok(Loaded {
+        market,
+        trades: n,
+        load_s: t.elapsed().as_secs_f64(),
+    })
+}
+
+pub async fn run(env: &Env, log: &Loaded, target: Target) -> Result<Rec> {
+    let up = env.start(target).await?;
+    let r = measure(env, &up, log).await;
+    up.stop().await;
+    r
+}
+
+/// Connect `clients` replaying from `from_seq` and wait until all have the
+/// last seq; returns (seconds, checks).
+async fn replay(
+    env: &Env,
+    up: &Up,
+    log: &Loaded,
+    from_seq: i64,
+    clients: usize,
+) -> Result<(f64, crate::fleet::Checks)> {
+    // Never timed: replayed trades carry their old `ts`.
+    let meter = Arc::new(Meter::new(1, Duration::from_secs(1)));
+    let t0 = unix_us(SystemTime::now());
+    let fleet = Fleet::connect(
+        &env.client_rt,
+        env.fleet_cfg(up, meter, Some(from_seq), Some(log.trades)),
+        std::slice::from_ref(&log.market),
+        clients,
+        "replay",
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let reached = |p: &Arc<Probe>| p.reached_us.load(Ordering::Relaxed);
+    while fleet.probes.iter().any(|(_, p)| reached(p) == 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let last = fleet.probes.iter().map(|(_, p)| reached(p)).max();
+    let all = fleet.probes.iter().all(|(_, p)| reached(p) != 0);
+    let checks = fleet.finish(&[log.trades]).await;
+    if !all {
+        bail!(
+            "not every replaying client reached seq {} within 300 s",
+            log.trades
+        );
+    }
+    let secs = (last.unwrap_or(t0) - t0) as f64 / 1e6;
+    Ok((secs, checks))
+}
+
+async fn measure(env: &Env, up: &Up, log: &Loaded) -> Result<Rec> {
+    let set = &env.set;
+    let before = up.server.stats();
+    let (one_s, c1) = replay(env, up, log, 0, 1).await?;
+    let mid = up.server.stats();
+    let from = (log.trades - set.s4_tail as i64).max(0);
+    let (many_s, c2) = replay(env, up, log, from, set.s4_clients).await?;
+    let after = up.server.stats();
+    let many_trades = (log.trades - from) as f64 * set.s4_clients as f64;
+    Ok(vec![
+        ("trades", log.trades as f64),
+        ("one_s", one_s),
+        ("one_trades_per_s", log.trades as f64 / one_s),
+        ("one_server_cpu_pct", mid.cpu_pct_since(&before)),
+        ("clients", set.s4_clients as f64),
+        ("tail", (log.trades - from) as f64),
+        ("many_s", many_s),
+        ("many_trades_per_s", many_trades / many_s),
+        ("many_server_cpu_pct", after.cpu_pct_since(&mid)),
+        ("server_rss_mib", after.rss_mib()),
+        ("lost", (c1.lost + c2.lost) as f64),
+        ("duplicated", (c1.duplicated + c2.duplicated) as f64),
+        ("reordered", (c1.reordered + c2.reordered) as f64),
+        ("undrained", (c1.undrained + c2.undrained) as f64),
+        ("reconnects", (c1.reconnects + c2.reconnects) as f64),
+        ("parse_errors", (c1.parse_errors + c2.parse_errors) as f64),
+        ("errors", (c1.errors + c2.errors) as f64),
+    ])
+}
+
+/// The baseline: one streaming SELECT of the whole log, each row decoded
+/// (text columns), seq checked gapless.
+pub async fn sql_read(env: &Env, log: &Loaded) -> Result<Rec> {
+    let t = Instant::now();
+    let stream = env
+        .admin
+        .query_raw(
+            "SELECT seq, trade_id, side, price::text, qty, created_at::text FROM trades \
+             WHERE market_id = $1 ORDER BY seq",
+            [&log.market],
+        )
+        .await?;
+    pin_mut!(stream);
+    let (mut n, mut expect, mut bad) = (0i64, 1i64, 0u64);
+    while let Some(row) = stream.try_next().await? {
+        let seq: i64 = row.try_get(0)?;
+        let _: (i64, &str, &str, i64, &str) = (
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+            row.try_get(4)?,
+            row.try_get(5)?,
+        );
+        if seq != expect {
+            bad += 1;
+        }
+        expect = seq + 1;
+        n += 1;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok(vec![
+        ("trades", n as f64),
+        ("one_s", secs),
+        ("one_trades_per_s", n as f64 / secs),
+        ("lost", bad as f64),
+    ])
+}

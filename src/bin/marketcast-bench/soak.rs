@@ -1,0 +1,151 @@
+//! Soak (issue 6): N WebSocket connections over M markets with trades flowing
+//! at R/s for a long time (10 minutes by default). The server's RSS, open
+//! descriptors, threads and its own connection gauge are sampled at the
+//! start, every `--soak-sample` seconds and at the end (after the last trade
+//! has reached everyone, connections still open); every client checks its
+//! seq stream, so any lost, duplicated or reordered trade shows.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde_json::{json, Value};
+
+use crate::feed::{feed, Plan};
+use crate::fleet::Fleet;
+use crate::hist::{clocks, Meter};
+use crate::procs::{PgCpu, ProcStats};
+use crate::report::{json_num, Rec};
+use crate::{Env, Target, Up};
+
+/// Trades before the first sample (connections and caches settle).
+const WARMUP: Duration = Duration::from_secs(10);
+
+pub struct SoakResult {
+    pub rec: Rec,
+    /// One JSON object per sample: t_s, rss_mib, fds, threads, connections.
+    pub samples: Vec<Value>,
+}
+
+pub async fn run(env: &Env) -> Result<SoakResult> {
+    let up = env.start(Target::Marketcast).await?;
+    let r = measure(env, &up).await;
+    up.stop().await;
+    r
+}
+
+fn sample(t0: Instant, s: &ProcStats, connections: f64) -> Value {
+    json!({
+        "t_s": (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        "rss_mib": json_num(s.rss_mib()),
+        "fds": s.fds,
+        "threads": s.threads,
+        "connections": json_num(connections),
+    })
+}
+
+async fn measure(env: &Env, up: &Up) -> Result<SoakResult> {
+    let set = &env.set;
+    let n = set.soak_connections;
+    let d = set.soak_duration;
+    let markets = env.make_markets(up, "soak", set.soak_markets).await?;
+    let meter = Arc::new(Meter::new(1, d + Duration::from_secs(3600)));
+    eprintln!("  connecting {n} subscribers");
+    let fleet = Fleet::connect(
+        &env.client_rt,
+        env.fleet_cfg(up, meter.clone(), None, None),
+        &markets,
+        n,
+        "soak",
+    )
+    .await?;
+    let (now, now_us) = clocks();
+    let start = now + Duration::from_millis(500);
+    let t0 = start + WARMUP;
+    meter.t0_us.store(
+        now_us + (Duration::from_millis(500) + WARMUP).as_micros() as i64,
+        Ordering::Relaxed,
+    );
+    let plan = Plan {
+        markets: Arc::new(markets.clone()),
+        rate: set.soak_rate as f64,
+        start,
+        end: t0 + d,
+        meter: meter.clone(),
+        cut: Default::default(),
+    };
+    let every = set.soak_sample;
+    let sampler = async {
+        tokio::time::sleep_until(t0.into()).await;
+        let first = (
+            up.server.stats(),
+            env.connections(up).await,
+            PgCpu::sample(),
+        );
+        let mut samples = vec![sample(t0, &first.0, first.1)];
+        let mut next = t0 + every;
+        while next < t0 + d {
+            tokio::time::sleep_until(next.into()).await;
+            let s = up.server.stats();
+            let c = env.connections(up).await;
+            eprintln!(
+                "  soak {:>4.0} s: RSS {:.1} MiB, {} fds, {} threads, {} connections, {} frames",
+                t0.elapsed().as_secs_f64(),
+                s.rss_mib(),
+                s.fds,
+                s.threads,
+                c,
+                meter.phases[0].count()
+            );
+            samples.push(sample(t0, &s, c));
+            next += every;
+        }
+        (first, samples)
+    };
+    let (out, ((s0, c0, pg0), mut samples)) =
+        tokio::join!(feed(env.feed_rt.clone(), env.sink(up), plan), sampler);
+    let out = out?;
+    let last_sample = (up.server.stats(), PgCpu::sample());
+    let drained = fleet.drain(&out.final_seq, Duration::from_secs(30)).await;
+    if !drained {
+        eprintln!("  not every subscriber got the last trade within 30 s");
+    }
+    let s1 = up.server.stats();
+    let c1 = env.connections(up).await;
+    samples.push(sample(t0, &s1, c1));
+    let checks = fleet.finish(&out.final_seq).await;
+    let h = &meter.phases[0];
+    let secs = d.as_secs_f64();
+    let rec = vec![
+        ("connections", n as f64),
+        ("markets", markets.len() as f64),
+        ("rate", set.soak_rate as f64),
+        ("duration_s", secs),
+        ("committed", out.committed as f64),
+        ("frames", h.count() as f64),
+        ("frames_per_s", h.count() as f64 / secs),
+        ("p50_ms", h.quantile(0.5, 0) / 1000.0),
+        ("p99_ms", h.quantile(0.99, 0) / 1000.0),
+        ("p999_ms", h.quantile(0.999, 0) / 1000.0),
+        ("max_ms", h.max_us() / 1000.0),
+        ("server_cpu_pct", last_sample.0.cpu_pct_since(&s0)),
+        ("postgres_cpu_pct", last_sample.1.pct_since(&pg0)),
+        ("rss_start_mib", s0.rss_mib()),
+        ("rss_end_mib", s1.rss_mib()),
+        ("fds_start", s0.fds as f64),
+        ("fds_end", s1.fds as f64),
+        ("threads_start", s0.threads as f64),
+        ("threads_end", s1.threads as f64),
+        ("ws_connections_start", c0),
+        ("ws_connections_end", c1),
+        ("lost", checks.lost as f64),
+        ("duplicated", checks.duplicated as f64),
+        ("reordered", checks.reordered as f64),
+        ("undrained", checks.undrained as f64),
+        ("reconnects", checks.reconnects as f64),
+        ("parse_errors", checks.parse_errors as f64),
+        ("errors", (checks.errors + out.errors) as f64),
+    ];
+    Ok(SoakResult { rec, samples })
+}
