@@ -5,7 +5,7 @@ CARGO ?= cargo
 export PGDEV_DIR ?= /tmp/marketcast-pg-dev
 
 
-.PHONY: all build run test browser-test unit fuzz bench bench-sql bench-quick fmt clippy pg-start pg-stop clean
+.PHONY: all build run test browser-test unit fuzz bench bench-sql bench-quick soak fmt clippy pg-start pg-stop clean
 
 all: build
 
@@ -73,18 +73,29 @@ bench-sql:
 unit:
 	$(CARGO) test --lib
 
-# Benchmarks (issue 5: S1 latency, S2 fan-out, S5 writes, with a raw
-# baseline) against their own throwaway Postgres in /tmp/marketcast-bench-pg.
-# `bench` runs each scenario 3 times and writes the medians to
-# docs/BENCHMARKS.md (about 9 minutes; BENCH_ARGS="--runs 1" for one pass);
-# `bench-quick` is a small smoke run (about 2 minutes) whose report goes to
-# target/bench-quick.md.
+# Benchmarks (issue 5: S1..S6 and the table workload, each beside a raw
+# baseline) against their own throwaway Postgres in /tmp/marketcast-bench-pg;
+# the servers under test run as child processes (target/release/marketcast).
+# `bench` runs every marketcast scenario 3 times (baselines once) and writes
+# the medians to docs/BENCHMARKS.md and docs/bench/*.png (about 12 minutes
+# after the build; BENCH_ARGS="--runs 1" for one pass, "--scenarios s3" for
+# one scenario); `bench-quick` is a small smoke run (about 3 minutes) whose
+# report goes to target/bench-quick.md.
+# `soak` (issue 6): 10,000 connections with trades flowing for 10 minutes;
+# server RSS, descriptors and threads at start and end, into
+# docs/bench/soak.md (SOAK_ARGS="--soak-duration 60" for a short one).
+# 15,000 connections need that many open files in each process: the soft
+# limit is raised to the hard one first.
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 bench: build
-	./target/release/marketcast-bench $(BENCH_ARGS)
+	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; ./target/release/marketcast-bench $(BENCH_ARGS)
 
 bench-quick: build
-	./target/release/marketcast-bench --quick $(BENCH_ARGS)
+	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; ./target/release/marketcast-bench --quick $(BENCH_ARGS)
+
+soak: build
+	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; ./target/release/marketcast-bench --scenarios soak $(SOAK_ARGS)
 
 fmt:
 	$(CARGO) fmt --all

@@ -42,8 +42,9 @@
 //! - [`metrics`]: the Prometheus recorder.
 //! - [`shutdown`]: signals, cancellation, the shutdown deadline.
 //!
-//! `src/bin/marketcast-bench.rs` is `make bench`: its own Postgres, the roles
-//! in-process, a load client and a raw fan-out baseline (docs/BENCHMARKS.md).
+//! `src/bin/marketcast-bench/` is `make bench` and `make soak`: its own
+//! Postgres, the roles as child processes, a load client and a raw fan-out
+//! baseline (docs/BENCHMARKS.md).
 #![forbid(unsafe_code)]
 
 pub mod broadcaster;

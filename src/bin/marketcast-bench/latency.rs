@@ -78,9 +78,10 @@ async fn measure(
     let pid = up.server.pid;
     let sampler = env.feed_rt.spawn(async move {
         tokio::time::sleep_until(t0.into()).await;
-        let a = (ProcStats::of(pid), PgCpu::sample());
+        let me = std::process::id();
+        let a = (ProcStats::of(pid), PgCpu::sample(), ProcStats::of(me));
         tokio::time::sleep_until((t0 + d).into()).await;
-        let b = (ProcStats::of(pid), PgCpu::sample());
+        let b = (ProcStats::of(pid), PgCpu::sample(), ProcStats::of(me));
         (a, b)
     });
     let plan = Plan {
@@ -92,7 +93,7 @@ async fn measure(
         cut: Default::default(),
     };
     let out = feed(env.feed_rt.clone(), env.sink(up), plan).await?;
-    let ((s0, pg0), (s1, pg1)) = sampler.await?;
+    let ((s0, pg0, me0), (s1, pg1, me1)) = sampler.await?;
     if !fleet.drain(&out.final_seq, Duration::from_secs(15)).await {
         eprintln!("  not every subscriber got the last trade within 15 s");
     }
@@ -122,6 +123,7 @@ async fn measure(
         ("server_cpu_pct", s1.cpu_pct_since(&s0)),
         ("server_rss_mib", s1.rss_mib()),
         ("postgres_cpu_pct", pg1.pct_since(&pg0)),
+        ("bench_cpu_pct", me1.cpu_pct_since(&me0)),
         ("lost", checks.lost as f64),
         ("duplicated", checks.duplicated as f64),
         ("reordered", checks.reordered as f64),

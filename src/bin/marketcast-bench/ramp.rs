@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use crate::feed::{feed, FeedOut, Plan};
 use crate::fleet::Fleet;
 use crate::hist::{clocks, Meter};
+use crate::procs::ProcStats;
 use crate::report::{json_num, num, round3, Rec};
 use crate::{Env, Target, Up};
 
@@ -95,9 +96,11 @@ async fn measure(env: &Env, up: &Up, run: usize, target: Target) -> Result<S2Res
             meter: meter.clone(),
             cut: Default::default(),
         };
-        let before = up.server.stats();
+        let me = || ProcStats::of(std::process::id());
+        let (before, me0) = (up.server.stats(), me());
         let out = feed(env.feed_rt.clone(), env.sink(up), plan).await?;
         let cpu = up.server.stats().cpu_pct_since(&before);
+        let bench_cpu = me().cpu_pct_since(&me0);
         let rows_per_insert = out.committed as f64 / out.statements.max(1) as f64;
         total.merge(out);
         tokio::time::sleep_until((start + period).into()).await;
@@ -113,7 +116,7 @@ async fn measure(env: &Env, up: &Up, run: usize, target: Target) -> Result<S2Res
         let lat_ok = p99 <= set.s2_bound_us as f64;
         let pass = rate_ok && lat_ok;
         eprintln!(
-            "  step {rate}/s: committed {achieved:.0}/s ({rows_per_insert:.1}/INSERT), {fps:.0} frames/s, p50 {} ms, p99 {} ms, server CPU {cpu:.0} %, undelivered {undelivered}{}",
+            "  step {rate}/s: committed {achieved:.0}/s ({rows_per_insert:.1}/INSERT), {fps:.0} frames/s, p50 {} ms, p99 {} ms, server CPU {cpu:.0} %, load client CPU {bench_cpu:.0} %, undelivered {undelivered}{}",
             num(p50 / 1000.0),
             num(p99 / 1000.0),
             if pass { "" } else if !rate_ok { "  <- rate not reached" } else { "  <- p99 over the bound" }
@@ -126,6 +129,7 @@ async fn measure(env: &Env, up: &Up, run: usize, target: Target) -> Result<S2Res
             "p50_ms": json_num(p50 / 1000.0),
             "p99_ms": json_num(p99 / 1000.0),
             "server_cpu_pct": json_num(cpu),
+            "bench_cpu_pct": json_num(bench_cpu),
             "undelivered": undelivered,
             "pass": pass,
         }));

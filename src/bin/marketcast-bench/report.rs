@@ -274,7 +274,7 @@ impl Results {
             "| scenario | figure ({runs}) | marketcast | baseline | marketcast / baseline | target (issue 5) |\n"
         ));
         t.push_str("|---|---|---:|---:|---:|---|\n");
-        let lat_rows: [Row; 9] = [
+        let lat_rows: [Row; 10] = [
             ("latency p50 (ms)", "p50_ms", Some("p50_ms"), Fmt::Ms, ""),
             ("latency p99 (ms)", "p99_ms", Some("p99_ms"), Fmt::Ms, ""),
             (
@@ -310,6 +310,13 @@ impl Results {
                 "Postgres CPU (% of a core)",
                 "postgres_cpu_pct",
                 None,
+                Fmt::Pct,
+                "",
+            ),
+            (
+                "load client CPU (% of a core)",
+                "bench_cpu_pct",
+                Some("bench_cpu_pct"),
                 Fmt::Pct,
                 "",
             ),
@@ -481,8 +488,10 @@ impl Results {
         }
         if !self.s4.is_empty() {
             let name = format!(
-                "S4: replay of {} trades (baseline: one plain SQL read)",
-                thousands(set.s4_trades as f64)
+                "S4: replay, log of {}; {} clients x newest {} (baseline: one plain SQL read)",
+                thousands(set.s4_trades as f64),
+                set.s4_clients,
+                thousands(set.s4_tail as f64)
             );
             rows(
                 &mut t,
@@ -512,22 +521,36 @@ impl Results {
                         "",
                     ),
                     (
-                        "100 clients x newest 100,000: total trades/s",
+                        "1 client: load client CPU (% of a core)",
+                        "one_bench_cpu_pct",
+                        None,
+                        Fmt::Pct,
+                        "",
+                    ),
+                    (
+                        "all clients at once: total trades/s",
                         "many_trades_per_s",
                         None,
                         Fmt::Count,
                         ">= 1,000,000",
                     ),
                     (
-                        "100 clients: seconds until all caught up",
+                        "all clients: seconds until all caught up",
                         "many_s",
                         None,
                         Fmt::Secs,
                         "",
                     ),
                     (
-                        "100 clients: server CPU (% of a core)",
+                        "all clients: server CPU (% of a core)",
                         "many_server_cpu_pct",
+                        None,
+                        Fmt::Pct,
+                        "",
+                    ),
+                    (
+                        "all clients: load client CPU (% of a core)",
+                        "many_bench_cpu_pct",
                         None,
                         Fmt::Pct,
                         "",
