@@ -144,7 +144,15 @@ struct Args {
     /// Soak trades/s over all its markets.
     #[arg(long, default_value_t = 200)]
     soak_rate: u32,
-    /// Soak seconds of trades [default: 600, --quick 30].
+    /// Trades each soak market keeps in the broadcaster's ring (its
+    /// `--ring-size`): small, so that the rings are full before the first
+    /// sample and RSS is at its steady state from then on.
+    #[arg(long, default_value_t = 64)]
+    soak_ring_size: usize,
+    /// Seconds of trades before the soak's first sample [default: 60, --quick 10].
+    #[arg(long)]
+    soak_warmup: Option<u64>,
+    /// Soak seconds of trades after the first sample [default: 600, --quick 30].
     #[arg(long)]
     soak_duration: Option<u64>,
     /// Seconds between the soak's samples of the server [default: 30, --quick 5].
@@ -182,6 +190,11 @@ struct Args {
     /// target/bench-quick].
     #[arg(long)]
     plots: Option<PathBuf>,
+    /// Run the broadcaster under this command, e.g. "heaptrack -o /tmp/hp" or
+    /// "perf record -g -o /tmp/perf.data" (for profiles; /proc figures then
+    /// describe the wrapper's process).
+    #[arg(long)]
+    server_wrapper: Option<String>,
     /// Internal: run as the raw baseline server (a child of the bench).
     #[arg(long, hide = true)]
     serve_raw: bool,
@@ -220,6 +233,9 @@ pub struct Settings {
     pub soak_rate: u32,
     pub soak_duration: Duration,
     pub soak_sample: Duration,
+    pub soak_ring_size: usize,
+    pub soak_warmup: Duration,
+    pub server_wrapper: Vec<String>,
     pub sql_writers: usize,
     pub runs: usize,
     pub baseline_runs: usize,
@@ -286,6 +302,15 @@ impl Settings {
             soak_rate: a.soak_rate,
             soak_duration: secs(a.soak_duration, 600, 30),
             soak_sample: secs(a.soak_sample, 30, 5),
+            soak_ring_size: a.soak_ring_size,
+            soak_warmup: secs(a.soak_warmup, 60, 10),
+            server_wrapper: a
+                .server_wrapper
+                .as_deref()
+                .unwrap_or("")
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
             sql_writers: a.sql_writers,
             runs: a.runs.unwrap_or(if q { 1 } else { 3 }),
             baseline_runs: if a.no_baseline { 0 } else { a.baseline_runs },
@@ -495,18 +520,31 @@ impl Up {
 impl Env {
     /// A fresh server process for one run.
     pub async fn start(&self, target: Target) -> Result<Up> {
+        self.start_with(target, &[]).await
+    }
+
+    /// The same, with extra broadcaster options.
+    pub async fn start_with(&self, target: Target, extra: &[String]) -> Result<Up> {
         let server = match target {
             Target::Marketcast => {
-                let mut cmd = tokio::process::Command::new(&self.marketcast_bin);
+                let mut cmd = match self.set.server_wrapper.split_first() {
+                    Some((w, args)) => {
+                        let mut c = tokio::process::Command::new(w);
+                        c.args(args).arg(&self.marketcast_bin);
+                        c
+                    }
+                    None => tokio::process::Command::new(&self.marketcast_bin),
+                };
                 cmd.args(["broadcaster", "--listen", "127.0.0.1:0"])
+                    .args(extra)
                     .env("DATABASE_URL", &self.url);
-                Server::spawn("broadcaster", cmd).await?
+                Server::spawn("broadcaster", cmd, !self.set.server_wrapper.is_empty()).await?
             }
             Target::Raw => {
                 let me = std::env::current_exe().context("locating marketcast-bench")?;
                 let mut cmd = tokio::process::Command::new(me);
                 cmd.arg("--serve-raw");
-                Server::spawn("raw baseline server", cmd).await?
+                Server::spawn("raw baseline server", cmd, false).await?
             }
         };
         wait_healthy(server.addr, server.name).await?;
@@ -525,7 +563,7 @@ impl Env {
         let mut cmd = tokio::process::Command::new(&self.marketcast_bin);
         cmd.args(["writer", "--listen", "127.0.0.1:0"])
             .env("DATABASE_URL", &self.url);
-        let s = Server::spawn("writer", cmd).await?;
+        let s = Server::spawn("writer", cmd, false).await?;
         wait_healthy(s.addr, s.name).await?;
         Ok(s)
     }
@@ -601,16 +639,24 @@ impl Env {
         }
     }
 
-    /// The server's own count of open WebSocket connections (`/healthz`).
-    pub async fn connections(&self, up: &Up) -> f64 {
+    /// Unlabelled samples of the broadcaster's `/metrics` (Prometheus text),
+    /// by name; NaN for any missing.
+    pub async fn metrics(&self, up: &Up, names: &[&str]) -> Vec<f64> {
         let addr = up.server.addr;
-        match http_request(addr, get_request(addr, "/healthz")).await {
-            Ok((_, body)) => serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| v.get("connections").and_then(Value::as_f64))
-                .unwrap_or(f64::NAN),
-            Err(_) => f64::NAN,
-        }
+        let text = match http_request(addr, get_request(addr, "/metrics")).await {
+            Ok((_, body)) => String::from_utf8_lossy(&body).into_owned(),
+            Err(_) => String::new(),
+        };
+        names
+            .iter()
+            .map(|n| {
+                text.lines()
+                    .filter_map(|l| l.split_once(' '))
+                    .find(|(k, _)| k == n)
+                    .and_then(|(_, v)| v.trim().parse().ok())
+                    .unwrap_or(f64::NAN)
+            })
+            .collect()
     }
 }
 

@@ -276,6 +276,7 @@ pub fn soak(path: &Path, title: &str, samples: &[Value]) -> Result<()> {
             .build_cartesian_2d(0f64..tmax, 0f64..max)
             .map_err(err)?;
         c.configure_mesh()
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .x_desc("seconds into the soak")
             .y_desc(desc)
             .y_label_formatter(&|y| format!("{y:.0}"))

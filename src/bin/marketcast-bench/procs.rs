@@ -42,7 +42,7 @@ pub fn sibling(name: &str) -> Result<PathBuf> {
 
 impl Server {
     /// Start `cmd` and wait for its first stdout line, `listening on HOST:PORT`.
-    pub async fn spawn(name: &'static str, mut cmd: Command) -> Result<Server> {
+    pub async fn spawn(name: &'static str, mut cmd: Command, cmd_wrapped: bool) -> Result<Server> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -58,11 +58,24 @@ impl Server {
             .ok_or_else(|| anyhow!("the {name} exited at once"))?;
         let stdout = child.stdout.take().context("child stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        // The first line of the role is `listening on ...`; a profiler
+        // wrapper (--server-wrapper) may print its own lines before it.
+        let read = async {
+            loop {
+                match lines.next_line().await {
+                    Ok(Some(l)) if l.starts_with("listening on ") => return Ok(l),
+                    Ok(Some(l)) if cmd_wrapped => eprintln!("  {name}: {l}"),
+                    Ok(Some(l)) => bail!("the {name} printed {l:?}, not `listening on ADDR`"),
+                    Ok(None) => bail!("the {name} exited before listening"),
+                    Err(e) => {
+                        return Err(anyhow!(e).context(format!("reading the {name}'s stdout")))
+                    }
+                }
+            }
+        };
+        let first = tokio::time::timeout(Duration::from_secs(30), read)
             .await
-            .map_err(|_| anyhow!("the {name} printed nothing within 30 s"))?
-            .with_context(|| format!("reading the {name}'s stdout"))?
-            .ok_or_else(|| anyhow!("the {name} exited before listening"))?;
+            .map_err(|_| anyhow!("the {name} printed nothing within 30 s"))??;
         let addr: SocketAddr = first
             .strip_prefix("listening on ")
             .and_then(|a| a.trim().parse().ok())

@@ -881,6 +881,18 @@ pub fn soak_table(set: &Settings, r: &SoakResult) -> String {
             "ws_connections_end",
             Fmt::Count,
         ),
+        (
+            "subscriptions (marketcast_subscriptions)",
+            "subscriptions_start",
+            "subscriptions_end",
+            Fmt::Count,
+        ),
+        (
+            "markets in the hub (marketcast_hub_markets)",
+            "hub_markets_start",
+            "hub_markets_end",
+            Fmt::Count,
+        ),
     ] {
         t.push_str(&format!(
             "| {label} | {} | {} |\n",
@@ -889,11 +901,13 @@ pub fn soak_table(set: &Settings, r: &SoakResult) -> String {
         ));
     }
     t.push_str(&format!(
-        "\n| over the soak ({} connections, {} markets, {} trades/s, {} s) | value |\n|---|---:|\n",
+        "\n| over the soak ({} connections, {} markets, {} trades/s, {} s after a {} s warm-up; broadcaster --ring-size {}) | value |\n|---|---:|\n",
         set.soak_connections,
         set.soak_markets,
         set.soak_rate,
-        set.soak_duration.as_secs()
+        set.soak_duration.as_secs(),
+        set.soak_warmup.as_secs(),
+        set.soak_ring_size
     ));
     for (label, k, f) in [
         ("trades committed", "committed", Fmt::Count),

@@ -1,9 +1,14 @@
 //! Soak (issue 6): N WebSocket connections over M markets with trades flowing
 //! at R/s for a long time (10 minutes by default). The server's RSS, open
-//! descriptors, threads and its own connection gauge are sampled at the
-//! start, every `--soak-sample` seconds and at the end (after the last trade
-//! has reached everyone, connections still open); every client checks its
-//! seq stream, so any lost, duplicated or reordered trade shows.
+//! descriptors, threads and its own gauges (connections, subscriptions,
+//! markets in the hub) are sampled after a warm-up, every `--soak-sample`
+//! seconds and at the end (after the last trade has reached everyone,
+//! connections still open); every client checks its seq stream, so any lost,
+//! duplicated or reordered trade shows. The broadcaster runs with a small
+//! `--ring-size` (64) so that every market's ring of recent trades is full
+//! before the first sample: a growing ring is expected memory, not a leak,
+//! and with the default ring (4096) at 2 trades/s per market it would still
+//! be filling after 10 minutes.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,8 +24,12 @@ use crate::procs::{PgCpu, ProcStats};
 use crate::report::{json_num, Rec};
 use crate::{Env, Target, Up};
 
-/// Trades before the first sample (connections and caches settle).
-const WARMUP: Duration = Duration::from_secs(10);
+/// The broadcaster's gauges sampled beside /proc.
+const GAUGES: [&str; 3] = [
+    "marketcast_ws_connections",
+    "marketcast_subscriptions",
+    "marketcast_hub_markets",
+];
 
 pub struct SoakResult {
     pub rec: Rec,
@@ -29,19 +38,25 @@ pub struct SoakResult {
 }
 
 pub async fn run(env: &Env) -> Result<SoakResult> {
-    let up = env.start(Target::Marketcast).await?;
+    let ring = [
+        "--ring-size".to_string(),
+        env.set.soak_ring_size.to_string(),
+    ];
+    let up = env.start_with(Target::Marketcast, &ring).await?;
     let r = measure(env, &up).await;
     up.stop().await;
     r
 }
 
-fn sample(t0: Instant, s: &ProcStats, connections: f64) -> Value {
+fn sample(t0: Instant, s: &ProcStats, g: &[f64]) -> Value {
     json!({
         "t_s": (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         "rss_mib": json_num(s.rss_mib()),
         "fds": s.fds,
         "threads": s.threads,
-        "connections": json_num(connections),
+        "connections": json_num(g[0]),
+        "subscriptions": json_num(g[1]),
+        "hub_markets": json_num(g[2]),
     })
 }
 
@@ -62,9 +77,10 @@ async fn measure(env: &Env, up: &Up) -> Result<SoakResult> {
     .await?;
     let (now, now_us) = clocks();
     let start = now + Duration::from_millis(500);
-    let t0 = start + WARMUP;
+    let warmup = set.soak_warmup;
+    let t0 = start + warmup;
     meter.t0_us.store(
-        now_us + (Duration::from_millis(500) + WARMUP).as_micros() as i64,
+        now_us + (Duration::from_millis(500) + warmup).as_micros() as i64,
         Ordering::Relaxed,
     );
     let plan = Plan {
@@ -80,25 +96,26 @@ async fn measure(env: &Env, up: &Up) -> Result<SoakResult> {
         tokio::time::sleep_until(t0.into()).await;
         let first = (
             up.server.stats(),
-            env.connections(up).await,
+            env.metrics(up, &GAUGES).await,
             PgCpu::sample(),
         );
-        let mut samples = vec![sample(t0, &first.0, first.1)];
+        let mut samples = vec![sample(t0, &first.0, &first.1)];
         let mut next = t0 + every;
         while next < t0 + d {
             tokio::time::sleep_until(next.into()).await;
             let s = up.server.stats();
-            let c = env.connections(up).await;
+            let g = env.metrics(up, &GAUGES).await;
             eprintln!(
-                "  soak {:>4.0} s: RSS {:.1} MiB, {} fds, {} threads, {} connections, {} frames",
+                "  soak {:>4.0} s: RSS {:.1} MiB, {} fds, {} threads, {} connections, {} subscriptions, {} frames",
                 t0.elapsed().as_secs_f64(),
                 s.rss_mib(),
                 s.fds,
                 s.threads,
-                c,
+                g[0],
+                g[1],
                 meter.phases[0].count()
             );
-            samples.push(sample(t0, &s, c));
+            samples.push(sample(t0, &s, &g));
             next += every;
         }
         (first, samples)
@@ -112,8 +129,8 @@ async fn measure(env: &Env, up: &Up) -> Result<SoakResult> {
         eprintln!("  not every subscriber got the last trade within 30 s");
     }
     let s1 = up.server.stats();
-    let c1 = env.connections(up).await;
-    samples.push(sample(t0, &s1, c1));
+    let g1 = env.metrics(up, &GAUGES).await;
+    samples.push(sample(t0, &s1, &g1));
     let checks = fleet.finish(&out.final_seq).await;
     let h = &meter.phases[0];
     let secs = d.as_secs_f64();
@@ -137,8 +154,12 @@ async fn measure(env: &Env, up: &Up) -> Result<SoakResult> {
         ("fds_end", s1.fds as f64),
         ("threads_start", s0.threads as f64),
         ("threads_end", s1.threads as f64),
-        ("ws_connections_start", c0),
-        ("ws_connections_end", c1),
+        ("ws_connections_start", c0[0]),
+        ("ws_connections_end", g1[0]),
+        ("subscriptions_start", c0[1]),
+        ("subscriptions_end", g1[1]),
+        ("hub_markets_start", c0[2]),
+        ("hub_markets_end", g1[2]),
         ("lost", checks.lost as f64),
         ("duplicated", checks.duplicated as f64),
         ("reordered", checks.reordered as f64),
