@@ -538,13 +538,18 @@ impl Env {
                 cmd.args(["broadcaster", "--listen", "127.0.0.1:0"])
                     .args(extra)
                     .env("DATABASE_URL", &self.url);
-                Server::spawn("broadcaster", cmd, !self.set.server_wrapper.is_empty()).await?
+                Server::spawn(
+                    "broadcaster",
+                    cmd,
+                    (!self.set.server_wrapper.is_empty()).then(|| self.marketcast_bin.clone()),
+                )
+                .await?
             }
             Target::Raw => {
                 let me = std::env::current_exe().context("locating marketcast-bench")?;
                 let mut cmd = tokio::process::Command::new(me);
                 cmd.arg("--serve-raw");
-                Server::spawn("raw baseline server", cmd, false).await?
+                Server::spawn("raw baseline server", cmd, None).await?
             }
         };
         wait_healthy(server.addr, server.name).await?;
@@ -563,7 +568,7 @@ impl Env {
         let mut cmd = tokio::process::Command::new(&self.marketcast_bin);
         cmd.args(["writer", "--listen", "127.0.0.1:0"])
             .env("DATABASE_URL", &self.url);
-        let s = Server::spawn("writer", cmd, false).await?;
+        let s = Server::spawn("writer", cmd, None).await?;
         wait_healthy(s.addr, s.name).await?;
         Ok(s)
     }

@@ -25,6 +25,7 @@ pub struct Server {
     pub pid: u32,
     pub addr: SocketAddr,
     pub name: &'static str,
+    wrapped: Option<PathBuf>,
 }
 
 /// A binary next to this one in the target directory.
@@ -42,7 +43,13 @@ pub fn sibling(name: &str) -> Result<PathBuf> {
 
 impl Server {
     /// Start `cmd` and wait for its first stdout line, `listening on HOST:PORT`.
-    pub async fn spawn(name: &'static str, mut cmd: Command, cmd_wrapped: bool) -> Result<Server> {
+    /// `wrapped`: the role's binary when `cmd` is a profiler running it.
+    pub async fn spawn(
+        name: &'static str,
+        mut cmd: Command,
+        wrapped: Option<PathBuf>,
+    ) -> Result<Server> {
+        let cmd_wrapped = wrapped.is_some();
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -87,6 +94,7 @@ impl Server {
             pid,
             addr,
             name,
+            wrapped,
         })
     }
 
@@ -95,13 +103,30 @@ impl Server {
     }
 
     /// SIGTERM (the roles close their sockets and exit 0), SIGKILL after 10 s.
+    /// Under a profiler wrapper the SIGTERM goes to the role itself (heaptrack,
+    /// say, does not forward it) and the wrapper gets a minute to write its
+    /// output once the role is gone.
     pub async fn stop(mut self) {
+        let (pids, wait) = match &self.wrapped {
+            Some(exe) => {
+                let exe = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.clone());
+                let role: Vec<u32> = descendants(self.pid)
+                    .into_iter()
+                    .filter(|p| {
+                        std::fs::read_link(format!("/proc/{p}/exe")).ok().as_ref() == Some(&exe)
+                    })
+                    .collect();
+                (role, Duration::from_secs(60))
+            }
+            None => (vec![self.pid], Duration::from_secs(10)),
+        };
         let term = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
+            .arg("-TERM")
+            .args(pids.iter().map(u32::to_string))
             .stderr(Stdio::null())
             .status();
         if term.is_ok() {
-            match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+            match tokio::time::timeout(wait, self.child.wait()).await {
                 Ok(Ok(s)) if s.success() => return,
                 Ok(Ok(s)) => {
                     eprintln!("  the {} exited with {s}", self.name);
@@ -188,6 +213,29 @@ fn ppid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every process below `pid` (children first found, then theirs).
+fn descendants(pid: u32) -> Vec<u32> {
+    let all: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|p| Some((p, ppid(p)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for &(c, parent) in &all {
+            if parent == p {
+                out.push(c);
+                frontier.push(c);
+            }
+        }
+    }
+    out
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux if that fails).
