@@ -16,7 +16,7 @@ use futures_util::{pin_mut, TryStreamExt};
 
 use crate::fleet::{Fleet, Probe};
 use crate::hist::{unix_us, Meter};
-use crate::procs::ProcStats;
+use crate::procs::{PgCpu, ProcStats};
 use crate::report::Rec;
 use crate::{Env, Target, Up};
 
@@ -143,12 +143,12 @@ async fn replay(
 async fn measure(env: &Env, up: &Up, log: &Loaded) -> Result<Rec> {
     let set = &env.set;
     let me = || ProcStats::of(std::process::id());
-    let (before, me0) = (up.server.stats(), me());
+    let (before, me0, pg0) = (up.server.stats(), me(), PgCpu::sample());
     let (one_s, c1) = replay(env, up, log, 0, 1).await?;
-    let (mid, me1) = (up.server.stats(), me());
+    let (mid, me1, pg1) = (up.server.stats(), me(), PgCpu::sample());
     let from = (log.trades - set.s4_tail as i64).max(0);
     let (many_s, c2) = replay(env, up, log, from, set.s4_clients).await?;
-    let (after, me2) = (up.server.stats(), me());
+    let (after, me2, pg2) = (up.server.stats(), me(), PgCpu::sample());
     let many_trades = (log.trades - from) as f64 * set.s4_clients as f64;
     Ok(vec![
         ("trades", log.trades as f64),
@@ -156,12 +156,14 @@ async fn measure(env: &Env, up: &Up, log: &Loaded) -> Result<Rec> {
         ("one_trades_per_s", log.trades as f64 / one_s),
         ("one_server_cpu_pct", mid.cpu_pct_since(&before)),
         ("one_bench_cpu_pct", me1.cpu_pct_since(&me0)),
+        ("one_postgres_cpu_pct", pg1.pct_since(&pg0)),
         ("clients", set.s4_clients as f64),
         ("tail", (log.trades - from) as f64),
         ("many_s", many_s),
         ("many_trades_per_s", many_trades / many_s),
         ("many_server_cpu_pct", after.cpu_pct_since(&mid)),
         ("many_bench_cpu_pct", me2.cpu_pct_since(&me1)),
+        ("many_postgres_cpu_pct", pg2.pct_since(&pg1)),
         ("server_rss_mib", after.rss_mib()),
         ("lost", (c1.lost + c2.lost) as f64),
         ("duplicated", (c1.duplicated + c2.duplicated) as f64),

@@ -528,6 +528,13 @@ impl Results {
                         "",
                     ),
                     (
+                        "1 client: Postgres CPU (% of a core)",
+                        "one_postgres_cpu_pct",
+                        None,
+                        Fmt::Pct,
+                        "",
+                    ),
+                    (
                         "all clients at once: total trades/s",
                         "many_trades_per_s",
                         None,
@@ -551,6 +558,13 @@ impl Results {
                     (
                         "all clients: load client CPU (% of a core)",
                         "many_bench_cpu_pct",
+                        None,
+                        Fmt::Pct,
+                        "",
+                    ),
+                    (
+                        "all clients: Postgres CPU (% of a core)",
+                        "many_postgres_cpu_pct",
                         None,
                         Fmt::Pct,
                         "",
