@@ -79,7 +79,7 @@ unit:
 # `bench` runs every marketcast scenario 3 times (baselines once) and writes
 # the medians to docs/BENCHMARKS.md and docs/bench/*.png (about 12 minutes
 # after the build; BENCH_ARGS="--runs 1" for one pass, "--scenarios s3" for
-# one scenario); `bench-quick` is a small smoke run (about 3 minutes) whose
+# one scenario); `bench-quick` is a small smoke run (about 2 minutes) whose
 # report goes to target/bench-quick.md.
 # `soak` (issue 6): 10,000 connections with trades flowing for 10 minutes;
 # server RSS, descriptors and threads at start and end, into
