@@ -77,7 +77,7 @@ unit:
 # baseline) against their own throwaway Postgres in /tmp/marketcast-bench-pg;
 # the servers under test run as child processes (target/release/marketcast).
 # `bench` runs every marketcast scenario 3 times (baselines once) and writes
-# the medians to docs/BENCHMARKS.md and docs/bench/*.png (about 12 minutes
+# the medians to docs/BENCHMARKS.md and docs/bench/*.png (8-10 minutes
 # after the build; BENCH_ARGS="--runs 1" for one pass, "--scenarios s3" for
 # one scenario); `bench-quick` is a small smoke run (about 2 minutes) whose
 # report goes to target/bench-quick.md.

@@ -1071,9 +1071,9 @@ pub const METHOD: &str = "## Method
   trades/s = 100k frames/s, 20 s. The issue's alternatives were measured
   by their own load client; compare their CPU and p99.9 with ours in that
   light, and our figures with the baseline first.
-- **S2**: one market, the rate raised every step (100k, 200k, 300k, 400k,
-  600k, 800k, 1.2M, ... frames/s offered: the trade rate is that divided by
-  the subscribers), 3 s per step and 1 s to drain. A step passes when at
+- **S2**: one market, the rate raised every step (50k, 100k, 150k, 200k,
+  300k, 400k, 600k, 800k, 1.2M, ... frames/s offered: the trade rate is that
+  divided by the subscribers), 3 s per step and 1 s to drain. A step passes when at
   least 90 % of its rate was committed and p99 (frames not delivered by the
   end of the drain counting as infinitely late) is within the bound. The
   figure is the passing step with the highest rate.
