@@ -1,5 +1,8 @@
-//! The broadcaster role: wires the LISTEN connection, the hub and the
-//! WebSocket sessions behind `GET /ws`, plus `/healthz` and `/metrics`.
+//! The broadcaster role: wires the LISTEN connection ([`listener`]), the
+//! per-market state and fan-out ([`hub`]) and the WebSocket connections
+//! ([`session`]) behind `GET /ws`, plus `/healthz` and `/metrics`. A trade
+//! meets them in that order: doorbell -> listener -> hub (read from the log,
+//! encoded once) -> every session following the market -> socket.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -18,12 +21,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 use crate::config::BroadcasterConfig;
 use crate::http::{self, Body};
-use crate::hub::{self, HubConfig};
-use crate::listener::{self, ListenerConfig};
-use crate::session::{self, ErrorReply, Op, SessionCtx};
+use crate::protocol::client::initial_op;
 use crate::{db, shutdown};
+
+pub mod hub;
+pub mod listener;
+pub mod session;
+
+use session::SessionCtx;
 
 /// Run a broadcaster on `tcp` until `shutdown` is cancelled.
 pub async fn run(
@@ -48,13 +56,8 @@ pub async fn run(
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let internal = shutdown.child_token();
     let (hub, hub_task) = hub::spawn(
-        HubConfig {
-            ring_size: cfg.ring_size,
-            live_queue: cfg.live_queue,
-            page: cfg.replay_page,
-            reconcile_interval: cfg.reconcile_interval,
-            notify_queue_warn: cfg.notify_queue_warn,
-        },
+        cfg.hub.clone(),
+        cfg.replay_page,
         // Its own small pool: a storm of clients catching up from the log
         // (say after a restart) must not starve the reads that publish live
         // trades.
@@ -70,19 +73,19 @@ pub async fn run(
     );
     let listen_up = Arc::new(AtomicBool::new(false));
     let listener_task = tokio::spawn(listener::run(
-        ListenerConfig {
-            url: cfg.db.url.clone(),
-            shards: shards.iter().copied().collect(),
-            heartbeat: cfg.listen_heartbeat,
-            reconnect_max: cfg.reconnect_max,
-        },
+        cfg.listener.clone(),
+        cfg.db.url.clone(),
+        shards.iter().copied().collect(),
         events_tx,
         listen_up.clone(),
         internal.clone(),
     ));
 
     let ctx = Arc::new(SessionCtx {
-        cfg: cfg.clone(),
+        cfg: cfg.session.clone(),
+        replay_page: cfg.replay_page,
+        db_timeout: cfg.db.timeout,
+        shard_url_template: cfg.shard_url_template.clone(),
         pool: pool.clone(),
         hub,
         shards,
@@ -91,6 +94,10 @@ pub async fn run(
     let sessions = TaskTracker::new();
     let state = Arc::new(State {
         ctx,
+        origins: Origins {
+            allowed: cfg.allowed_origins.clone(),
+            required: cfg.require_origin,
+        },
         sessions: sessions.clone(),
         listen_up,
         shutdown: shutdown.clone(),
@@ -119,11 +126,11 @@ async fn stored_shard_count(
     pool: &deadpool_postgres::Pool,
     shutdown: &CancellationToken,
 ) -> Option<u32> {
-    let mut wait = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let read = async {
             let c = pool.get().await?;
-            db::shard_count(&**c).await
+            db::admin::shard_count(&**c).await
         };
         // Cancel safety: dropping the read only abandons a connection attempt.
         let r = tokio::select! {
@@ -134,17 +141,15 @@ async fn stored_shard_count(
             Ok(n) => return Some(n),
             Err(e) => tracing::warn!(error = %e, "cannot read the shard count yet; retrying"),
         }
-        // Cancel safety: sleep and cancelled are cancel-safe.
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.cancelled() => return None,
+        if !backoff.sleep(shutdown).await {
+            return None;
         }
-        wait = (wait * 2).min(Duration::from_secs(5));
     }
 }
 
 struct State {
     ctx: Arc<SessionCtx>,
+    origins: Origins,
     sessions: TaskTracker,
     listen_up: Arc<AtomicBool>,
     shutdown: CancellationToken,
@@ -170,8 +175,7 @@ impl State {
         let pool = &self.ctx.pool;
         let db_ok = tokio::time::timeout(Duration::from_secs(2), async {
             let c = pool.get().await?;
-            c.simple_query("SELECT 1").await?;
-            Ok::<_, db::DbError>(())
+            db::log::ping(&**c).await
         })
         .await
         .is_ok_and(|r| r.is_ok());
@@ -206,7 +210,7 @@ impl State {
                 "GET /ws must be a WebSocket upgrade",
             );
         }
-        if let Err(refusal) = check_origin(&self.ctx.cfg, &req) {
+        if let Err(refusal) = self.origins.check(&req) {
             metrics::counter!("marketcast_ws_origin_refused_total").increment(1);
             tracing::debug!(%peer, reason = %refusal, "WebSocket upgrade refused: origin");
             return http::error(StatusCode::FORBIDDEN, "origin_not_allowed", refusal);
@@ -252,57 +256,33 @@ impl State {
 /// to anyone who can reach the port whatever this says (docs/SECURITY.md).
 /// That is also why a missing `Origin` (which no browser omits on a
 /// WebSocket handshake) is accepted unless `--require-origin` says otherwise.
-fn check_origin<B>(cfg: &BroadcasterConfig, req: &Request<B>) -> Result<(), String> {
-    let Some(allowed) = &cfg.allowed_origins else {
-        return Ok(());
-    };
-    let Some(origin) = req.headers().get(hyper::header::ORIGIN) else {
-        return match cfg.require_origin {
-            true => Err("an Origin header is required".to_string()),
-            false => Ok(()),
-        };
-    };
-    let shown = String::from_utf8_lossy(origin.as_bytes());
-    let shown: String = shown.chars().take(200).collect();
-    match origin
-        .to_str()
-        .ok()
-        .and_then(crate::config::normalize_origin)
-    {
-        Some(o) if allowed.contains(&o) => Ok(()),
-        _ => Err(format!("origin {shown:?} is not allowed")),
-    }
+struct Origins {
+    /// `--allowed-origins`, normalised; None: any origin.
+    allowed: Option<BTreeSet<String>>,
+    /// `--require-origin`.
+    required: bool,
 }
 
-/// `?market=ID&from_seq=N&epoch=E`: a subscribe made at connect time. None
-/// without `market`; a bad `from_seq` is the error a `subscribe` op would get.
-pub fn initial_op(query: &str) -> Option<Result<Op, ErrorReply>> {
-    let mut market = None;
-    let mut from_seq = None;
-    let mut epoch = None;
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        match &*k {
-            "market" => market = Some(v.into_owned()),
-            "from_seq" => match v.parse::<i64>() {
-                // As in `session::parse_op`: from_seq + 1 must not overflow.
-                Ok(n) if (0..i64::MAX).contains(&n) => from_seq = Some(n),
-                _ => {
-                    return Some(Err(ErrorReply::new(
-                        None,
-                        "bad_request",
-                        "from_seq must be an integer >= 0",
-                    )))
-                }
-            },
-            "epoch" => epoch = Some(v.into_owned()),
-            _ => {}
+impl Origins {
+    fn check<B>(&self, req: &Request<B>) -> Result<(), String> {
+        let Some(allowed) = &self.allowed else {
+            return Ok(());
+        };
+        let Some(origin) = req.headers().get(hyper::header::ORIGIN) else {
+            return match self.required {
+                true => Err("an Origin header is required".to_string()),
+                false => Ok(()),
+            };
+        };
+        let shown = String::from_utf8_lossy(origin.as_bytes());
+        let shown: String = shown.chars().take(200).collect();
+        match origin
+            .to_str()
+            .ok()
+            .and_then(crate::config::normalize_origin)
+        {
+            Some(o) if allowed.contains(&o) => Ok(()),
+            _ => Err(format!("origin {shown:?} is not allowed")),
         }
     }
-    let market = market?;
-    Some(Ok(Op::Subscribe {
-        market,
-        from_seq,
-        epoch,
-        id: None,
-    }))
 }

@@ -1,9 +1,15 @@
 //! The raw command line: clap derive and nothing else. Every option also reads
 //! an environment variable. Values stay strings or plain numbers here;
 //! [`crate::config`] turns them into checked types, and nothing but `config`
-//! looks at these structs.
+//! (and `main`, which hands them to it) looks at these structs. Every default
+//! is read from the configs' `Default` impls, so it is written once.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{
+    format_duration, BroadcasterConfig, DbConfig, DemoConfig, SubscribeConfig, WriterConfig,
+    DEFAULT_SHARD_COUNT,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,14 +57,14 @@ pub struct DbArgs {
     pub database_url: String,
 
     /// Largest number of pooled connections (queries and writes; the LISTEN
-    /// connection is separate). Default 16: enough to keep a 2-core Postgres busy.
-    #[arg(long, env = "MARKETCAST_POOL_SIZE", default_value_t = 16)]
+    /// connection is separate); enough to keep a 2-core Postgres busy.
+    #[arg(long, env = "MARKETCAST_POOL_SIZE", default_value_t = DbConfig::default().pool_size)]
     pub pool_size: usize,
 
     /// How long any database step may take before the caller is told the
-    /// database is unavailable (pool wait, connect, statement). Default 5s, the
+    /// database is unavailable (pool wait, connect, statement): the
     /// writer's promised 503 bound.
-    #[arg(long, env = "MARKETCAST_DB_TIMEOUT", default_value = "5s")]
+    #[arg(long, env = "MARKETCAST_DB_TIMEOUT", default_value_t = format_duration(DbConfig::default().timeout))]
     pub db_timeout: String,
 }
 
@@ -69,7 +75,7 @@ pub struct MigrateArgs {
 
     /// Number of notification shards, stored on first migrate and read from the
     /// database by every role afterwards (it cannot change once stored).
-    #[arg(long, env = "MARKETCAST_SHARD_COUNT", default_value_t = 16)]
+    #[arg(long, env = "MARKETCAST_SHARD_COUNT", default_value_t = DEFAULT_SHARD_COUNT)]
     pub shard_count: u32,
 }
 
@@ -80,7 +86,7 @@ pub struct WriterArgs {
 
     /// Address to bind; port 0 picks a free port. The bound address is printed
     /// as the first stdout line, `listening on HOST:PORT`.
-    #[arg(long, env = "MARKETCAST_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "MARKETCAST_LISTEN", default_value_t = WriterConfig::default().listen.to_string())]
     pub listen: String,
 
     /// When set, every POST needs `Authorization: Bearer <token>`. Prefer the
@@ -88,42 +94,38 @@ pub struct WriterArgs {
     #[arg(long, env = "MARKETCAST_WRITE_TOKEN", hide_env_values = true)]
     pub write_token: Option<String>,
 
-    /// Largest request body in bytes; a bigger one is answered 413. Default
-    /// 16384, the contract's 16 KiB (a trade request is under 300 bytes).
-    #[arg(long, env = "MARKETCAST_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
+    /// Largest request body in bytes; a bigger one is answered 413. The
+    /// default is the contract's 16 KiB (a trade request is under 300 bytes).
+    #[arg(long, env = "MARKETCAST_MAX_BODY_BYTES", default_value_t = WriterConfig::default().max_body_bytes)]
     pub max_body_bytes: usize,
 
     /// API requests handled at once (reading the body, waiting for the
     /// database); the next one is answered 503 `overloaded` with Retry-After.
-    /// /healthz and /metrics are not counted. Default 1024.
-    #[arg(
-        long,
-        env = "MARKETCAST_MAX_CONCURRENT_REQUESTS",
-        default_value_t = 1024
-    )]
+    /// /healthz and /metrics are not counted.
+    #[arg(long, env = "MARKETCAST_MAX_CONCURRENT_REQUESTS", default_value_t = WriterConfig::default().max_concurrent_requests)]
     pub max_concurrent_requests: usize,
 
-    /// How long a client may take to send a request body; then 408. Default
-    /// 10s, like the 10s allowed for the headers.
-    #[arg(long, env = "MARKETCAST_BODY_TIMEOUT", default_value = "10s")]
+    /// How long a client may take to send a request body; then 408. The
+    /// default matches the 10s allowed for the headers.
+    #[arg(long, env = "MARKETCAST_BODY_TIMEOUT", default_value_t = format_duration(WriterConfig::default().body_timeout))]
     pub body_timeout: String,
 
     /// Most trades grouped into one transaction. NOTIFY serialises commits
     /// cluster-wide, so grouping concurrent requests is what lets writes scale.
-    /// Default 64; 1 disables grouping.
-    #[arg(long, env = "MARKETCAST_BATCH_MAX", default_value_t = 64)]
+    /// 1 disables grouping.
+    #[arg(long, env = "MARKETCAST_BATCH_MAX", default_value_t = WriterConfig::default().batch_max)]
     pub batch_max: usize,
 
-    /// How long the first trade of a batch waits for others to join it.
-    /// Default 0ms: a batch is whatever arrived while the previous commit ran,
-    /// which adds no latency when idle.
-    #[arg(long, env = "MARKETCAST_BATCH_LINGER", default_value = "0ms")]
+    /// How long the first trade of a batch waits for others to join it. By
+    /// default none: a batch is whatever arrived while the previous commit
+    /// ran, which adds no latency when idle.
+    #[arg(long, env = "MARKETCAST_BATCH_LINGER", default_value_t = format_duration(WriterConfig::default().batch_linger))]
     pub batch_linger: String,
 
-    /// Batches in flight at once. Default 1: NOTIFY serialises commits
-    /// cluster-wide, so fewer, larger batches win; measured with 32 clients,
-    /// 2 workers gave 7.0k trades/s against 7.8k with 1 (docs/BENCHMARKS.md).
-    #[arg(long, env = "MARKETCAST_BATCH_WORKERS", default_value_t = 1)]
+    /// Batches in flight at once. NOTIFY serialises commits cluster-wide, so
+    /// fewer, larger batches win; measured with 32 clients, 2 workers gave
+    /// 7.0k trades/s against 7.8k with 1 (docs/BENCHMARKS.md).
+    #[arg(long, env = "MARKETCAST_BATCH_WORKERS", default_value_t = WriterConfig::default().batch_workers)]
     pub batch_workers: usize,
 }
 
@@ -134,7 +136,7 @@ pub struct BroadcasterArgs {
 
     /// Address to bind; port 0 picks a free port. The bound address is printed
     /// as the first stdout line, `listening on HOST:PORT`.
-    #[arg(long, env = "MARKETCAST_LISTEN", default_value = "127.0.0.1:9001")]
+    #[arg(long, env = "MARKETCAST_LISTEN", default_value_t = BroadcasterConfig::default().listen.to_string())]
     pub listen: String,
 
     /// Shards this process serves, e.g. `0-3,7`. Default: all shards.
@@ -146,91 +148,91 @@ pub struct BroadcasterArgs {
     #[arg(long, env = "MARKETCAST_SHARD_URL_TEMPLATE")]
     pub shard_url_template: Option<String>,
 
-    /// Most WebSocket connections; the next one is closed with 1013. Default
-    /// 18000, under this machine's 20000 open-files limit.
-    #[arg(long, env = "MARKETCAST_MAX_CONNECTIONS", default_value_t = 18_000)]
+    /// Most WebSocket connections; the next one is closed with 1013. The
+    /// default stays under a 20000 open-files limit.
+    #[arg(long, env = "MARKETCAST_MAX_CONNECTIONS", default_value_t = BroadcasterConfig::default().session.max_connections)]
     pub max_connections: usize,
 
     /// Most subscriptions per connection (`too_many_subscriptions` above it).
-    #[arg(long, env = "MARKETCAST_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    #[arg(long, env = "MARKETCAST_MAX_SUBSCRIPTIONS", default_value_t = BroadcasterConfig::default().session.max_subscriptions)]
     pub max_subscriptions: usize,
 
-    /// Largest client message in bytes; a bigger one closes with 1009. Default
-    /// 4096: a subscribe op is under 200 bytes.
-    #[arg(long, env = "MARKETCAST_MAX_MESSAGE_BYTES", default_value_t = 4096)]
+    /// Largest client message in bytes; a bigger one closes with 1009. A
+    /// subscribe op is under 200 bytes.
+    #[arg(long, env = "MARKETCAST_MAX_MESSAGE_BYTES", default_value_t = BroadcasterConfig::default().session.max_message_bytes)]
     pub max_message_bytes: usize,
 
-    /// Sustained client ops per second before `rate_limited`. Default 50.
-    #[arg(long, env = "MARKETCAST_RATE_PER_SEC", default_value_t = 50)]
+    /// Sustained client ops per second before `rate_limited`.
+    #[arg(long, env = "MARKETCAST_RATE_PER_SEC", default_value_t = BroadcasterConfig::default().session.rate_per_sec)]
     pub rate_per_sec: u32,
 
-    /// Burst of client ops allowed above the sustained rate. Default 100.
-    #[arg(long, env = "MARKETCAST_RATE_BURST", default_value_t = 100)]
+    /// Burst of client ops allowed above the sustained rate.
+    #[arg(long, env = "MARKETCAST_RATE_BURST", default_value_t = BroadcasterConfig::default().session.rate_burst)]
     pub rate_burst: u32,
 
     /// Recent trades kept in memory per market, so resumes and slow clients
-    /// catch up without touching Postgres. Default 4096 (about 1 MiB per
-    /// active market).
-    #[arg(long, env = "MARKETCAST_RING_SIZE", default_value_t = 4096)]
+    /// catch up without touching Postgres. The default is about 1 MiB per
+    /// active market.
+    #[arg(long, env = "MARKETCAST_RING_SIZE", default_value_t = BroadcasterConfig::default().hub.ring_size)]
     pub ring_size: usize,
 
-    /// Trades per replay page read from the log. Default 1000.
-    #[arg(long, env = "MARKETCAST_REPLAY_PAGE", default_value_t = 1000)]
+    /// Trades per page read from the log (the hub's reads and replays).
+    #[arg(long, env = "MARKETCAST_REPLAY_PAGE", default_value_t = BroadcasterConfig::default().replay_page)]
     pub replay_page: usize,
 
     /// Live frames queued per market between the hub and its subscribers. A
     /// subscriber further behind than this catches up from the ring or the log
-    /// instead. Default 1024.
-    #[arg(long, env = "MARKETCAST_LIVE_QUEUE", default_value_t = 1024)]
+    /// instead.
+    #[arg(long, env = "MARKETCAST_LIVE_QUEUE", default_value_t = BroadcasterConfig::default().hub.live_queue)]
     pub live_queue: usize,
 
     /// A socket write that cannot finish within this time marks a slow
-    /// consumer: it is closed with 4000 (reconnect with from_seq). Default 10s.
-    #[arg(long, env = "MARKETCAST_WRITE_TIMEOUT", default_value = "10s")]
+    /// consumer: it is closed with 4000 (reconnect with from_seq).
+    #[arg(long, env = "MARKETCAST_WRITE_TIMEOUT", default_value_t = format_duration(BroadcasterConfig::default().session.write_timeout))]
     pub write_timeout: String,
 
-    /// How often the server pings each WebSocket. Default 20s.
-    #[arg(long, env = "MARKETCAST_PING_INTERVAL", default_value = "20s")]
+    /// How often the server pings each WebSocket.
+    #[arg(long, env = "MARKETCAST_PING_INTERVAL", default_value_t = format_duration(BroadcasterConfig::default().session.ping_interval))]
     pub ping_interval: String,
 
     /// A connection that sends nothing (not even a pong) for this long is
-    /// closed. Default 60s: three missed pings.
-    #[arg(long, env = "MARKETCAST_IDLE_TIMEOUT", default_value = "60s")]
+    /// closed. The default is three missed pings.
+    #[arg(long, env = "MARKETCAST_IDLE_TIMEOUT", default_value_t = format_duration(BroadcasterConfig::default().session.idle_timeout))]
     pub idle_timeout: String,
 
     /// How often the LISTEN connection is probed; a probe that does not answer
-    /// within half this interval drops and re-establishes it. Default 5s.
-    #[arg(long, env = "MARKETCAST_LISTEN_HEARTBEAT", default_value = "5s")]
+    /// within half this interval drops and re-establishes it.
+    #[arg(long, env = "MARKETCAST_LISTEN_HEARTBEAT", default_value_t = format_duration(BroadcasterConfig::default().listener.heartbeat))]
     pub listen_heartbeat: String,
 
     /// How often markets with subscribers are compared with markets.last_seq,
-    /// catching any notification that was lost. Default 2s.
-    #[arg(long, env = "MARKETCAST_RECONCILE_INTERVAL", default_value = "2s")]
+    /// catching any notification that was lost.
+    #[arg(long, env = "MARKETCAST_RECONCILE_INTERVAL", default_value_t = format_duration(BroadcasterConfig::default().hub.reconcile_interval))]
     pub reconcile_interval: String,
 
     /// Longest wait between LISTEN reconnect attempts (exponential backoff with
-    /// jitter starts at 100ms). Default 5s.
-    #[arg(long, env = "MARKETCAST_RECONNECT_MAX", default_value = "5s")]
+    /// jitter starts at 100ms).
+    #[arg(long, env = "MARKETCAST_RECONNECT_MAX", default_value_t = format_duration(BroadcasterConfig::default().listener.reconnect_max))]
     pub reconnect_max: String,
 
     /// Connections reserved for the hub's reads of new trades, apart from the
     /// pool that serves subscribes and catch-up replays, so that a storm of
-    /// replays cannot delay live trades. Default 4 (one read per market is in
-    /// flight at most).
-    #[arg(long, env = "MARKETCAST_HUB_POOL_SIZE", default_value_t = 4)]
+    /// replays cannot delay live trades (one read per market is in flight at
+    /// most).
+    #[arg(long, env = "MARKETCAST_HUB_POOL_SIZE", default_value_t = BroadcasterConfig::default().hub_pool_size)]
     pub hub_pool_size: usize,
 
     /// Log a warning when `pg_notification_queue_usage()` (sampled every
     /// reconcile interval, exported as `marketcast_notify_queue_usage`) is at
-    /// or above this fraction. Default 0.01 (80 MiB of the 8 GiB queue): the
+    /// or above this fraction. The default is 80 MiB of the 8 GiB queue: the
     /// queue only grows when some LISTEN session in the cluster stops reading,
     /// and when it is full every notifying commit (every trade) fails.
-    #[arg(long, env = "MARKETCAST_NOTIFY_QUEUE_WARN", default_value_t = 0.01)]
+    #[arg(long, env = "MARKETCAST_NOTIFY_QUEUE_WARN", default_value_t = BroadcasterConfig::default().hub.notify_queue_warn)]
     pub notify_queue_warn: f64,
 
     /// Comma-separated origins (`https://app.example,https://b.example:8443`)
     /// whose pages may open WebSockets; an upgrade carrying any other `Origin`
-    /// is answered 403. Default: unset, any origin (the feed is public).
+    /// is answered 403. Unset: any origin (the feed is public).
     #[arg(long, env = "MARKETCAST_ALLOWED_ORIGINS")]
     pub allowed_origins: Option<String>,
 
@@ -245,7 +247,7 @@ pub struct BroadcasterArgs {
 #[derive(Debug, Args)]
 pub struct SubscribeArgs {
     /// WebSocket URL of a broadcaster, e.g. ws://127.0.0.1:9001/ws.
-    #[arg(env = "MARKETCAST_URL", default_value = "ws://127.0.0.1:9001/ws")]
+    #[arg(env = "MARKETCAST_URL", default_value_t = SubscribeConfig::default().url)]
     pub url: String,
 
     /// Market to follow.
@@ -260,8 +262,8 @@ pub struct SubscribeArgs {
     #[arg(long, env = "MARKETCAST_COUNT")]
     pub count: Option<u64>,
 
-    /// Longest wait between reconnect attempts. Default 5s.
-    #[arg(long, env = "MARKETCAST_RECONNECT_MAX", default_value = "5s")]
+    /// Longest wait between reconnect attempts.
+    #[arg(long, env = "MARKETCAST_RECONNECT_MAX", default_value_t = format_duration(SubscribeConfig::default().reconnect_max))]
     pub reconnect_max: String,
 }
 
@@ -282,19 +284,15 @@ pub struct DemoArgs {
     pub database_url: Option<String>,
 
     /// Address of the page and the write API.
-    #[arg(long, env = "MARKETCAST_DEMO_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "MARKETCAST_DEMO_LISTEN", default_value_t = DemoConfig::default().listen.to_string())]
     pub listen: String,
 
     /// Address of the WebSocket broadcaster.
-    #[arg(
-        long,
-        env = "MARKETCAST_DEMO_WS_LISTEN",
-        default_value = "127.0.0.1:9001"
-    )]
+    #[arg(long, env = "MARKETCAST_DEMO_WS_LISTEN", default_value_t = DemoConfig::default().ws_listen.to_string())]
     pub ws_listen: String,
 
     /// Synthetic trades per second across the demo markets; 0 turns the flow off.
-    #[arg(long, env = "MARKETCAST_DEMO_RATE", default_value_t = 4.0)]
+    #[arg(long, env = "MARKETCAST_DEMO_RATE", default_value_t = DemoConfig::default().rate)]
     pub rate: f64,
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -50,12 +51,21 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+impl Default for DbConfig {
+    fn default() -> Self {
+        DbConfig {
+            url: String::new(),
+            pool_size: 16,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 impl DbConfig {
     pub fn new(url: impl Into<String>) -> Self {
         DbConfig {
             url: url.into(),
-            pool_size: 16,
-            timeout: Duration::from_secs(5),
+            ..DbConfig::default()
         }
     }
 
@@ -74,6 +84,7 @@ impl DbConfig {
 #[derive(Clone)]
 pub struct WriterConfig {
     pub db: DbConfig,
+    /// Where `main` binds; `writer::run` takes a bound listener.
     pub listen: SocketAddr,
     /// A secret: never logged (the hand-written `Debug` prints only whether it is set).
     pub write_token: Option<String>,
@@ -107,18 +118,30 @@ impl std::fmt::Debug for WriterConfig {
     }
 }
 
-impl WriterConfig {
-    pub fn new(db: DbConfig) -> Self {
+/// The defaults of every writer option (`marketcast writer --help` shows
+/// these; docs/OPERATIONS.md says why, checked by a test).
+impl Default for WriterConfig {
+    fn default() -> Self {
         WriterConfig {
-            db,
-            listen: "127.0.0.1:0".parse().expect("literal address"),
+            db: DbConfig::default(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             write_token: None,
             batch_max: 64,
             batch_linger: Duration::ZERO,
             batch_workers: 1,
-            max_body_bytes: crate::writer::MAX_BODY_BYTES,
+            // The contract's 16 KiB.
+            max_body_bytes: 16 * 1024,
             max_concurrent_requests: 1024,
             body_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl WriterConfig {
+    pub fn new(db: DbConfig) -> Self {
+        WriterConfig {
+            db,
+            ..WriterConfig::default()
         }
     }
 
@@ -150,27 +173,14 @@ impl WriterConfig {
 #[derive(Debug, Clone)]
 pub struct BroadcasterConfig {
     pub db: DbConfig,
+    /// Where `main` binds; `broadcaster::run` takes a bound listener.
     pub listen: SocketAddr,
     /// None: every shard of the stored shard count.
     pub shards: Option<BTreeSet<u32>>,
     pub shard_url_template: Option<String>,
-    pub max_connections: usize,
-    pub max_subscriptions: usize,
-    pub max_message_bytes: usize,
-    pub rate_per_sec: u32,
-    pub rate_burst: u32,
-    pub ring_size: usize,
+    /// Trades per page read from the log, by the hub and by replays.
     pub replay_page: usize,
-    pub live_queue: usize,
-    pub write_timeout: Duration,
-    pub ping_interval: Duration,
-    pub idle_timeout: Duration,
-    pub listen_heartbeat: Duration,
-    pub reconcile_interval: Duration,
-    pub reconnect_max: Duration,
     pub hub_pool_size: usize,
-    /// `pg_notification_queue_usage()` (0..1) at or above which a warning is logged.
-    pub notify_queue_warn: f64,
     /// WebSocket upgrades whose `Origin` is not in this set get 403 (see
     /// [`crate::broadcaster`]); None: any origin. Entries are normalised with
     /// [`normalize_origin`].
@@ -178,33 +188,86 @@ pub struct BroadcasterConfig {
     /// With an allowlist, also refuse upgrades that carry no `Origin` at all
     /// (non-browser clients). Ignored without an allowlist.
     pub require_origin: bool,
+    pub listener: ListenerConfig,
+    pub hub: HubConfig,
+    pub session: SessionConfig,
+}
+
+/// The LISTEN connection ([`crate::broadcaster::listener`]).
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Probe interval; a probe must answer within half of it.
+    pub heartbeat: Duration,
+    /// Cap of the reconnect backoff (which starts at 100ms).
+    pub reconnect_max: Duration,
+}
+
+/// Per-market state ([`crate::broadcaster::hub`]).
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub ring_size: usize,
+    pub live_queue: usize,
+    pub reconcile_interval: Duration,
+    /// Warn when `pg_notification_queue_usage()` (0..1) is at or above this.
+    pub notify_queue_warn: f64,
+}
+
+/// One WebSocket connection's limits and timers ([`crate::broadcaster::session`]).
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub max_connections: usize,
+    pub max_subscriptions: usize,
+    pub max_message_bytes: usize,
+    pub rate_per_sec: u32,
+    pub rate_burst: u32,
+    pub write_timeout: Duration,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// The defaults of every broadcaster option (`marketcast broadcaster
+/// --help` shows these; docs/OPERATIONS.md says why, checked by a test).
+impl Default for BroadcasterConfig {
+    fn default() -> Self {
+        BroadcasterConfig {
+            db: DbConfig::default(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9001)),
+            shards: None,
+            shard_url_template: None,
+            replay_page: 1000,
+            hub_pool_size: 4,
+            allowed_origins: None,
+            require_origin: false,
+            listener: ListenerConfig {
+                heartbeat: Duration::from_secs(5),
+                reconnect_max: Duration::from_secs(5),
+            },
+            hub: HubConfig {
+                ring_size: 4096,
+                live_queue: 1024,
+                reconcile_interval: Duration::from_secs(2),
+                notify_queue_warn: 0.01,
+            },
+            session: SessionConfig {
+                // Under this machine's 20000 open-files limit.
+                max_connections: 18_000,
+                max_subscriptions: 100,
+                max_message_bytes: 4096,
+                rate_per_sec: 50,
+                rate_burst: 100,
+                write_timeout: Duration::from_secs(10),
+                ping_interval: Duration::from_secs(20),
+                idle_timeout: Duration::from_secs(60),
+            },
+        }
+    }
 }
 
 impl BroadcasterConfig {
     pub fn new(db: DbConfig) -> Self {
         BroadcasterConfig {
             db,
-            listen: "127.0.0.1:0".parse().expect("literal address"),
-            shards: None,
-            shard_url_template: None,
-            max_connections: 18_000,
-            max_subscriptions: 100,
-            max_message_bytes: 4096,
-            rate_per_sec: 50,
-            rate_burst: 100,
-            ring_size: 4096,
-            replay_page: 1000,
-            live_queue: 1024,
-            write_timeout: Duration::from_secs(10),
-            ping_interval: Duration::from_secs(20),
-            idle_timeout: Duration::from_secs(60),
-            listen_heartbeat: Duration::from_secs(5),
-            reconcile_interval: Duration::from_secs(2),
-            reconnect_max: Duration::from_secs(5),
-            hub_pool_size: 4,
-            notify_queue_warn: 0.01,
-            allowed_origins: None,
-            require_origin: false,
+            ..BroadcasterConfig::default()
         }
     }
 
@@ -214,28 +277,34 @@ impl BroadcasterConfig {
             listen: addr("--listen", &a.listen)?,
             shards: a.shards.as_deref().map(parse_shards).transpose()?,
             shard_url_template: a.shard_url_template.clone(),
-            max_connections: a.max_connections,
-            max_subscriptions: a.max_subscriptions,
-            max_message_bytes: a.max_message_bytes,
-            rate_per_sec: a.rate_per_sec,
-            rate_burst: a.rate_burst,
-            ring_size: a.ring_size,
             replay_page: a.replay_page,
-            live_queue: a.live_queue,
-            write_timeout: duration("--write-timeout", &a.write_timeout)?,
-            ping_interval: duration("--ping-interval", &a.ping_interval)?,
-            idle_timeout: duration("--idle-timeout", &a.idle_timeout)?,
-            listen_heartbeat: duration("--listen-heartbeat", &a.listen_heartbeat)?,
-            reconcile_interval: duration("--reconcile-interval", &a.reconcile_interval)?,
-            reconnect_max: duration("--reconnect-max", &a.reconnect_max)?,
             hub_pool_size: a.hub_pool_size,
-            notify_queue_warn: a.notify_queue_warn,
             allowed_origins: a
                 .allowed_origins
                 .as_deref()
                 .map(parse_origins)
                 .transpose()?,
             require_origin: a.require_origin,
+            listener: ListenerConfig {
+                heartbeat: duration("--listen-heartbeat", &a.listen_heartbeat)?,
+                reconnect_max: duration("--reconnect-max", &a.reconnect_max)?,
+            },
+            hub: HubConfig {
+                ring_size: a.ring_size,
+                live_queue: a.live_queue,
+                reconcile_interval: duration("--reconcile-interval", &a.reconcile_interval)?,
+                notify_queue_warn: a.notify_queue_warn,
+            },
+            session: SessionConfig {
+                max_connections: a.max_connections,
+                max_subscriptions: a.max_subscriptions,
+                max_message_bytes: a.max_message_bytes,
+                rate_per_sec: a.rate_per_sec,
+                rate_burst: a.rate_burst,
+                write_timeout: duration("--write-timeout", &a.write_timeout)?,
+                ping_interval: duration("--ping-interval", &a.ping_interval)?,
+                idle_timeout: duration("--idle-timeout", &a.idle_timeout)?,
+            },
         };
         if c.require_origin && c.allowed_origins.is_none() {
             bail!("--require-origin needs --allowed-origins");
@@ -246,14 +315,15 @@ impl BroadcasterConfig {
 
     /// Cross-field rules; also run by `broadcaster::run` for configs built in code.
     pub fn check(&self) -> Result<()> {
+        let (s, h, l) = (&self.session, &self.hub, &self.listener);
         for (name, v) in [
-            ("--max-connections", self.max_connections),
-            ("--max-subscriptions", self.max_subscriptions),
-            ("--rate-burst", self.rate_burst as usize),
-            ("--rate-per-sec", self.rate_per_sec as usize),
-            ("--ring-size", self.ring_size),
+            ("--max-connections", s.max_connections),
+            ("--max-subscriptions", s.max_subscriptions),
+            ("--rate-burst", s.rate_burst as usize),
+            ("--rate-per-sec", s.rate_per_sec as usize),
+            ("--ring-size", h.ring_size),
             ("--replay-page", self.replay_page),
-            ("--live-queue", self.live_queue),
+            ("--live-queue", h.live_queue),
             ("--hub-pool-size", self.hub_pool_size),
         ] {
             if v == 0 {
@@ -261,23 +331,118 @@ impl BroadcasterConfig {
             }
         }
         // NaN fails this too.
-        if !(self.notify_queue_warn > 0.0 && self.notify_queue_warn <= 1.0) {
+        if !(h.notify_queue_warn > 0.0 && h.notify_queue_warn <= 1.0) {
             bail!("--notify-queue-warn must be a fraction in (0, 1]");
         }
-        if self.max_message_bytes < 64 {
+        if s.max_message_bytes < 64 {
             bail!("--max-message-bytes must be at least 64");
         }
-        if self.idle_timeout <= self.ping_interval {
+        if s.idle_timeout <= s.ping_interval {
             bail!("--idle-timeout must be longer than --ping-interval, or idle clients that answer pings are closed");
         }
-        if self.listen_heartbeat.is_zero()
-            || self.reconcile_interval.is_zero()
-            || self.ping_interval.is_zero()
-            || self.write_timeout.is_zero()
+        if l.heartbeat.is_zero()
+            || h.reconcile_interval.is_zero()
+            || s.ping_interval.is_zero()
+            || s.write_timeout.is_zero()
         {
             bail!("--listen-heartbeat, --reconcile-interval, --ping-interval and --write-timeout must be positive");
         }
         Ok(())
+    }
+}
+
+/// Shards `migrate` stores on a new database unless told otherwise (the
+/// contract's default).
+pub const DEFAULT_SHARD_COUNT: u32 = 16;
+
+/// The reference client, `marketcast subscribe` ([`crate::subscribe`]).
+#[derive(Debug, Clone)]
+pub struct SubscribeConfig {
+    pub url: String,
+    pub market: String,
+    /// Start after this seq; None: live from the head.
+    pub from_seq: Option<i64>,
+    /// Stop after printing this many trades.
+    pub count: Option<u64>,
+    pub reconnect_max: Duration,
+}
+
+impl Default for SubscribeConfig {
+    fn default() -> Self {
+        SubscribeConfig {
+            url: "ws://127.0.0.1:9001/ws".into(),
+            market: String::new(),
+            from_seq: None,
+            count: None,
+            reconnect_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl SubscribeConfig {
+    pub fn from_cli(a: &cli::SubscribeArgs) -> Result<Self> {
+        let from_seq = a
+            .from_seq
+            .map(|f| {
+                i64::try_from(f)
+                    .ok()
+                    .and_then(crate::protocol::client::from_seq)
+                    .context("--from-seq must be below 2^63-1")
+            })
+            .transpose()?;
+        Ok(SubscribeConfig {
+            url: a.url.clone(),
+            market: a.market.clone(),
+            from_seq,
+            count: a.count,
+            reconnect_max: duration("--reconnect-max", &a.reconnect_max)?,
+        })
+    }
+}
+
+/// `marketcast demo` ([`crate::demo`]).
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// None: start a cluster with `bin/pg-dev` in `pg_dev_dir`.
+    pub database_url: Option<String>,
+    /// The page and the write API.
+    pub listen: SocketAddr,
+    /// The WebSocket broadcaster.
+    pub ws_listen: SocketAddr,
+    /// Synthetic trades per second; 0 turns the flow off.
+    pub rate: f64,
+    /// State dir of the throwaway cluster, so markets and trades survive
+    /// between runs.
+    pub pg_dev_dir: PathBuf,
+}
+
+/// Highest accepted demo `--rate`: more is a load test, not a demo.
+const MAX_DEMO_RATE: f64 = 10_000.0;
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            database_url: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            ws_listen: SocketAddr::from(([127, 0, 0, 1], 9001)),
+            rate: 4.0,
+            pg_dev_dir: PathBuf::from("/tmp/marketcast-demo-pg"),
+        }
+    }
+}
+
+impl DemoConfig {
+    pub fn from_cli(a: &cli::DemoArgs) -> Result<Self> {
+        if !a.rate.is_finite() || a.rate < 0.0 || a.rate > MAX_DEMO_RATE {
+            bail!("--rate must be between 0 and {MAX_DEMO_RATE} trades per second");
+        }
+        Ok(DemoConfig {
+            database_url: a.database_url.clone().filter(|u| !u.trim().is_empty()),
+            listen: addr("--listen", &a.listen)?,
+            ws_listen: addr("--ws-listen", &a.ws_listen)?,
+            rate: a.rate,
+            ..DemoConfig::default()
+        })
     }
 }
 
@@ -338,6 +503,17 @@ pub fn parse_shards(s: &str) -> Result<BTreeSet<u32>> {
         bail!("--shards: no shard given");
     }
     Ok(out)
+}
+
+/// A duration as the options write it: whole seconds as `5s`, anything else
+/// (zero included) in milliseconds, `250ms`. What `--help` shows as each
+/// default, and what [`duration`] reads back.
+pub fn format_duration(d: Duration) -> String {
+    if d.is_zero() || d.subsec_millis() != 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
+    }
 }
 
 pub fn duration(name: &str, s: &str) -> Result<Duration> {
@@ -429,5 +605,8 @@ mod tests {
             Duration::from_secs(30 * 86400)
         );
         assert!(duration("x", "soon").is_err());
+        for d in ["0ms", "250ms", "1500ms", "5s", "60s"] {
+            assert_eq!(format_duration(duration("x", d).unwrap()), d);
+        }
     }
 }

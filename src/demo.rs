@@ -1,7 +1,8 @@
 //! `marketcast demo`: everything in one process, for a first look.
 //!
 //! Without a database URL it starts a throwaway cluster with `bin/pg-dev`
-//! (state in [`PG_DEV_DIR`], so markets and trades survive between runs) and
+//! (state in [`DemoConfig::pg_dev_dir`], so markets and trades survive
+//! between runs; [`crate::pgdev`]) and
 //! stops it again on the way out. It migrates, creates a handful of demo
 //! markets if they are missing, and runs in-process:
 //!
@@ -20,10 +21,7 @@
 //! `ws: ws://HOST:PORT/ws`. SIGINT or SIGTERM stops every part, then the
 //! cluster if the demo started it, and the process exits 0.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,19 +36,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli;
-use crate::config::{self, BroadcasterConfig, DbConfig, WriterConfig};
+use crate::config::{BroadcasterConfig, DbConfig, DemoConfig, WriterConfig, DEFAULT_SHARD_COUNT};
 use crate::http::{self, Body};
+use crate::pgdev::PgDev;
 use crate::{broadcaster, db, writer};
 
-/// State dir of the throwaway cluster the demo starts.
-pub const PG_DEV_DIR: &str = "/tmp/marketcast-demo-pg";
-
-/// Shard count the demo migrates with (the contract's default).
-const SHARD_COUNT: u32 = 16;
+mod flow;
 
 /// The market page: plain HTML, CSS and JS, no build step.
-const PAGE: &str = include_str!("page/index.html");
+const PAGE: &str = include_str!("demo/page/index.html");
 
 /// Markets created on start when missing: `(id, title)`.
 const MARKETS: &[(&str, &str)] = &[
@@ -75,61 +69,40 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 /// about 150 KiB).
 const FORWARD_MAX_BYTES: usize = 8 * 1024 * 1024;
 
-/// Highest accepted `--rate`: more is a load test, not a demo.
-const MAX_RATE: f64 = 10_000.0;
-
-/// The demo's validated configuration.
-#[derive(Debug, Clone)]
-pub struct DemoConfig {
-    /// None: start a cluster with `bin/pg-dev` in `pg_dev_dir`.
-    pub database_url: Option<String>,
-    /// The page and the write API.
-    pub listen: SocketAddr,
-    /// The WebSocket broadcaster.
-    pub ws_listen: SocketAddr,
-    /// Synthetic trades per second; 0 turns the flow off.
-    pub rate: f64,
-    pub pg_dev_dir: PathBuf,
-}
-
-impl DemoConfig {
-    pub fn from_cli(a: &cli::DemoArgs) -> Result<Self> {
-        if !a.rate.is_finite() || a.rate < 0.0 || a.rate > MAX_RATE {
-            bail!("--rate must be between 0 and {MAX_RATE} trades per second");
-        }
-        Ok(DemoConfig {
-            database_url: a.database_url.clone().filter(|u| !u.trim().is_empty()),
-            listen: config::addr("--listen", &a.listen)?,
-            ws_listen: config::addr("--ws-listen", &a.ws_listen)?,
-            rate: a.rate,
-            pg_dev_dir: PathBuf::from(PG_DEV_DIR),
-        })
-    }
-}
-
 /// Run the demo until `shutdown` is cancelled. A cluster started here is
 /// stopped before returning, whatever happened in between.
 pub async fn run(cfg: DemoConfig, shutdown: CancellationToken) -> Result<()> {
     let Some(url) = cfg.database_url.clone() else {
+        tracing::info!(dir = %cfg.pg_dev_dir.display(), "starting a throwaway PostgreSQL");
         let pg = match PgDev::start(&cfg.pg_dev_dir).await {
             Ok(pg) => pg,
             // Ctrl-C while pg-dev was starting reaches pg-dev too, which then fails.
             Err(_) if shutdown.is_cancelled() => return Ok(()),
-            Err(e) => return Err(e),
+            Err(e) => {
+                return Err(e.context(
+                    "bin/pg-dev start failed; set --database-url to use an existing PostgreSQL",
+                ))
+            }
         };
         let r = if shutdown.is_cancelled() {
             Ok(())
         } else {
             serve(&cfg, &pg.url, shutdown).await
         };
-        pg.stop().await;
+        tracing::info!(dir = %pg.dir().display(), "stopping the throwaway PostgreSQL");
+        if let Err(e) = pg.run(&["stop"]).await {
+            tracing::error!(
+                "{e:#}; stop it by hand: PGDEV_DIR={} bin/pg-dev stop",
+                pg.dir().display()
+            );
+        }
         return r;
     };
     serve(&cfg, &url, shutdown).await
 }
 
 async fn serve(cfg: &DemoConfig, url: &str, shutdown: CancellationToken) -> Result<()> {
-    let shard_count = db::migrate(url, SHARD_COUNT).await?;
+    let shard_count = db::migrate(url, DEFAULT_SHARD_COUNT).await?;
     create_markets(url).await?;
     tracing::info!(
         shard_count,
@@ -186,7 +159,7 @@ async fn serve(cfg: &DemoConfig, url: &str, shutdown: CancellationToken) -> Resu
     if cfg.rate > 0.0 {
         parts.push((
             "trade flow",
-            spawn_part(&stop, flow(url.to_string(), cfg.rate, stop.clone())),
+            spawn_part(&stop, flow::run(url.to_string(), cfg.rate, stop.clone())),
         ));
     }
 
@@ -231,11 +204,7 @@ where
 async fn create_markets(url: &str) -> Result<()> {
     let client = db::connect(url, "marketcast-demo").await?;
     for (id, title) in MARKETS {
-        client
-            .execute(
-                "INSERT INTO markets (id, title) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-                &[id, title],
-            )
+        db::admin::ensure_market(&client, id, title)
             .await
             .with_context(|| format!("creating demo market {id}"))?;
     }
@@ -349,204 +318,9 @@ async fn forward(to: SocketAddr, req: Request<Incoming>) -> Result<Response<Body
     Ok(Response::from_parts(parts, Full::new(bytes)))
 }
 
-// ------------------------------------------------------------------ synthetic flow
-
-/// Insert `rate` trades per second into random open markets through plain SQL,
-/// each YES price a small random step from the market's last one. Reconnects
-/// (once per tick at most) if the database goes away.
-async fn flow(url: String, rate: f64, stop: CancellationToken) -> Result<()> {
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut client: Option<tokio_postgres::Client> = None;
-    // YES price per market, in basis points.
-    let mut prices: HashMap<String, i64> = HashMap::new();
-    let mut failing = false;
-    loop {
-        // Cancel safety: tick() and cancelled() are both cancel-safe.
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return Ok(()),
-        }
-        let c = match &client {
-            Some(c) if !c.is_closed() => c,
-            _ => match load_prices(&url).await {
-                Ok((c, p)) => {
-                    prices = p;
-                    client.insert(c)
-                }
-                Err(e) => {
-                    if !failing {
-                        tracing::warn!("trade flow paused: {e:#}");
-                        failing = true;
-                    }
-                    continue;
-                }
-            },
-        };
-        let ids: Vec<&String> = prices.keys().collect();
-        if ids.is_empty() {
-            continue;
-        }
-        let id = ids[fastrand::usize(..ids.len())].clone();
-        let yes = prices.get(&id).copied().unwrap_or(5000);
-        let next = (yes + fastrand::i64(-120..=120)).clamp(300, 9700);
-        let buy_yes = fastrand::bool();
-        let paid = if buy_yes { next } else { 10_000 - next };
-        // Mostly small tickets, now and then a large one.
-        let qty = if fastrand::u8(..10) == 0 {
-            fastrand::i64(100..=2000)
-        } else {
-            fastrand::i64(1..=60)
-        };
-        let r = c
-            .execute(
-                "INSERT INTO trades (market_id, side, price, qty) VALUES ($1, $2, $3::text::numeric, $4)",
-                &[&id, &if buy_yes { "yes" } else { "no" }, &bp_price(paid), &qty],
-            )
-            .await;
-        match r {
-            Ok(_) => {
-                prices.insert(id, next);
-                if failing {
-                    tracing::info!("trade flow resumed");
-                    failing = false;
-                }
-            }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!("trade flow insert failed: {}", db::DbError::from(e));
-                    failing = true;
-                }
-                // A closed market or a dropped connection: re-read both.
-                client = None;
-            }
-        }
-    }
-}
-
-/// A fresh connection and the YES price (basis points) of every open market.
-async fn load_prices(url: &str) -> Result<(tokio_postgres::Client, HashMap<String, i64>)> {
-    let c = db::connect(url, "marketcast-demo-flow").await?;
-    let rows = c
-        .query(
-            "SELECT id, coalesce(round(last_price * 10000), 5000)::int8 FROM markets \
-             WHERE status = 'open' ORDER BY id",
-            &[],
-        )
-        .await
-        .context("reading open markets")?;
-    let prices = rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-        .collect();
-    Ok((c, prices))
-}
-
-/// Basis points as the contract's decimal text: 6300 -> "0.6300".
-fn bp_price(bp: i64) -> String {
-    format!("0.{:04}", bp.clamp(1, 9999))
-}
-
-// ------------------------------------------------------------------ pg-dev
-
-/// A cluster started with `bin/pg-dev start`; [`PgDev::stop`] stops it.
-struct PgDev {
-    script: PathBuf,
-    dir: PathBuf,
-    url: String,
-}
-
-impl PgDev {
-    async fn start(dir: &Path) -> Result<PgDev> {
-        let script = find_pg_dev()?;
-        tracing::info!(script = %script.display(), dir = %dir.display(), "starting a throwaway PostgreSQL");
-        // pg-dev's chatter goes to our stderr; its last stdout line is the URL.
-        let out = tokio::process::Command::new(&script)
-            .arg("start")
-            .env("PGDEV_DIR", dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .output()
-            .await
-            .with_context(|| format!("running {} start", script.display()))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let url = stdout
-            .lines()
-            .rev()
-            .find_map(|l| l.trim().strip_prefix("DATABASE_URL="))
-            .map(str::to_string);
-        let pg = PgDev {
-            script,
-            dir: dir.to_path_buf(),
-            url: url.unwrap_or_default(),
-        };
-        if !out.status.success() || pg.url.is_empty() {
-            // It may have got as far as starting the server.
-            pg.stop().await;
-            bail!(
-                "bin/pg-dev start failed ({}); set --database-url to use an existing PostgreSQL",
-                out.status
-            );
-        }
-        Ok(pg)
-    }
-
-    async fn stop(&self) {
-        tracing::info!(dir = %self.dir.display(), "stopping the throwaway PostgreSQL");
-        let r = tokio::process::Command::new(&self.script)
-            .arg("stop")
-            .env("PGDEV_DIR", &self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .status()
-            .await;
-        match r {
-            Ok(s) if s.success() => {}
-            Ok(s) => tracing::error!(
-                "bin/pg-dev stop exited with {s}; stop it by hand: PGDEV_DIR={} {} stop",
-                self.dir.display(),
-                self.script.display()
-            ),
-            Err(e) => tracing::error!("running bin/pg-dev stop: {e}"),
-        }
-    }
-}
-
-/// `bin/pg-dev` under the current directory, or beside the checkout the
-/// binary was built in (`target/<profile>/marketcast` -> `../../bin`).
-fn find_pg_dev() -> Result<PathBuf> {
-    let mut tried = Vec::new();
-    if let Ok(cwd) = std::env::current_dir() {
-        tried.push(cwd.join("bin/pg-dev"));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(root) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
-            tried.push(root.join("bin/pg-dev"));
-        }
-    }
-    match tried.iter().find(|p| p.is_file()) {
-        Some(p) => Ok(p.clone()),
-        None => bail!(
-            "no --database-url given and bin/pg-dev not found (looked at {:?}); \
-             run from the marketcast checkout or pass --database-url",
-            tried
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prices_in_basis_points() {
-        assert_eq!(bp_price(6300), "0.6300");
-        assert_eq!(bp_price(5), "0.0005");
-        assert_eq!(bp_price(0), "0.0001");
-        assert_eq!(bp_price(10_000), "0.9999");
-    }
 
     #[test]
     fn host_header_ports() {

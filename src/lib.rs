@@ -10,14 +10,15 @@
 //! the market's shard channel. The database is the only authority; the write
 //! path never passes through a broadcaster.
 //!
-//! A broadcaster holds one dedicated LISTEN connection for its shards
-//! ([`listener`]) and feeds doorbells to the [`hub`], which keeps, per market
-//! with subscribers, the head seq already published and a ring of recent
-//! trades. A doorbell is never trusted as a trade: the hub reads `seq > head`
-//! from the log, encodes each trade once into a WebSocket frame
-//! and publishes the shared bytes. Each WebSocket [`session`] follows its
-//! markets from `from_seq` (or the head), fills any gap from the ring or the
-//! log, and coalesces queued frames into one socket write.
+//! A [`broadcaster`] holds one dedicated LISTEN connection for its shards
+//! ([`broadcaster::listener`]) and feeds doorbells to the
+//! [`broadcaster::hub`], which keeps, per market with subscribers, the head
+//! seq already published and a ring of recent trades. A doorbell is never
+//! trusted as a trade: the hub reads `seq > head` from the log, encodes each
+//! trade once into a WebSocket frame and publishes the shared bytes. Each
+//! WebSocket [`broadcaster::session`] follows its markets from `from_seq`
+//! (or the head), fills any gap from the ring or the log, and coalesces
+//! queued frames into one socket write.
 //!
 //! ```text
 //! INSERT -> trigger (seq, market row, NOTIFY) -> listener -> hub -> session -> socket
@@ -25,39 +26,62 @@
 //! writer (HTTP)
 //! ```
 //!
+//! The contract all of it implements is docs/PROTOCOL.md. Arrows between
+//! modules point one way: [`protocol`] imports nothing of the crate, [`db`]
+//! only `protocol`, the roles import `db`, `protocol`, `http` and `config`,
+//! and nothing but `main`, [`demo`] and the tests imports a role.
+//!
 //! # Layout
 //!
-//! - [`cli`]: clap definitions, nothing else reads them.
-//! - [`config`]: validated configuration built from the CLI or in code.
-//! - [`db`]: pool, embedded migrations, row readers, error classification.
-//! - [`trade`]: the market and trade records, their JSON and frame encodings.
-//! - [`writer`]: the HTTP write API with request batching.
-//! - [`listener`]: the dedicated LISTEN connection, reconnect and heartbeat.
-//! - [`hub`]: per-market state: pure core ([`hub::core`]) and its task.
-//! - [`session`]: one WebSocket connection: ops, replay, live, limits.
-//! - [`broadcaster`]: wires listener, hub and sessions behind `GET /ws`.
-//! - [`subscribe`]: the reference client.
-//! - [`demo`]: `marketcast demo`: all roles in one process, pg-dev, the market page (`src/page/`).
-//! - [`http`]: server plumbing shared by both roles.
-//! - [`metrics`]: the Prometheus recorder.
-//! - [`shutdown`]: signals, cancellation, the shutdown deadline.
+//! In the order a trade meets the code:
 //!
-//! `src/bin/marketcast-bench/` is `make bench` and `make soak`: its own
-//! Postgres, the roles as child processes, a load client and a raw fan-out
-//! baseline (docs/BENCHMARKS.md).
+//! - `main.rs`: parse -> config -> the role's `run` -> exit code.
+//! - [`cli`]: clap definitions, nothing else reads them; defaults come from the configs.
+//! - [`config`]: validated, nested configuration built from the CLI or in code; every default.
+//! - [`protocol`]: the contract as pure functions, no IO.
+//!   - [`protocol::market`]: the market id grammar and a market's state.
+//!   - [`protocol::trade`]: a trade, its JSON and its shared WebSocket frame.
+//!   - [`protocol::frame`]: server -> client frames as bytes.
+//!   - [`protocol::doorbell`]: the NOTIFY payload and shard channels.
+//!   - [`protocol::client`]: WebSocket client ops (the `from_seq` rule once) and replies.
+//!   - [`protocol::write_api`]: the write API's routes, bearer check, bodies and `ApiError`.
+//! - [`db`]: the pool and error classification; the only module that writes SQL.
+//!   - `db/rows.rs`: the only code that knows column positions.
+//!   - [`db::admin`]: migrations (`sql/`), prune, the stored shard count.
+//!   - [`db::log`]: reads of the log and the market rows.
+//!   - [`db::write`]: the INSERTs; database outcomes, never an HTTP status.
+//! - [`writer`]: HTTP -> bearer check -> parse -> batch -> `db::write`.
+//!   - `writer/batcher.rs`: groups concurrent trades into one transaction.
+//! - [`broadcaster`]: wires the three below behind `GET /ws`.
+//!   - [`broadcaster::listener`]: the dedicated LISTEN connection, reconnect, heartbeat.
+//!   - [`broadcaster::hub`]: per-market state and fan-out; its pure core is [`broadcaster::hub::core`].
+//!   - [`broadcaster::session`]: one WebSocket connection's task:
+//!     [`broadcaster::session::subscription`] (pure: the delivery rule),
+//!     `replay.rs` (subscribe and gap fills), `outbound.rs` (vectored writes),
+//!     `inbound.rs` (the cancel-safe frame reader), `rate_limit.rs`.
+//! - [`subscribe`]: the reference client, with a typed fatal error.
+//! - [`demo`]: `marketcast demo`: all roles in one process; `demo/flow.rs`
+//!   (synthetic trades), `demo/page/` (the market page).
+//! - [`http`]: server plumbing shared by both roles.
+//! - [`metrics`]: the Prometheus recorder and every metric's description.
+//! - [`shutdown`]: signals, cancellation, the shutdown deadlines.
+//! - [`backoff`]: the one retry schedule.
+//! - [`pgdev`]: the one wrapper around `bin/pg-dev`.
+//!
+//! `bench/` (`make bench`, `make soak`) and `fuzz/` are packages of their
+//! own beside this crate (docs/BENCHMARKS.md, docs/TESTING.md).
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod broadcaster;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod http;
-pub mod hub;
-pub mod listener;
 pub mod metrics;
-pub mod session;
+pub mod pgdev;
+pub mod protocol;
 pub mod shutdown;
 pub mod subscribe;
-pub mod trade;
 pub mod writer;

@@ -3,12 +3,13 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use marketcast::cli::{Cli, Command, LogFormat};
-use marketcast::config::{self, BroadcasterConfig, DbConfig, WriterConfig};
-use marketcast::subscribe::{self, SubscribeConfig};
-use marketcast::{broadcaster, db, demo, http, shutdown, writer};
+use marketcast::config::{
+    self, BroadcasterConfig, DbConfig, DemoConfig, SubscribeConfig, WriterConfig,
+};
+use marketcast::{broadcaster, db, demo, http, shutdown, subscribe, writer};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -63,21 +64,7 @@ async fn run(cmd: Command) -> Result<()> {
             broadcaster::run(listener, cfg, shutdown::on_signals()).await
         }
         Command::Subscribe(a) => {
-            let cfg = SubscribeConfig {
-                url: a.url,
-                market: a.market,
-                from_seq: a
-                    .from_seq
-                    .map(|f| {
-                        i64::try_from(f)
-                            .ok()
-                            .filter(|f| *f < i64::MAX)
-                            .context("--from-seq must be below 2^63-1")
-                    })
-                    .transpose()?,
-                count: a.count,
-                reconnect_max: config::duration("--reconnect-max", &a.reconnect_max)?,
-            };
+            let cfg = SubscribeConfig::from_cli(&a)?;
             subscribe::run(cfg, shutdown::on_signals(), std::io::stdout().lock()).await
         }
         Command::Prune(a) => {
@@ -88,7 +75,7 @@ async fn run(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Demo(a) => {
-            let cfg = demo::DemoConfig::from_cli(&a)?;
+            let cfg = DemoConfig::from_cli(&a)?;
             demo::run(cfg, shutdown::on_signals()).await
         }
     }

@@ -2,22 +2,30 @@
 //! market as a JSON line on stdout, resumes with `from_seq` after any
 //! disconnect or close, and checks the delivery guarantee itself: a trade out
 //! of sequence is a loud error (exit 1), never a silent skip.
+//!
+//! Only a [`Fatal`] error ends it; anything else (a refused connection, a
+//! dropped socket, a retryable error reply) is retried with backoff.
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone)]
-pub struct SubscribeConfig {
-    pub url: String,
-    pub market: String,
-    pub from_seq: Option<i64>,
-    pub count: Option<u64>,
-    pub reconnect_max: Duration,
+use crate::backoff::Backoff;
+use crate::config::SubscribeConfig;
+
+/// Why the client stopped for good: retrying cannot help.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    /// The server sent a trade out of sequence.
+    #[error("delivery guarantee broken: got seq {got} after {last}")]
+    Gap { last: i64, got: i64 },
+    /// An error reply no retry can change (unknown market, pruned history...).
+    #[error("server refused: {0}")]
+    Refused(String),
 }
 
 /// While replaying a backlog, log progress every this many trades (stderr).
@@ -39,7 +47,7 @@ pub async fn run(
 ) -> Result<()> {
     let mut last: Option<i64> = cfg.from_seq;
     let mut printed: u64 = 0;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), cfg.reconnect_max);
     let started = std::time::Instant::now();
     let mut catch_up: Option<i64> = None;
     loop {
@@ -53,7 +61,7 @@ pub async fn run(
         }
         let result: Result<bool> = async {
             let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.context("connecting")?;
-            backoff = Duration::from_millis(100);
+            backoff.reset();
             loop {
                 // Cancel safety: tungstenite's StreamExt::next and the token are cancel-safe.
                 let msg = tokio::select! {
@@ -79,7 +87,7 @@ pub async fn run(
                         if let Some(l) = last {
                             // checked: a seq is the server's word, and i64::MAX + 1 must not panic.
                             if l.checked_add(1) != Some(seq) {
-                                bail!("delivery guarantee broken: got seq {seq} after {l}");
+                                return Err(Fatal::Gap { last: l, got: seq }.into());
                             }
                         }
                         last = Some(seq);
@@ -108,7 +116,7 @@ pub async fn run(
                     Some("error") => {
                         let code = v.get("code").and_then(Value::as_str).unwrap_or("");
                         if FATAL.contains(&code) {
-                            bail!("server refused: {text}");
+                            return Err(Fatal::Refused(text.to_string()).into());
                         }
                         tracing::warn!(%text, "server error; resuming");
                         return Ok(false);
@@ -121,19 +129,11 @@ pub async fn run(
         match result {
             Ok(true) => return Ok(()),
             Ok(false) => {}
-            Err(e)
-                if format!("{e:#}").contains("delivery guarantee")
-                    || format!("{e:#}").contains("server refused") =>
-            {
-                return Err(e)
-            }
+            Err(e) if e.is::<Fatal>() => return Err(e),
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "connection failed; retrying"),
         }
-        // Cancel safety: sleep and cancelled are cancel-safe.
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.mul_f64(1.0 + fastrand::f64() * 0.5)) => {}
-            _ = shutdown.cancelled() => return Ok(()),
+        if !backoff.sleep(&shutdown).await {
+            return Ok(());
         }
-        backoff = (backoff * 2).min(cfg.reconnect_max);
     }
 }

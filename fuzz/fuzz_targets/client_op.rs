@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use marketcast::session::{parse_op, Op};
+use marketcast::protocol::client::{parse_op, Op};
 use serde_json::{json, Value};
 
 fuzz_target!(|data: &[u8]| {

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use marketcast::listener::parse_doorbell;
-use marketcast::trade::is_market_id;
+use marketcast::protocol::doorbell::parse_doorbell;
+use marketcast::protocol::market::is_market_id;
 use serde::de::IgnoredAny;
 use serde_json::Value;
 

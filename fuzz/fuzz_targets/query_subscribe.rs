@@ -6,8 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use marketcast::broadcaster::initial_op;
-use marketcast::session::Op;
+use marketcast::protocol::client::{initial_op, Op};
 
 fuzz_target!(|data: &[u8]| {
     let query = String::from_utf8_lossy(data);

@@ -9,8 +9,8 @@
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use hyper::StatusCode;
 use libfuzzer_sys::fuzz_target;
-use marketcast::trade::is_market_id;
-use marketcast::writer::{
+use marketcast::protocol::market::is_market_id;
+use marketcast::protocol::write_api::{
     authorized, normalize_price, parse_json_object, parse_trades_query, route_path, ApiError,
     NewMarket, NewTrade, Route, MAX_ID_BYTES, MAX_TITLE_BYTES, MAX_TRADES_PAGE,
 };

@@ -10,7 +10,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use libfuzzer_sys::fuzz_target;
-use marketcast::session::{FrameReader, Inbound, ReadError};
+use marketcast::broadcaster::session::{FrameReader, Inbound, ReadError};
 
 const MAX: usize = 1024;
 

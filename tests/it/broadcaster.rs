@@ -118,7 +118,7 @@ async fn handoff_under_concurrent_commits() {
     db.market("H").await;
     db.trades("H", 300).await;
     let mut cfg = broadcaster_config(&db);
-    cfg.ring_size = 64; // some joins replay from the log, some from memory
+    cfg.hub.ring_size = 64; // some joins replay from the log, some from memory
     cfg.replay_page = 50;
     let b = broadcaster(cfg).await;
     let url = db.url.clone();
@@ -205,7 +205,7 @@ async fn listen_connection_loss_loses_nothing() {
     let mut cfg = broadcaster_config(&db);
     // No periodic reconcile during the test: what was committed while LISTEN
     // was down must come from the re-read that follows re-LISTEN.
-    cfg.reconcile_interval = Duration::from_secs(600);
+    cfg.hub.reconcile_interval = Duration::from_secs(600);
     let b = broadcaster(cfg).await;
     let mut ws = connect_ws(&b.ws()).await;
     subscribe(&mut ws, "L", Some(0)).await;
@@ -256,9 +256,9 @@ async fn slow_consumer_is_closed_with_4000_and_resumes_without_loss() {
     let db = TestDb::new().await;
     db.market("S").await;
     let mut cfg = broadcaster_config(&db);
-    cfg.write_timeout = Duration::from_millis(500);
-    cfg.ping_interval = Duration::from_secs(60);
-    cfg.idle_timeout = Duration::from_secs(120);
+    cfg.session.write_timeout = Duration::from_millis(500);
+    cfg.session.ping_interval = Duration::from_secs(60);
+    cfg.session.idle_timeout = Duration::from_secs(120);
     let b = broadcaster(cfg).await;
 
     // A fast client and a slow one (tiny receive buffer, not reading).
@@ -323,7 +323,7 @@ async fn errors_answer_one_op_and_keep_the_connection() {
     db.market("E3").await;
     db.trades("E1", 10).await;
     let mut cfg = broadcaster_config(&db);
-    cfg.max_subscriptions = 2;
+    cfg.session.max_subscriptions = 2;
     // Serve every shard but E3's.
     let e3 = shard_of(&db, "E3").await as u32;
     cfg.shards = Some((0..16).filter(|s| *s != e3).collect::<BTreeSet<u32>>());
@@ -446,9 +446,9 @@ async fn limits_close_with_the_documented_codes() {
     let db = TestDb::new().await;
     db.market("M").await;
     let mut cfg = broadcaster_config(&db);
-    cfg.rate_per_sec = 1;
-    cfg.rate_burst = 3;
-    cfg.max_connections = 3;
+    cfg.session.rate_per_sec = 1;
+    cfg.session.rate_burst = 3;
+    cfg.session.max_connections = 3;
     let b = broadcaster(cfg).await;
     // A control client that must keep receiving through all of it.
     let mut control = connect_ws(&b.ws()).await;
@@ -660,8 +660,8 @@ async fn two_broadcasters_with_disjoint_shards() {
 async fn idle_connections_are_pinged_then_closed() {
     let db = TestDb::new().await;
     let mut cfg = broadcaster_config(&db);
-    cfg.ping_interval = Duration::from_millis(200);
-    cfg.idle_timeout = Duration::from_millis(700);
+    cfg.session.ping_interval = Duration::from_millis(200);
+    cfg.session.idle_timeout = Duration::from_millis(700);
     let b = broadcaster(cfg).await;
     // A client that reads (tungstenite answers pings while reading) stays;
     // one that sends nothing and reads nothing, so never pongs, is closed.
@@ -681,7 +681,7 @@ async fn healthz_is_503_while_the_database_and_listen_are_down() {
         "postgres://postgres@127.0.0.1:1/none",
     ));
     cfg.shards = Some((0..4).collect());
-    cfg.reconnect_max = Duration::from_millis(200);
+    cfg.listener.reconnect_max = Duration::from_millis(200);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -20,11 +20,10 @@ use std::time::Duration;
 use futures_util::SinkExt;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use hyper::StatusCode;
-use marketcast::broadcaster::initial_op;
-use marketcast::listener::{parse_doorbell, Doorbell};
-use marketcast::session::{parse_op, Op};
-use marketcast::trade::is_market_id;
-use marketcast::writer::{
+use marketcast::protocol::client::{initial_op, parse_op, Op};
+use marketcast::protocol::doorbell::{parse_doorbell, Doorbell};
+use marketcast::protocol::market::is_market_id;
+use marketcast::protocol::write_api::{
     authorized, normalize_price, parse_json_object, parse_trades_query, route_path,
     validate_market_id, NewMarket, NewTrade, Route,
 };
@@ -1318,8 +1317,8 @@ impl tokio::io::AsyncRead for Chunked {
 
 #[test]
 fn websocket_frames_read_back_as_sent() {
-    use marketcast::session::{FrameReader, Inbound, ReadError};
-    use marketcast::trade::control_frame;
+    use marketcast::broadcaster::session::{FrameReader, Inbound, ReadError};
+    use marketcast::protocol::frame::control_frame;
 
     let control = (any::<bool>(), prop::collection::vec(any::<u8>(), 0..=125));
     let sent = prop_oneof![

@@ -524,9 +524,9 @@ pub fn writer_config(db: &TestDb) -> WriterConfig {
 /// The broadcaster every test runs by default: connected as [`BROADCASTER_ROLE`].
 pub fn broadcaster_config(db: &TestDb) -> BroadcasterConfig {
     let mut c = BroadcasterConfig::new(DbConfig::new(db.broadcaster_url()));
-    c.listen_heartbeat = Duration::from_millis(500);
-    c.reconcile_interval = Duration::from_millis(500);
-    c.reconnect_max = Duration::from_millis(500);
+    c.listener.heartbeat = Duration::from_millis(500);
+    c.hub.reconcile_interval = Duration::from_millis(500);
+    c.listener.reconnect_max = Duration::from_millis(500);
     c
 }
 

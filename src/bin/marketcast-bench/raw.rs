@@ -30,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 
-use marketcast::trade::{control_frame, text_frame};
+use marketcast::protocol::frame::{control_frame, text_frame};
 
 use crate::hist::unix_us;
 

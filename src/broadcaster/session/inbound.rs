@@ -284,7 +284,7 @@ fn close_echo(payload: &[u8]) -> Result<bytes::Bytes, ReadError> {
 }
 
 fn control(frame: Frame<'_>) -> bytes::Bytes {
-    crate::trade::control_frame(frame)
+    crate::protocol::frame::control_frame(frame)
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@
 //!   On every (re)connect of the listener the hub re-reads every market it
 //!   serves, and every `reconcile_interval` it compares `markets.last_seq` with
 //!   its heads, so nothing committed stays unpublished.
-//! - Sessions ([`crate::session`]) apply the per-connection rule: drop seq below
+//! - Sessions ([`super::session`]) apply the per-connection rule: drop seq below
 //!   the next expected, fill anything above it from the ring or the log first.
 //!
 //! The hub runs as one task that owns the market map (no lock shared by all
@@ -40,191 +40,12 @@ use deadpool_postgres::Pool;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::HubConfig;
+
 use crate::db;
-use crate::trade::EncodedTrade;
+use crate::protocol::trade::EncodedTrade;
 
-pub mod core {
-    //! The hub's ordering logic without IO: a plain struct that takes events
-    //! (a doorbell, a page read from the log, a reconcile) and returns what to
-    //! do (read the log after some seq, publish these trades).
-
-    use std::collections::VecDeque;
-
-    use crate::trade::EncodedTrade;
-
-    /// Ask the IO side to read trades with `seq > after` from the log.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub struct Fetch {
-        pub after: i64,
-    }
-
-    /// What a page read from the log produced.
-    #[derive(Debug, Default)]
-    pub struct Applied {
-        /// Trades to publish, in seq order, each exactly once.
-        pub publish: Vec<EncodedTrade>,
-        /// Rows at or below head (already published): dropped.
-        pub duplicates: usize,
-        /// Trades no doorbell had announced: a lost notification repaired.
-        pub repaired: usize,
-        /// Seqs missing from the log (pruned) that the hub moved past.
-        pub skipped: usize,
-        /// Read again right away.
-        pub next: Option<Fetch>,
-    }
-
-    #[derive(Debug)]
-    pub struct MarketCore {
-        /// Highest seq published; every seq up to it was published in order.
-        head: i64,
-        /// Highest seq any doorbell announced (for the lost-notification count).
-        announced: i64,
-        /// A read of the log is in flight; at most one per market.
-        fetching: bool,
-        /// A doorbell above head arrived while the read was in flight, so the
-        /// read may have started before that trade committed: read once more.
-        rang_while_fetching: bool,
-        /// The head at which the last read found a hole in the log.
-        hole_at: Option<i64>,
-    }
-
-    impl MarketCore {
-        pub fn new(head: i64) -> Self {
-            MarketCore {
-                head,
-                announced: head,
-                fetching: false,
-                rang_while_fetching: false,
-                hole_at: None,
-            }
-        }
-
-        pub fn head(&self) -> i64 {
-            self.head
-        }
-
-        /// A doorbell saying `seq` committed. At or below head it is a
-        /// duplicate (or a stale or forged one) and ignored.
-        pub fn doorbell(&mut self, seq: i64) -> Option<Fetch> {
-            if seq <= self.head {
-                return None;
-            }
-            self.announced = self.announced.max(seq);
-            self.poke()
-        }
-
-        /// Read the log regardless of doorbells: after a LISTEN reconnect, on
-        /// joining, when a reconcile saw `markets.last_seq` ahead of head.
-        pub fn poke(&mut self) -> Option<Fetch> {
-            if self.fetching {
-                self.rang_while_fetching = true;
-                return None;
-            }
-            self.fetching = true;
-            self.rang_while_fetching = false;
-            Some(Fetch { after: self.head })
-        }
-
-        /// A page of the log read for [`Fetch`]: `rows` in seq order, and
-        /// whether the page was full (more rows may follow).
-        pub fn fetched(&mut self, rows: Vec<EncodedTrade>, page_full: bool) -> Applied {
-            self.fetching = false;
-            let mut out = Applied::default();
-            let mut broken = false;
-            for t in rows {
-                if t.seq <= self.head {
-                    out.duplicates += 1;
-                    continue;
-                }
-                if t.seq != self.head + 1 {
-                    // Seq is gapless and commits in order, so a hole means
-                    // trades were pruned above our head. Read once more to be
-                    // sure; the same hole twice is permanent: move past it
-                    // (re-reading forever would stall the market). Sessions
-                    // still owed those trades find them missing in the log
-                    // and get `history_unavailable`: never a silent skip.
-                    if self.hole_at == Some(self.head) {
-                        out.skipped += (t.seq - self.head - 1) as usize;
-                        self.head = t.seq - 1;
-                        self.hole_at = None;
-                    } else {
-                        self.hole_at = Some(self.head);
-                        broken = true;
-                        break;
-                    }
-                }
-                self.head = t.seq;
-                if t.seq > self.announced {
-                    out.repaired += 1;
-                }
-                out.publish.push(t);
-            }
-            self.announced = self.announced.max(self.head);
-            if page_full || broken || self.rang_while_fetching {
-                out.next = self.poke();
-            }
-            out
-        }
-
-        /// The read failed (database unavailable). The next doorbell or
-        /// reconcile retries it.
-        pub fn fetch_failed(&mut self) {
-            self.fetching = false;
-        }
-    }
-
-    /// The most recent trades of a market, oldest first, contiguous in seq.
-    #[derive(Debug)]
-    pub struct Ring {
-        cap: usize,
-        items: VecDeque<EncodedTrade>,
-    }
-
-    impl Ring {
-        pub fn new(cap: usize) -> Self {
-            Ring {
-                cap: cap.max(1),
-                items: VecDeque::new(),
-            }
-        }
-
-        /// Append the next trade; a non-contiguous one restarts the ring.
-        pub fn push(&mut self, t: EncodedTrade) {
-            if self.items.back().is_some_and(|b| b.seq + 1 != t.seq) {
-                self.items.clear();
-            }
-            if self.items.len() == self.cap {
-                self.items.pop_front();
-            }
-            self.items.push_back(t);
-        }
-
-        pub fn first_seq(&self) -> Option<i64> {
-            self.items.front().map(|t| t.seq)
-        }
-
-        /// Trades with `after < seq <= upto`, if the ring holds `after + 1`.
-        /// None means the range starts outside the ring: before it (evicted),
-        /// or after it (committed, and known to a session that read the head
-        /// from the database, but not yet published here): read the log.
-        pub fn range(&self, after: i64, upto: i64) -> Option<Vec<EncodedTrade>> {
-            let first = self.first_seq()?;
-            let last = self.items.back()?.seq;
-            if after + 1 < first || after + 1 > last {
-                return None;
-            }
-            let skip = (after + 1 - first) as usize;
-            Some(
-                self.items
-                    .iter()
-                    .skip(skip)
-                    .take_while(|t| t.seq <= upto)
-                    .cloned()
-                    .collect(),
-            )
-        }
-    }
-}
+pub mod core;
 
 /// The part of a market sessions share with the hub task.
 pub struct MarketShared {
@@ -301,16 +122,6 @@ impl HubHandle {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct HubConfig {
-    pub ring_size: usize,
-    pub live_queue: usize,
-    pub page: usize,
-    pub reconcile_interval: Duration,
-    /// Warn when `pg_notification_queue_usage()` is at or above this.
-    pub notify_queue_warn: f64,
-}
-
 /// While the NOTIFY queue stays above the threshold, repeat the warning this often.
 const QUEUE_WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -336,26 +147,31 @@ enum Internal {
 /// the LISTEN socket is always read; see `listener.rs`).
 pub fn spawn(
     cfg: HubConfig,
+    page: usize,
     pool: Pool,
     events: mpsc::UnboundedReceiver<HubEvent>,
     shutdown: CancellationToken,
 ) -> (HubHandle, tokio::task::JoinHandle<()>) {
     let (joins_tx, joins_rx) = mpsc::channel(1024);
+    let (results_tx, results_rx) = mpsc::unbounded_channel();
     let hub = Hub {
         cfg,
+        page,
         pool,
         markets: HashMap::new(),
         pending: Vec::new(),
         reads_in_flight: 0,
-        internal: mpsc::unbounded_channel(),
+        results_tx,
         queue_warned_at: None,
     };
-    let task = tokio::spawn(hub.run(events, joins_rx, shutdown));
+    let task = tokio::spawn(hub.run(events, joins_rx, results_rx, shutdown));
     (HubHandle { joins: joins_tx }, task)
 }
 
 struct Hub {
     cfg: HubConfig,
+    /// Most trades per market in one read (`--replay-page`).
+    page: usize,
     pool: Pool,
     markets: HashMap<String, Market>,
     /// Reads the cores asked for that wait for a free hub connection; each
@@ -363,12 +179,10 @@ struct Hub {
     pending: Vec<(String, core::Fetch)>,
     /// Batched reads running, at most the hub pool's size.
     reads_in_flight: usize,
-    /// Results of spawned reads back into the hub task. Unbounded: at most
-    /// one read per hub connection plus one reconcile is ever in flight.
-    internal: (
-        mpsc::UnboundedSender<Internal>,
-        mpsc::UnboundedReceiver<Internal>,
-    ),
+    /// Results of spawned reads and reconciles back into the hub task (the
+    /// receiving end is polled by `run`). Unbounded: at most one read per hub
+    /// connection plus the reconciles of a few ticks are ever in flight.
+    results_tx: mpsc::UnboundedSender<Internal>,
     /// When the NOTIFY-queue warning was last logged; None while below the threshold.
     queue_warned_at: Option<tokio::time::Instant>,
 }
@@ -378,6 +192,7 @@ impl Hub {
         mut self,
         mut events: mpsc::UnboundedReceiver<HubEvent>,
         mut joins: mpsc::Receiver<Join>,
+        mut results_rx: mpsc::UnboundedReceiver<Internal>,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(self.cfg.reconcile_interval);
@@ -389,7 +204,7 @@ impl Hub {
                 _ = shutdown.cancelled() => return,
                 Some(ev) = events.recv() => self.on_event(ev),
                 Some(j) = joins.recv() => self.on_join(j),
-                Some(i) = self.internal.1.recv() => self.on_internal(i),
+                Some(i) = results_rx.recv() => self.on_internal(i),
                 _ = tick.tick() => self.on_tick(),
             }
         }
@@ -454,7 +269,7 @@ impl Hub {
 
     /// Queue a core's read. Reads are batched: while every hub connection
     /// is busy, the markets rung meanwhile wait here and then go together in
-    /// one query (`db::trade_frames_after_many`). Under load that turns one query
+    /// one query (`db::log::trade_frames_after_many`). Under load that turns one query
     /// per trade into one per batch of markets; at light load a read starts
     /// at once, so nothing waits for a batch to fill.
     fn fetch(&mut self, market: &str, f: core::Fetch) {
@@ -478,12 +293,12 @@ impl Hub {
             .map(|(m, f)| (m, f.after))
             .unzip();
         let pool = self.pool.clone();
-        let tx = self.internal.0.clone();
-        let page = self.cfg.page as i64;
+        let tx = self.results_tx.clone();
+        let page = self.page as i64;
         tokio::spawn(async move {
             let result = async {
                 let c = pool.get().await?;
-                let pages = db::trade_frames_after_many(&c, &markets, &afters, page).await?;
+                let pages = db::log::trade_frames_after_many(&c, &markets, &afters, page).await?;
                 // Encoded once here, shared by every subscriber.
                 Ok(pages
                     .into_iter()
@@ -605,27 +420,13 @@ impl Hub {
         metrics::gauge!("marketcast_hub_markets").set(self.markets.len() as f64);
         let ids: Vec<String> = self.markets.keys().cloned().collect();
         let pool = self.pool.clone();
-        let tx = self.internal.0.clone();
+        let tx = self.results_tx.clone();
         tokio::spawn(async move {
             let r = async {
                 let c = pool.get().await?;
-                let usage: f64 = c
-                    .query_one("SELECT pg_notification_queue_usage()", &[])
-                    .await?
-                    .get(0);
+                let usage = db::log::notify_queue_usage(&**c).await?;
                 metrics::gauge!("marketcast_notify_queue_usage").set(usage);
-                let heads = if ids.is_empty() {
-                    Vec::new()
-                } else {
-                    c.query(
-                        "SELECT id, last_seq FROM markets WHERE id = ANY($1)",
-                        &[&ids],
-                    )
-                    .await?
-                    .iter()
-                    .map(|r| (r.get(0), r.get(1)))
-                    .collect()
-                };
+                let heads = db::log::heads(&**c, &ids).await?;
                 Ok::<_, db::DbError>(Internal::Reconciled {
                     heads,
                     notify_queue_usage: usage,
@@ -652,130 +453,4 @@ fn now_micros() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::core::*;
-    use crate::trade::EncodedTrade;
-    use bytes::Bytes;
-
-    fn t(seq: i64) -> EncodedTrade {
-        EncodedTrade {
-            seq,
-            ts_micros: 0,
-            frame: Bytes::from(format!("t{seq}")),
-        }
-    }
-    fn seqs(v: &[EncodedTrade]) -> Vec<i64> {
-        v.iter().map(|t| t.seq).collect()
-    }
-
-    #[test]
-    fn doorbells_at_or_below_head_are_ignored() {
-        let mut m = MarketCore::new(10);
-        assert_eq!(m.doorbell(10), None);
-        assert_eq!(m.doorbell(3), None);
-        assert_eq!(m.doorbell(11), Some(Fetch { after: 10 }));
-    }
-
-    #[test]
-    fn one_read_in_flight_and_a_reread_when_rung_meanwhile() {
-        let mut m = MarketCore::new(0);
-        assert_eq!(m.doorbell(1), Some(Fetch { after: 0 }));
-        assert_eq!(m.doorbell(2), None, "a read is already in flight");
-        // The read started before 2 committed and only saw 1.
-        let a = m.fetched(vec![t(1)], false);
-        assert_eq!(seqs(&a.publish), vec![1]);
-        assert_eq!(
-            a.next,
-            Some(Fetch { after: 1 }),
-            "2 rang during the read: read again"
-        );
-        let a = m.fetched(vec![t(2)], false);
-        assert_eq!(seqs(&a.publish), vec![2]);
-        assert_eq!(a.next, None);
-    }
-
-    #[test]
-    fn a_forged_doorbell_costs_one_read_and_delivers_nothing() {
-        let mut m = MarketCore::new(5);
-        assert_eq!(m.doorbell(1_000_000), Some(Fetch { after: 5 }));
-        let a = m.fetched(vec![], false);
-        assert!(a.publish.is_empty());
-        assert_eq!(
-            a.next, None,
-            "no endless re-reading for a seq that does not exist"
-        );
-        assert_eq!(m.head(), 5);
-    }
-
-    #[test]
-    fn duplicates_dropped_and_holes_never_skipped() {
-        let mut m = MarketCore::new(3);
-        m.poke();
-        let a = m.fetched(vec![t(2), t(3), t(4), t(6), t(7)], false);
-        assert_eq!(seqs(&a.publish), vec![4], "stops at the hole after 4");
-        assert_eq!(a.duplicates, 2);
-        assert_eq!(a.next, Some(Fetch { after: 4 }));
-        let a = m.fetched(vec![t(5), t(6), t(7)], false);
-        assert_eq!(seqs(&a.publish), vec![5, 6, 7]);
-        assert_eq!(m.head(), 7);
-    }
-
-    #[test]
-    fn a_permanent_hole_is_crossed_after_one_reread() {
-        let mut m = MarketCore::new(3);
-        m.poke();
-        let a = m.fetched(vec![t(6), t(7)], false);
-        assert!(a.publish.is_empty());
-        assert_eq!(a.next, Some(Fetch { after: 3 }), "read again once");
-        let a = m.fetched(vec![t(6), t(7)], false);
-        assert_eq!((seqs(&a.publish), a.skipped, a.next), (vec![6, 7], 2, None));
-        assert_eq!(m.head(), 7);
-    }
-
-    #[test]
-    fn full_pages_keep_reading_and_unannounced_trades_count_as_repaired() {
-        let mut m = MarketCore::new(0);
-        assert_eq!(m.doorbell(2), Some(Fetch { after: 0 }));
-        let a = m.fetched(vec![t(1), t(2), t(3)], true);
-        assert_eq!(a.repaired, 1, "3 was never announced");
-        assert_eq!(a.next, Some(Fetch { after: 3 }));
-        let a = m.fetched(vec![], false);
-        assert_eq!(a.next, None);
-    }
-
-    #[test]
-    fn failed_reads_release_the_slot() {
-        let mut m = MarketCore::new(0);
-        assert!(m.doorbell(1).is_some());
-        m.fetch_failed();
-        assert_eq!(m.poke(), Some(Fetch { after: 0 }));
-    }
-
-    #[test]
-    fn ring_serves_only_contiguous_ranges_it_holds() {
-        let mut r = Ring::new(3);
-        assert_eq!(r.range(0, 10).map(|v| seqs(&v)), None);
-        for s in 1..=5 {
-            r.push(t(s));
-        }
-        assert_eq!(r.first_seq(), Some(3));
-        assert_eq!(r.range(1, 5).map(|v| seqs(&v)), None, "2 fell out");
-        assert_eq!(r.range(2, 5).map(|v| seqs(&v)), Some(vec![3, 4, 5]));
-        assert_eq!(r.range(3, 4).map(|v| seqs(&v)), Some(vec![4]));
-        assert_eq!(
-            r.range(4, 9).map(|v| seqs(&v)),
-            Some(vec![5]),
-            "partial: the rest comes from the log"
-        );
-        assert_eq!(
-            r.range(5, 9).map(|v| seqs(&v)),
-            None,
-            "6 is not here yet: read the log, never an empty page"
-        );
-        r.push(t(9));
-        assert_eq!(r.first_seq(), Some(9), "a jump restarts the ring");
-    }
 }

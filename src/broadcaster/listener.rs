@@ -23,55 +23,26 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
-use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::HubEvent;
+use super::hub::HubEvent;
+use crate::backoff::Backoff;
+use crate::config::ListenerConfig;
+use crate::protocol::doorbell::{channel, parse_doorbell};
 
-pub fn channel(shard: u32) -> String {
-    format!("marketcast_shard_{shard}")
-}
-
-#[derive(Debug, Clone)]
-pub struct ListenerConfig {
-    pub url: String,
-    pub shards: Vec<u32>,
-    pub heartbeat: Duration,
-    pub reconnect_max: Duration,
-}
-
-/// The doorbell payload written by the trigger: `{"m":"<market>","s":<seq>}`.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
-pub struct Doorbell {
-    pub m: String,
-    pub s: i64,
-}
-
-/// Parse a payload; None for anything that is not a doorbell: a JSON object
-/// whose `m` is a market id (PROTOCOL.md grammar) and `s` an integer >= 1.
-/// Extra fields are ignored (a later trigger may add some).
-pub fn parse_doorbell(payload: &str) -> Option<Doorbell> {
-    // Objects only: a derived Deserialize also takes the array `["M",1]`.
-    if !payload
-        .trim_start_matches([' ', '\t', '\n', '\r'])
-        .starts_with('{')
-    {
-        return None;
-    }
-    let d: Doorbell = serde_json::from_str(payload).ok()?;
-    (d.s >= 1 && crate::trade::is_market_id(&d.m)).then_some(d)
-}
-
-/// Run until `shutdown`. `up` mirrors whether LISTEN is in place (for /healthz).
+/// Run until `shutdown`, LISTENing on `shards` of the database at `url`.
+/// `up` mirrors whether LISTEN is in place (for /healthz).
 pub async fn run(
     cfg: ListenerConfig,
+    url: String,
+    shards: Vec<u32>,
     events: mpsc::UnboundedSender<HubEvent>,
     up: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), cfg.reconnect_max);
     let mut first = true;
     loop {
         if !first {
@@ -81,7 +52,7 @@ pub async fn run(
         // Cancel safety: dropping `session` mid-connect or mid-query just
         // drops the connection; shutdown must not wait on an unreachable server.
         let r = tokio::select! {
-            r = session(&cfg, &events, &up, &shutdown) => r,
+            r = session(&cfg, &url, &shards, &events, &up, &shutdown) => r,
             _ = shutdown.cancelled() => return,
         };
         match r {
@@ -90,30 +61,28 @@ pub async fn run(
                 let was_up = up.swap(false, Ordering::AcqRel);
                 metrics::gauge!("marketcast_listen_up").set(0.0);
                 if was_up {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                 }
-                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "LISTEN connection lost");
+                tracing::warn!(error = %format!("{e:#}"), "LISTEN connection lost; reconnecting");
             }
         }
-        let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
-        // Cancel safety: sleep and cancelled are both cancel-safe.
-        tokio::select! {
-            _ = tokio::time::sleep(backoff + jitter) => {}
-            _ = shutdown.cancelled() => return,
+        if !backoff.sleep(&shutdown).await {
+            return;
         }
-        backoff = (backoff * 2).min(cfg.reconnect_max);
     }
 }
 
 /// One connection's life. Ok only on shutdown.
 async fn session(
     cfg: &ListenerConfig,
+    url: &str,
+    shards: &[u32],
     events: &mpsc::UnboundedSender<HubEvent>,
     up: &AtomicBool,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let mut pg = crate::db::pg_config(
-        &cfg.url,
+        url,
         "marketcast-listener",
         cfg.heartbeat.max(Duration::from_secs(2)),
     )?;
@@ -163,8 +132,7 @@ async fn session(
         "the server closed the connection".to_string()
     });
 
-    let listen: String = cfg
-        .shards
+    let listen: String = shards
         .iter()
         .map(|s| format!("LISTEN {};", channel(*s)))
         .collect();
@@ -176,7 +144,7 @@ async fn session(
         .context("LISTEN failed")?;
     up.store(true, Ordering::Release);
     metrics::gauge!("marketcast_listen_up").set(1.0);
-    tracing::info!(shards = ?cfg.shards, "LISTEN established");
+    tracing::info!(shards = ?shards, "LISTEN established");
     if events.send(HubEvent::ListenUp).is_err() {
         return Ok(());
     }
@@ -211,58 +179,5 @@ fn truncate(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
         Some((i, _)) => &s[..i],
         None => s,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn doorbells() {
-        assert_eq!(
-            parse_doorbell(" \n{\"m\":\"A\",\"s\":1,\"x\":[]}"),
-            Some(Doorbell {
-                m: "A".into(),
-                s: 1
-            }),
-            "whitespace and extra fields are fine"
-        );
-        assert_eq!(
-            parse_doorbell(r#"{"m":"A","s":2,"x":1e869}"#),
-            Some(Doorbell {
-                m: "A".into(),
-                s: 2
-            }),
-            "an extra field is skipped, even a number no f64 holds (valid JSON)"
-        );
-        assert_eq!(
-            parse_doorbell(r#"{"m":"ELECTION-2028","s":1042}"#),
-            Some(Doorbell {
-                m: "ELECTION-2028".into(),
-                s: 1042
-            })
-        );
-        for bad in [
-            "",
-            "x",
-            "{}",
-            r#"{"m":"A"}"#,
-            r#"{"m":"A","s":0}"#,
-            r#"{"m":"A","s":"1"}"#,
-            r#"{"m":"","s":1}"#,
-            r#"[1]"#,
-            // Found by the proptest model: a derived Deserialize takes arrays.
-            r#"["A",1]"#,
-            // Not a market id: no such market can exist.
-            r#"{"m":"a b","s":1}"#,
-            r#"{"m":"-x","s":1}"#,
-            r#"{"m":"é","s":1}"#,
-            r#"{"m":"A","s":1,"s":2}"#,
-            r#"{"m":"A","s":1.0}"#,
-            r#"{"m":"A","s":9223372036854775808}"#,
-        ] {
-            assert_eq!(parse_doorbell(bad), None, "{bad}");
-        }
     }
 }

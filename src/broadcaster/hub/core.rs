@@ -1,0 +1,305 @@
+//! The hub's ordering logic without IO: a plain struct that takes events
+//! (a doorbell, a page read from the log, a reconcile) and returns what to
+//! do (read the log after some seq, publish these trades).
+
+use std::collections::VecDeque;
+
+use crate::protocol::trade::EncodedTrade;
+
+/// Ask the IO side to read trades with `seq > after` from the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetch {
+    pub after: i64,
+}
+
+/// What a page read from the log produced.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Trades to publish, in seq order, each exactly once.
+    pub publish: Vec<EncodedTrade>,
+    /// Rows at or below head (already published): dropped.
+    pub duplicates: usize,
+    /// Trades no doorbell had announced: a lost notification repaired.
+    pub repaired: usize,
+    /// Seqs missing from the log (pruned) that the hub moved past.
+    pub skipped: usize,
+    /// Read again right away.
+    pub next: Option<Fetch>,
+}
+
+#[derive(Debug)]
+pub struct MarketCore {
+    /// Highest seq published; every seq up to it was published in order.
+    head: i64,
+    /// Highest seq any doorbell announced (for the lost-notification count).
+    announced: i64,
+    /// A read of the log is in flight; at most one per market.
+    fetching: bool,
+    /// A doorbell above head arrived while the read was in flight, so the
+    /// read may have started before that trade committed: read once more.
+    rang_while_fetching: bool,
+    /// The head at which the last read found a hole in the log.
+    hole_at: Option<i64>,
+}
+
+impl MarketCore {
+    pub fn new(head: i64) -> Self {
+        MarketCore {
+            head,
+            announced: head,
+            fetching: false,
+            rang_while_fetching: false,
+            hole_at: None,
+        }
+    }
+
+    pub fn head(&self) -> i64 {
+        self.head
+    }
+
+    /// A doorbell saying `seq` committed. At or below head it is a
+    /// duplicate (or a stale or forged one) and ignored.
+    pub fn doorbell(&mut self, seq: i64) -> Option<Fetch> {
+        if seq <= self.head {
+            return None;
+        }
+        self.announced = self.announced.max(seq);
+        self.poke()
+    }
+
+    /// Read the log regardless of doorbells: after a LISTEN reconnect, on
+    /// joining, when a reconcile saw `markets.last_seq` ahead of head.
+    pub fn poke(&mut self) -> Option<Fetch> {
+        if self.fetching {
+            self.rang_while_fetching = true;
+            return None;
+        }
+        self.fetching = true;
+        self.rang_while_fetching = false;
+        Some(Fetch { after: self.head })
+    }
+
+    /// A page of the log read for [`Fetch`]: `rows` in seq order, and
+    /// whether the page was full (more rows may follow).
+    pub fn fetched(&mut self, rows: Vec<EncodedTrade>, page_full: bool) -> Applied {
+        self.fetching = false;
+        let mut out = Applied::default();
+        let mut broken = false;
+        for t in rows {
+            if t.seq <= self.head {
+                out.duplicates += 1;
+                continue;
+            }
+            if t.seq != self.head + 1 {
+                // Seq is gapless and commits in order, so a hole means
+                // trades were pruned above our head. Read once more to be
+                // sure; the same hole twice is permanent: move past it
+                // (re-reading forever would stall the market). Sessions
+                // still owed those trades find them missing in the log
+                // and get `history_unavailable`: never a silent skip.
+                if self.hole_at == Some(self.head) {
+                    out.skipped += (t.seq - self.head - 1) as usize;
+                    self.head = t.seq - 1;
+                    self.hole_at = None;
+                } else {
+                    self.hole_at = Some(self.head);
+                    broken = true;
+                    break;
+                }
+            }
+            self.head = t.seq;
+            if t.seq > self.announced {
+                out.repaired += 1;
+            }
+            out.publish.push(t);
+        }
+        self.announced = self.announced.max(self.head);
+        if page_full || broken || self.rang_while_fetching {
+            out.next = self.poke();
+        }
+        out
+    }
+
+    /// The read failed (database unavailable). The next doorbell or
+    /// reconcile retries it.
+    pub fn fetch_failed(&mut self) {
+        self.fetching = false;
+    }
+}
+
+/// The most recent trades of a market, oldest first, contiguous in seq.
+#[derive(Debug)]
+pub struct Ring {
+    cap: usize,
+    items: VecDeque<EncodedTrade>,
+}
+
+impl Ring {
+    pub fn new(cap: usize) -> Self {
+        Ring {
+            cap: cap.max(1),
+            items: VecDeque::new(),
+        }
+    }
+
+    /// Append the next trade; a non-contiguous one restarts the ring.
+    pub fn push(&mut self, t: EncodedTrade) {
+        if self.items.back().is_some_and(|b| b.seq + 1 != t.seq) {
+            self.items.clear();
+        }
+        if self.items.len() == self.cap {
+            self.items.pop_front();
+        }
+        self.items.push_back(t);
+    }
+
+    pub fn first_seq(&self) -> Option<i64> {
+        self.items.front().map(|t| t.seq)
+    }
+
+    /// Trades with `after < seq <= upto`, if the ring holds `after + 1`.
+    /// None means the range starts outside the ring: before it (evicted),
+    /// or after it (committed, and known to a session that read the head
+    /// from the database, but not yet published here): read the log.
+    pub fn range(&self, after: i64, upto: i64) -> Option<Vec<EncodedTrade>> {
+        let first = self.first_seq()?;
+        let last = self.items.back()?.seq;
+        if after + 1 < first || after + 1 > last {
+            return None;
+        }
+        let skip = (after + 1 - first) as usize;
+        Some(
+            self.items
+                .iter()
+                .skip(skip)
+                .take_while(|t| t.seq <= upto)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn t(seq: i64) -> EncodedTrade {
+        EncodedTrade {
+            seq,
+            ts_micros: 0,
+            frame: Bytes::from(format!("t{seq}")),
+        }
+    }
+    fn seqs(v: &[EncodedTrade]) -> Vec<i64> {
+        v.iter().map(|t| t.seq).collect()
+    }
+
+    #[test]
+    fn doorbells_at_or_below_head_are_ignored() {
+        let mut m = MarketCore::new(10);
+        assert_eq!(m.doorbell(10), None);
+        assert_eq!(m.doorbell(3), None);
+        assert_eq!(m.doorbell(11), Some(Fetch { after: 10 }));
+    }
+
+    #[test]
+    fn one_read_in_flight_and_a_reread_when_rung_meanwhile() {
+        let mut m = MarketCore::new(0);
+        assert_eq!(m.doorbell(1), Some(Fetch { after: 0 }));
+        assert_eq!(m.doorbell(2), None, "a read is already in flight");
+        // The read started before 2 committed and only saw 1.
+        let a = m.fetched(vec![t(1)], false);
+        assert_eq!(seqs(&a.publish), vec![1]);
+        assert_eq!(
+            a.next,
+            Some(Fetch { after: 1 }),
+            "2 rang during the read: read again"
+        );
+        let a = m.fetched(vec![t(2)], false);
+        assert_eq!(seqs(&a.publish), vec![2]);
+        assert_eq!(a.next, None);
+    }
+
+    #[test]
+    fn a_forged_doorbell_costs_one_read_and_delivers_nothing() {
+        let mut m = MarketCore::new(5);
+        assert_eq!(m.doorbell(1_000_000), Some(Fetch { after: 5 }));
+        let a = m.fetched(vec![], false);
+        assert!(a.publish.is_empty());
+        assert_eq!(
+            a.next, None,
+            "no endless re-reading for a seq that does not exist"
+        );
+        assert_eq!(m.head(), 5);
+    }
+
+    #[test]
+    fn duplicates_dropped_and_holes_never_skipped() {
+        let mut m = MarketCore::new(3);
+        m.poke();
+        let a = m.fetched(vec![t(2), t(3), t(4), t(6), t(7)], false);
+        assert_eq!(seqs(&a.publish), vec![4], "stops at the hole after 4");
+        assert_eq!(a.duplicates, 2);
+        assert_eq!(a.next, Some(Fetch { after: 4 }));
+        let a = m.fetched(vec![t(5), t(6), t(7)], false);
+        assert_eq!(seqs(&a.publish), vec![5, 6, 7]);
+        assert_eq!(m.head(), 7);
+    }
+
+    #[test]
+    fn a_permanent_hole_is_crossed_after_one_reread() {
+        let mut m = MarketCore::new(3);
+        m.poke();
+        let a = m.fetched(vec![t(6), t(7)], false);
+        assert!(a.publish.is_empty());
+        assert_eq!(a.next, Some(Fetch { after: 3 }), "read again once");
+        let a = m.fetched(vec![t(6), t(7)], false);
+        assert_eq!((seqs(&a.publish), a.skipped, a.next), (vec![6, 7], 2, None));
+        assert_eq!(m.head(), 7);
+    }
+
+    #[test]
+    fn full_pages_keep_reading_and_unannounced_trades_count_as_repaired() {
+        let mut m = MarketCore::new(0);
+        assert_eq!(m.doorbell(2), Some(Fetch { after: 0 }));
+        let a = m.fetched(vec![t(1), t(2), t(3)], true);
+        assert_eq!(a.repaired, 1, "3 was never announced");
+        assert_eq!(a.next, Some(Fetch { after: 3 }));
+        let a = m.fetched(vec![], false);
+        assert_eq!(a.next, None);
+    }
+
+    #[test]
+    fn failed_reads_release_the_slot() {
+        let mut m = MarketCore::new(0);
+        assert!(m.doorbell(1).is_some());
+        m.fetch_failed();
+        assert_eq!(m.poke(), Some(Fetch { after: 0 }));
+    }
+
+    #[test]
+    fn ring_serves_only_contiguous_ranges_it_holds() {
+        let mut r = Ring::new(3);
+        assert_eq!(r.range(0, 10).map(|v| seqs(&v)), None);
+        for s in 1..=5 {
+            r.push(t(s));
+        }
+        assert_eq!(r.first_seq(), Some(3));
+        assert_eq!(r.range(1, 5).map(|v| seqs(&v)), None, "2 fell out");
+        assert_eq!(r.range(2, 5).map(|v| seqs(&v)), Some(vec![3, 4, 5]));
+        assert_eq!(r.range(3, 4).map(|v| seqs(&v)), Some(vec![4]));
+        assert_eq!(
+            r.range(4, 9).map(|v| seqs(&v)),
+            Some(vec![5]),
+            "partial: the rest comes from the log"
+        );
+        assert_eq!(
+            r.range(5, 9).map(|v| seqs(&v)),
+            None,
+            "6 is not here yet: read the log, never an empty page"
+        );
+        r.push(t(9));
+        assert_eq!(r.first_seq(), Some(9), "a jump restarts the ring");
+    }
+}

@@ -1,0 +1,419 @@
+//! One WebSocket connection of the broadcaster.
+//!
+//! One task per connection owns the socket and every subscription. In one
+//! `select!` it reads client frames ([`inbound`], cancel-safe: partial frames
+//! are kept in the reader, never in the future), enforces the size limit
+//! (1009), binary frames (1008) and the op rate limit, answers ops, follows
+//! each subscribed market's live broadcast, fills any gap from the ring or
+//! the log before anything later, and writes whatever is queued in one
+//! vectored write (pre-encoded frames, shared by refcount: no per-subscriber
+//! JSON, no copy). One task, no channel, no buffer kept while idle: an idle
+//! subscribed connection costs about 5 KiB (docs/BENCHMARKS.md, S3). While
+//! the task writes (a replay, a slow socket) it does not read: the client's
+//! frames wait in the kernel, which is the backpressure we want.
+//!
+//! The per-subscription rule that gives the delivery guarantee is the pure
+//! [`subscription::Position`]; [`replay`] starts subscriptions and fills
+//! their gaps, [`outbound`] writes, [`inbound`] reads, [`rate_limit`] bounds
+//! client ops.
+//!
+//! A client whose socket does not accept a write within `write_timeout` is a
+//! slow consumer and is closed with 4000; it reconnects with `from_seq` and
+//! loses nothing. Memory per connection stays bounded whatever the client
+//! does: the live queue is shared per market, and fills go a page at a time.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
+use futures_util::FutureExt;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{StreamExt, StreamMap};
+use tokio_util::sync::CancellationToken;
+
+use super::hub::{HubHandle, MarketShared};
+use crate::config::SessionConfig;
+use crate::protocol::client::{self, parse_op, ErrorReply, Op};
+use crate::protocol::frame::control_frame;
+use crate::protocol::trade::EncodedTrade;
+
+mod inbound;
+mod outbound;
+mod rate_limit;
+mod replay;
+pub mod subscription;
+
+pub use inbound::{parse_head, FrameReader, Inbound, ReadError};
+use outbound::SentTally;
+use rate_limit::RateLimit;
+use subscription::{Live, Position};
+
+/// Frames queued before the session stops draining and writes. Bounds one
+/// vectored write (the kernel takes at most 1024 slices anyway).
+const WRITE_BATCH_FRAMES: usize = 512;
+
+/// How long a closed connection keeps reading for the peer's Close reply.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+
+/// The session's fast path polls only live data; every this many turns it
+/// also looks at ops, timers and shutdown (see `Session::run`).
+const CONTROL_EVERY: u32 = 8;
+
+/// How long a closing connection may take to get its Close frame out (a slow
+/// consumer that starts reading again still learns why it was closed).
+const CLOSE_LINGER: Duration = Duration::from_secs(10);
+
+/// What every session shares.
+pub(crate) struct SessionCtx {
+    pub cfg: SessionConfig,
+    /// `--replay-page`: most trades per fill page.
+    pub replay_page: usize,
+    /// `--db-timeout`: bound on each database step of a subscribe or fill.
+    pub db_timeout: Duration,
+    /// `--shard-url-template`, for `wrong_shard`'s `url`.
+    pub shard_url_template: Option<String>,
+    pub pool: Pool,
+    pub hub: HubHandle,
+    pub shards: BTreeSet<u32>,
+    /// Open connections, for the limit (1013) and the gauge.
+    pub connections: AtomicU64,
+}
+
+/// Run one upgraded connection to its end. `initial` is the subscribe from
+/// the URL's query, handled as if it were the first op.
+pub(crate) async fn run(
+    ws: WebSocket<TokioIo<Upgraded>>,
+    ctx: Arc<SessionCtx>,
+    initial: Option<Result<Op, ErrorReply>>,
+    shutdown: CancellationToken,
+    conn_id: u64,
+) {
+    let open = ctx.connections.fetch_add(1, Ordering::AcqRel) + 1;
+    metrics::gauge!("marketcast_ws_connections").increment(1.0);
+    let over_limit = open as usize > ctx.cfg.max_connections;
+
+    // fastwebsockets did the handshake; from here frames are read by
+    // `inbound` (no buffer kept while idle) and written pre-encoded, vectored.
+    let mut s = Session {
+        io: ws.into_inner(),
+        frames: FrameReader::new(ctx.cfg.max_message_bytes),
+        rate: RateLimit::new(ctx.cfg.rate_per_sec, ctx.cfg.rate_burst, Instant::now()),
+        refused: 0,
+        last_seen: Instant::now(),
+        sent_close: false,
+        peer_closed: false,
+        sent: SentTally::default(),
+        ctx: ctx.clone(),
+        out: Vec::new(),
+        subs: HashMap::new(),
+        ids: HashMap::new(),
+        live: StreamMap::new(),
+        next_id: 0,
+        conn_id,
+        shutdown: shutdown.clone(),
+    };
+    if over_limit {
+        s.close_now(1013, "server overloaded: connection limit reached")
+            .await;
+    } else {
+        s.run(initial, shutdown).await;
+    }
+    // The closing handshake: our Close is out; keep reading until the peer's
+    // Close (or EOF) so that its last frames, a pong say, are not left
+    // unread. Dropping a socket with unread input sends a RST, and the peer
+    // may then lose our Close frame and never learn the code.
+    if s.sent_close && !s.peer_closed {
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+            while let Ok(m) = s.frames.next(&mut s.io).await {
+                if matches!(m, Inbound::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await; // Past the deadline the socket is dropped anyway.
+    }
+    s.sent.publish();
+    let subs = s.subs.len();
+    metrics::gauge!("marketcast_subscriptions").decrement(subs as f64);
+    ctx.connections.fetch_sub(1, Ordering::AcqRel);
+    metrics::gauge!("marketcast_ws_connections").decrement(1.0);
+}
+
+/// One subscription.
+struct Sub {
+    market: String,
+    shared: Arc<MarketShared>,
+    /// Where the client is in the market's seq, and what it is owed.
+    pos: Position,
+}
+
+enum End {
+    /// The socket failed or the peer went away.
+    Gone,
+    /// A write did not finish within write_timeout.
+    Slow,
+    /// The server is shutting down (noticed between replay pages).
+    Shutdown,
+}
+
+/// One connection: a single task owns the socket, reads client frames and
+/// writes everything else. Client frames are read in the same `select!` as
+/// live trades, which is safe because [`FrameReader`] keeps every byte it
+/// has read; one task and no channel keep an idle connection small
+/// (`docs/BENCHMARKS.md`, S3).
+struct Session {
+    io: TokioIo<Upgraded>,
+    frames: FrameReader,
+    rate: RateLimit,
+    /// Ops refused in a row by the rate limit.
+    refused: u32,
+    /// Last frame from the client (any frame: a pong counts), for idle_timeout.
+    last_seen: Instant,
+    /// Our Close frame went out: wait for the peer's before dropping.
+    sent_close: bool,
+    /// The peer sent its Close (we echoed it).
+    peer_closed: bool,
+    sent: SentTally,
+    ctx: Arc<SessionCtx>,
+    /// Frames waiting for the next write.
+    out: Vec<Bytes>,
+    /// Subscriptions by a small per-connection id: the live stream yields
+    /// the key with every frame, and an integer costs nothing to copy.
+    subs: HashMap<SubId, Sub>,
+    /// Market name -> id, for ops.
+    ids: HashMap<String, SubId>,
+    live: StreamMap<SubId, BroadcastStream<EncodedTrade>>,
+    next_id: SubId,
+    conn_id: u64,
+    /// Checked between replay pages, so a long replay never outlives shutdown.
+    shutdown: CancellationToken,
+}
+
+type SubId = u32;
+
+impl Session {
+    async fn run(&mut self, initial: Option<Result<Op, ErrorReply>>, shutdown: CancellationToken) {
+        let mut ping = tokio::time::interval(self.ctx.cfg.ping_interval);
+        ping.tick().await;
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Created once: a fresh `cancelled()` per turn registers and
+        // unregisters a waiter every time, which showed in profiles.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let mut turn: u32 = 0;
+        let result: Result<(), End> = async {
+            // The URL's subscribe is handled exactly like one sent as a
+            // message, socket failures during its replay included.
+            match initial {
+                Some(Ok(op)) => Box::pin(self.on_op(op)).await?,
+                Some(Err(e)) => self.reply_error(e),
+                None => {}
+            }
+            loop {
+                if !self.out.is_empty() {
+                    self.flush().await?;
+                }
+                turn = turn.wrapping_add(1);
+                // Fast path: while live frames are ready, take them without
+                // polling the control side; every CONTROL_EVERY-th turn (and
+                // whenever nothing is ready) the full select below runs, so
+                // client frames, pings and shutdown wait at most a few batches.
+                if turn % CONTROL_EVERY != 0 && !self.live.is_empty() {
+                    if let Some(Some((id, item))) = self.live.next().now_or_never() {
+                        self.on_live(id, item).await?;
+                        self.coalesce().await?;
+                        continue;
+                    }
+                }
+                // Cancel safety: FrameReader::next keeps its progress in
+                // `self.frames`; StreamMap::next (a Stream), ticks and the
+                // pinned token future are cancel-safe; no branch holds
+                // partial state across an await.
+                tokio::select! {
+                    biased;
+                    _ = &mut cancelled => {
+                        self.close_now(1001, "server shutting down").await;
+                        return Ok(());
+                    }
+                    m = self.frames.next(&mut self.io) => {
+                        if !self.on_inbound(m).await? {
+                            return Ok(());
+                        }
+                    }
+                    Some((id, item)) = self.live.next(), if !self.live.is_empty() => {
+                        self.on_live(id, item).await?;
+                        self.coalesce().await?;
+                    }
+                    _ = retry.tick(), if self.subs.values().any(|s| s.pos.owed()) => {
+                        let pending: Vec<SubId> = self.subs.iter().filter(|(_, s)| s.pos.owed()).map(|(k, _)| *k).collect();
+                        for id in pending {
+                            Box::pin(self.fill(id)).await?;
+                        }
+                    }
+                    _ = ping.tick() => {
+                        if self.last_seen.elapsed() > self.ctx.cfg.idle_timeout {
+                            self.close_now(1000, "idle timeout").await;
+                            return Ok(());
+                        }
+                        self.out.push(control_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"mc"))));
+                    }
+                }
+            }
+        }
+        .await;
+        match result {
+            Err(End::Slow) => {
+                metrics::counter!("marketcast_slow_consumer_closes_total").increment(1);
+                tracing::info!(conn = self.conn_id, "closing a slow consumer (4000)");
+                // `out` holds at most the tail of a half-written frame (see flush).
+                self.close_now(4000, "slow consumer: reconnect with from_seq")
+                    .await;
+            }
+            Err(End::Shutdown) => self.close_now(1001, "server shutting down").await,
+            Ok(()) | Err(End::Gone) => {}
+        }
+    }
+
+    /// A client frame, or the end of reading. `Ok(false)`: the connection
+    /// is over (our Close is out, or the peer closed or vanished).
+    async fn on_inbound(&mut self, m: Result<Inbound, ReadError>) -> Result<bool, End> {
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(conn = self.conn_id, error = ?e, "websocket read ended");
+                match e.close_code() {
+                    Some((code, reason)) => self.close_now(code, reason).await,
+                    // The peer is gone: whatever is queued has nowhere to go.
+                    None => return Err(End::Gone),
+                }
+                return Ok(false);
+            }
+        };
+        self.last_seen = Instant::now();
+        let payload = match m {
+            Inbound::Text(p) => p,
+            Inbound::Pong => return Ok(true),
+            Inbound::Ping(pong) => {
+                self.out.push(pong);
+                return Ok(true);
+            }
+            Inbound::Close(echo) => {
+                // The closing handshake, peer first: echo its code and end.
+                self.peer_closed = true;
+                self.out.push(echo);
+                self.flush().await?;
+                let _ = self.io.shutdown().await; // the peer may already be gone
+                return Ok(false);
+            }
+            Inbound::Binary => {
+                self.close_now(1008, "binary frames are not accepted").await;
+                return Ok(false);
+            }
+        };
+        if self.rate.allow(Instant::now()) {
+            self.refused = 0;
+            match parse_op(&payload) {
+                // Boxed: an op's future (subscribe, log reads) is large and
+                // rare; inline, every idle connection would carry its state.
+                Ok(op) => Box::pin(self.on_op(op)).await?,
+                Err(e) => self.reply_error(e),
+            }
+        } else {
+            self.refused += 1;
+            // Sustained abuse: a client still sending after a full burst of
+            // refusals is not going to slow down.
+            if self.refused > self.rate.burst as u32 {
+                self.close_now(1008, "rate limit exceeded").await;
+                return Ok(false);
+            }
+            let id = client::message_id(&payload);
+            self.reply_error(ErrorReply::new(
+                id,
+                "rate_limited",
+                "too many messages; slow down",
+            ));
+        }
+        Ok(true)
+    }
+
+    async fn on_op(&mut self, op: Op) -> Result<(), End> {
+        match op {
+            Op::Ping { id } => self.out.push(client::pong(id)),
+            Op::Unsubscribe { market, id } => match self.ids.get(&market) {
+                Some(&sid) => {
+                    self.end_sub(sid);
+                    self.out.push(client::unsubscribed(&market, id));
+                }
+                None => self.reply_error(ErrorReply::new(
+                    id,
+                    "not_subscribed",
+                    format!("not subscribed to {market}"),
+                )),
+            },
+            Op::Subscribe {
+                market,
+                from_seq,
+                epoch,
+                id,
+            } => match self
+                .subscribe(&market, from_seq, epoch.as_deref(), id.clone())
+                .await
+            {
+                // The replay owed since from_seq. A socket failure here must
+                // end the connection (the frames taken by the failed write are
+                // gone while `next` moved past them), so it propagates.
+                Ok(sid) => self.fill(sid).await?,
+                Err(e) => self.reply_error(e),
+            },
+        }
+        Ok(())
+    }
+
+    /// Queue an `error` reply, counted by code.
+    fn reply_error(&mut self, e: ErrorReply) {
+        metrics::counter!("marketcast_client_errors_total", "code" => e.code).increment(1);
+        self.out.push(e.frame());
+    }
+
+    fn end_sub(&mut self, sid: SubId) {
+        if let Some(sub) = self.subs.remove(&sid) {
+            self.ids.remove(&sub.market);
+            self.live.remove(&sid);
+            metrics::gauge!("marketcast_subscriptions").decrement(1.0);
+        }
+    }
+
+    async fn on_live(
+        &mut self,
+        sid: SubId,
+        item: Result<EncodedTrade, tokio_stream::wrappers::errors::BroadcastStreamRecvError>,
+    ) -> Result<(), End> {
+        let Some(sub) = self.subs.get_mut(&sid) else {
+            return Ok(());
+        };
+        match item {
+            Ok(t) => match sub.pos.live(t.seq) {
+                Live::Send => {
+                    self.out.push(t.frame);
+                    Ok(())
+                }
+                Live::Drop => Ok(()),
+                // Boxed: a fill may read the log, a large future that every
+                // connection would otherwise carry inline while idle.
+                Live::Fill => Box::pin(self.fill(sid)).await,
+            },
+            // The live queue overflowed for this subscriber (it is slower than
+            // the market). Nothing to do now: the next trade received is above
+            // `next` and triggers a fill from the ring or the log.
+            Err(_lagged) => Ok(()),
+        }
+    }
+}

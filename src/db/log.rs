@@ -1,0 +1,174 @@
+//! Reads of the log and the market rows: the broadcaster's hot reads (the
+//! hub's batched reads, replays), the writer's GETs, health probes and the
+//! hub's reconcile.
+
+use tokio_postgres::GenericClient;
+
+use super::rows::{self, MARKET_COLUMNS, TRADE_COLUMNS};
+use super::DbError;
+use crate::protocol::market::Market;
+use crate::protocol::trade::{EncodedTrade, Trade};
+
+pub async fn market(client: &impl GenericClient, id: &str) -> Result<Option<Market>, DbError> {
+    let sql = format!("SELECT {MARKET_COLUMNS} FROM markets WHERE id = $1");
+    Ok(client
+        .query_opt(&sql, &[&id])
+        .await?
+        .map(|r| rows::market(&r)))
+}
+
+/// Trades with `after < seq <= upto` (upto None: no upper bound), in seq order,
+/// at most `limit`. The hot read of the broadcaster (hub and catch-up): its
+/// statement is prepared once per pooled connection.
+pub async fn trades_after(
+    client: &deadpool_postgres::Client,
+    market: &str,
+    after: i64,
+    upto: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Trade>, DbError> {
+    let found = trade_rows_after(client, market, after, upto, limit).await?;
+    Ok(found.iter().map(rows::trade).collect())
+}
+
+/// [`trades_after`], each trade encoded into its WebSocket frame straight
+/// from the row (replays).
+pub async fn trade_frames_after(
+    client: &deadpool_postgres::Client,
+    market: &str,
+    after: i64,
+    upto: Option<i64>,
+    limit: i64,
+) -> Result<Vec<EncodedTrade>, DbError> {
+    let found = trade_rows_after(client, market, after, upto, limit).await?;
+    Ok(found.iter().map(|r| rows::trade_ref(r).encode()).collect())
+}
+
+async fn trade_rows_after(
+    client: &deadpool_postgres::Client,
+    market: &str,
+    after: i64,
+    upto: Option<i64>,
+    limit: i64,
+) -> Result<Vec<tokio_postgres::Row>, DbError> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT {TRADE_COLUMNS} FROM trades WHERE market_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+        )
+    });
+    let stmt = client.prepare_cached(&SQL).await?;
+    Ok(client
+        .query(&stmt, &[&market, &after, &upto.unwrap_or(i64::MAX), &limit])
+        .await?)
+}
+
+/// For each `(markets[i], afters[i])`: trades with `seq > after`, in seq
+/// order, at most `limit` per market; one query for all of them (the hub's
+/// batched read), each encoded into its WebSocket frame straight from the
+/// row. The result is aligned with `markets`; each market must appear once.
+pub async fn trade_frames_after_many(
+    client: &deadpool_postgres::Client,
+    markets: &[String],
+    afters: &[i64],
+    limit: i64,
+) -> Result<Vec<Vec<EncodedTrade>>, DbError> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT t.* FROM unnest($1::text[], $2::bigint[]) AS d(m, after) \
+             CROSS JOIN LATERAL (SELECT {TRADE_COLUMNS} FROM trades \
+               WHERE market_id = d.m AND seq > d.after ORDER BY seq LIMIT $3) t \
+             ORDER BY t.market_id, t.seq"
+        )
+    });
+    let stmt = client.prepare_cached(&SQL).await?;
+    let found = client.query(&stmt, &[&markets, &afters, &limit]).await?;
+    let at: std::collections::HashMap<&str, usize> = markets
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.as_str(), i))
+        .collect();
+    let mut out: Vec<Vec<EncodedTrade>> = markets.iter().map(|_| Vec::new()).collect();
+    for r in &found {
+        let t = rows::trade_ref(r);
+        if let Some(&i) = at.get(t.market) {
+            out[i].push(t.encode());
+        }
+    }
+    Ok(out)
+}
+
+/// The lowest seq still in the log for a market (None: no trade at all).
+pub async fn earliest_seq(
+    client: &impl GenericClient,
+    market: &str,
+) -> Result<Option<i64>, DbError> {
+    let row = client
+        .query_one(
+            "SELECT min(seq) FROM trades WHERE market_id = $1",
+            &[&market],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Every market, by id (the writer's `GET /v1/markets`).
+pub async fn markets(client: &impl GenericClient) -> Result<Vec<Market>, DbError> {
+    let sql = format!("SELECT {MARKET_COLUMNS} FROM markets ORDER BY id");
+    Ok(client
+        .query(&sql, &[])
+        .await?
+        .iter()
+        .map(rows::market)
+        .collect())
+}
+
+/// `markets.last_seq` of each of `ids` that exists (the hub's reconcile).
+pub async fn heads(
+    client: &impl GenericClient,
+    ids: &[String],
+) -> Result<Vec<(String, i64)>, DbError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(client
+        .query(
+            "SELECT id, last_seq FROM markets WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// `pg_notification_queue_usage()`: the fraction of the cluster's NOTIFY
+/// queue in use.
+pub async fn notify_queue_usage(client: &impl GenericClient) -> Result<f64, DbError> {
+    Ok(client
+        .query_one("SELECT pg_notification_queue_usage()", &[])
+        .await?
+        .get(0))
+}
+
+/// The cheapest round trip, for health checks.
+pub async fn ping(client: &impl GenericClient) -> Result<(), DbError> {
+    client.simple_query("SELECT 1").await?;
+    Ok(())
+}
+
+/// The YES price (basis points; 5000 before any trade) of every open market
+/// (the demo's synthetic flow).
+pub async fn open_market_prices(
+    client: &impl GenericClient,
+) -> Result<Vec<(String, i64)>, DbError> {
+    Ok(client
+        .query(
+            "SELECT id, coalesce(round(last_price * 10000), 5000)::int8 FROM markets \
+             WHERE status = 'open' ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
