@@ -5,7 +5,7 @@ CARGO ?= cargo
 export PGDEV_DIR ?= /tmp/marketcast-pg-dev
 
 
-.PHONY: all build run test browser-test unit fuzz bench bench-sql bench-quick soak fmt clippy pg-start pg-stop clean
+.PHONY: all build run test lint browser-test unit fuzz bench bench-sql bench-quick soak fmt clippy pg-start pg-stop clean
 
 all: build
 
@@ -72,6 +72,13 @@ bench-sql:
 
 unit:
 	$(CARGO) test --lib
+
+# What CI checks besides the tests: formatting, clippy with warnings denied,
+# and the developer docs (private items included) with warnings denied.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --document-private-items --lib
 
 # Benchmarks (issue 5: S1..S6 and the table workload, each beside a raw
 # baseline) against their own throwaway Postgres in /tmp/marketcast-bench-pg;

@@ -1,14 +1,16 @@
 //! The raw command line: clap derive and nothing else. Every option also reads
-//! an environment variable. Values stay strings or plain numbers here;
-//! [`crate::config`] turns them into checked types, and nothing but `config`
-//! (and `main`, which hands them to it) looks at these structs. Every default
-//! is read from the configs' `Default` impls, so it is written once.
+//! an environment variable. Values stay strings or plain numbers in the
+//! clap structs; each role's `config()` below turns them into its checked
+//! [`crate::config`] type, and nothing but `main` looks at these structs.
+//! Every default is read from the configs' `Default` impls, so it is written
+//! once; the arrow points one way (cli -> config).
 
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    format_duration, BroadcasterConfig, DbConfig, DemoConfig, SubscribeConfig, WriterConfig,
-    DEFAULT_SHARD_COUNT,
+    self, format_duration, BroadcasterConfig, DbConfig, DemoConfig, HubConfig, ListenerConfig,
+    SessionConfig, SubscribeConfig, WriterConfig, DEFAULT_SHARD_COUNT,
 };
 
 #[derive(Debug, Parser)]
@@ -296,31 +298,185 @@ pub struct DemoArgs {
     pub rate: f64,
 }
 
+// ------------------------------------------------------------------ to configs
+//
+// Each role's arguments become its validated config here: values parsed by
+// `config`'s parsers, cross-field rules checked by the configs themselves.
+
+impl DbArgs {
+    /// The validated [`DbConfig`].
+    pub fn config(&self) -> Result<DbConfig> {
+        if self.pool_size == 0 {
+            bail!("--pool-size must be at least 1");
+        }
+        Ok(DbConfig {
+            url: self.database_url.clone(),
+            pool_size: self.pool_size,
+            timeout: config::duration("--db-timeout", &self.db_timeout)?,
+        })
+    }
+}
+
+impl WriterArgs {
+    /// The validated [`WriterConfig`].
+    pub fn config(&self) -> Result<WriterConfig> {
+        if self.batch_max == 0 || self.batch_workers == 0 || self.max_concurrent_requests == 0 {
+            bail!("--batch-max, --batch-workers and --max-concurrent-requests must be at least 1");
+        }
+        if self.max_body_bytes < 1024 {
+            bail!("--max-body-bytes must be at least 1024");
+        }
+        let body_timeout = config::duration("--body-timeout", &self.body_timeout)?;
+        if body_timeout.is_zero() {
+            bail!("--body-timeout must be positive");
+        }
+        Ok(WriterConfig {
+            db: self.db.config()?,
+            listen: config::addr("--listen", &self.listen)?,
+            write_token: self.write_token.clone().filter(|t| !t.is_empty()),
+            batch_max: self.batch_max,
+            batch_linger: config::duration("--batch-linger", &self.batch_linger)?,
+            batch_workers: self.batch_workers,
+            max_body_bytes: self.max_body_bytes,
+            max_concurrent_requests: self.max_concurrent_requests,
+            body_timeout,
+        })
+    }
+}
+
+impl BroadcasterArgs {
+    /// The validated [`BroadcasterConfig`].
+    pub fn config(&self) -> Result<BroadcasterConfig> {
+        let c = BroadcasterConfig {
+            db: self.db.config()?,
+            listen: config::addr("--listen", &self.listen)?,
+            shards: self
+                .shards
+                .as_deref()
+                .map(config::parse_shards)
+                .transpose()?,
+            shard_url_template: self.shard_url_template.clone(),
+            replay_page: self.replay_page,
+            hub_pool_size: self.hub_pool_size,
+            allowed_origins: self
+                .allowed_origins
+                .as_deref()
+                .map(config::parse_origins)
+                .transpose()?,
+            require_origin: self.require_origin,
+            listener: ListenerConfig {
+                heartbeat: config::duration("--listen-heartbeat", &self.listen_heartbeat)?,
+                reconnect_max: config::duration("--reconnect-max", &self.reconnect_max)?,
+            },
+            hub: HubConfig {
+                ring_size: self.ring_size,
+                live_queue: self.live_queue,
+                reconcile_interval: config::duration(
+                    "--reconcile-interval",
+                    &self.reconcile_interval,
+                )?,
+                notify_queue_warn: self.notify_queue_warn,
+            },
+            session: SessionConfig {
+                max_connections: self.max_connections,
+                max_subscriptions: self.max_subscriptions,
+                max_message_bytes: self.max_message_bytes,
+                rate_per_sec: self.rate_per_sec,
+                rate_burst: self.rate_burst,
+                write_timeout: config::duration("--write-timeout", &self.write_timeout)?,
+                ping_interval: config::duration("--ping-interval", &self.ping_interval)?,
+                idle_timeout: config::duration("--idle-timeout", &self.idle_timeout)?,
+            },
+        };
+        if c.require_origin && c.allowed_origins.is_none() {
+            bail!("--require-origin needs --allowed-origins");
+        }
+        c.check()?;
+        Ok(c)
+    }
+}
+
+impl SubscribeArgs {
+    /// The validated [`SubscribeConfig`].
+    pub fn config(&self) -> Result<SubscribeConfig> {
+        let from_seq = self
+            .from_seq
+            .map(|f| {
+                i64::try_from(f)
+                    .ok()
+                    .and_then(crate::protocol::client::from_seq)
+                    .context("--from-seq must be below 2^63-1")
+            })
+            .transpose()?;
+        Ok(SubscribeConfig {
+            url: self.url.clone(),
+            market: self.market.clone(),
+            from_seq,
+            count: self.count,
+            reconnect_max: config::duration("--reconnect-max", &self.reconnect_max)?,
+        })
+    }
+}
+
+impl DemoArgs {
+    /// The validated [`DemoConfig`].
+    pub fn config(&self) -> Result<DemoConfig> {
+        if !self.rate.is_finite() || self.rate < 0.0 || self.rate > config::MAX_DEMO_RATE {
+            bail!(
+                "--rate must be between 0 and {} trades per second",
+                config::MAX_DEMO_RATE
+            );
+        }
+        Ok(DemoConfig {
+            database_url: self.database_url.clone().filter(|u| !u.trim().is_empty()),
+            listen: config::addr("--listen", &self.listen)?,
+            ws_listen: config::addr("--ws-listen", &self.ws_listen)?,
+            rate: self.rate,
+            ..DemoConfig::default()
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
 
-    /// docs/OPERATIONS.md lists every option and its environment variable.
+    /// docs/OPERATIONS.md lists every option, its environment variable and
+    /// its default, as `--help` shows it (the default comes from the
+    /// configs' `Default` impls: a changed default fails here until the
+    /// docs follow).
     #[test]
     fn every_option_is_documented() {
         let doc = include_str!("../docs/OPERATIONS.md");
         let cli = super::Cli::command();
         let mut missing = Vec::new();
-        for sub in cli.get_subcommands() {
-            for arg in sub.get_arguments() {
-                let Some(long) = arg.get_long() else { continue };
-                if matches!(long, "help" | "version") {
-                    continue;
+        let global = cli.get_arguments().map(|a| ("marketcast", a));
+        let per_role = cli
+            .get_subcommands()
+            .flat_map(|sub| sub.get_arguments().map(move |a| (sub.get_name(), a)));
+        for (role, arg) in global.chain(per_role) {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let flag = format!("`--{long}");
+            if !doc.contains(&flag) {
+                missing.push(format!("{role} --{long}"));
+            }
+            if let Some(env) = arg.get_env() {
+                let env = env.to_string_lossy();
+                let short = env.rsplit('_').next().unwrap_or("");
+                if !doc.contains(&*env) && !doc.contains(&format!("_{short}`")) {
+                    missing.push(format!("{role} {env}"));
                 }
-                if !doc.contains(&format!("`--{long}")) {
-                    missing.push(format!("{} --{long}", sub.get_name()));
-                }
-                if let Some(env) = arg.get_env() {
-                    let env = env.to_string_lossy();
-                    let short = env.rsplit('_').next().unwrap_or("");
-                    if !doc.contains(&*env) && !doc.contains(&format!("_{short}`")) {
-                        missing.push(format!("{} {env}", sub.get_name()));
-                    }
+            }
+            for default in arg.get_default_values() {
+                let default = match default.to_string_lossy() {
+                    d if d == "false" => "off".to_string(),
+                    d => d.into_owned(),
+                };
+                if !mentions(doc, &flag, &default) {
+                    missing.push(format!("{role} --{long} default {default}"));
                 }
             }
         }
@@ -328,5 +484,20 @@ mod tests {
             missing.is_empty(),
             "undocumented in docs/OPERATIONS.md: {missing:?}"
         );
+    }
+
+    /// Whether some place that names `flag` also says `default`: its table
+    /// row, or in prose the text up to the next option.
+    fn mentions(doc: &str, flag: &str, default: &str) -> bool {
+        doc.match_indices(flag).any(|(at, _)| {
+            let line_start = doc[..at].rfind('\n').map_or(0, |i| i + 1);
+            let rest = &doc[at..];
+            let end = if doc[line_start..].starts_with('|') {
+                rest.find('\n')
+            } else {
+                rest[flag.len()..].find("`--").map(|i| i + flag.len())
+            };
+            rest[..end.unwrap_or(rest.len())].contains(default)
+        })
     }
 }

@@ -1,7 +1,10 @@
-//! Validated configuration. [`crate::cli`] holds raw strings; the `from_cli`
-//! constructors here parse them into addresses, durations and shard sets and
-//! check cross-field rules, so the rest of the crate never sees clap and tests
-//! build configs directly with `..Default::default()`.
+//! Validated configuration: what each role runs with, nested the way the
+//! roles are (a [`BroadcasterConfig`] holds the listener's, the hub's and the
+//! sessions' parts), with every default written once in a `Default` impl.
+//! [`crate::cli`] reads the command line into these (its defaults come from
+//! here, so this module imports nothing of the crate but the contract's
+//! rules); the parsers of option values and the cross-field checks are here,
+//! and tests build configs directly with `..Default::default()`.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -9,8 +12,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-
-use crate::cli;
 
 /// Database access shared by every role.
 ///
@@ -67,17 +68,6 @@ impl DbConfig {
             url: url.into(),
             ..DbConfig::default()
         }
-    }
-
-    pub fn from_cli(a: &cli::DbArgs) -> Result<Self> {
-        if a.pool_size == 0 {
-            bail!("--pool-size must be at least 1");
-        }
-        Ok(DbConfig {
-            url: a.database_url.clone(),
-            pool_size: a.pool_size,
-            timeout: duration("--db-timeout", &a.db_timeout)?,
-        })
     }
 }
 
@@ -143,30 +133,6 @@ impl WriterConfig {
             db,
             ..WriterConfig::default()
         }
-    }
-
-    pub fn from_cli(a: &cli::WriterArgs) -> Result<Self> {
-        if a.batch_max == 0 || a.batch_workers == 0 || a.max_concurrent_requests == 0 {
-            bail!("--batch-max, --batch-workers and --max-concurrent-requests must be at least 1");
-        }
-        if a.max_body_bytes < 1024 {
-            bail!("--max-body-bytes must be at least 1024");
-        }
-        let body_timeout = duration("--body-timeout", &a.body_timeout)?;
-        if body_timeout.is_zero() {
-            bail!("--body-timeout must be positive");
-        }
-        Ok(WriterConfig {
-            db: DbConfig::from_cli(&a.db)?,
-            listen: addr("--listen", &a.listen)?,
-            write_token: a.write_token.clone().filter(|t| !t.is_empty()),
-            batch_max: a.batch_max,
-            batch_linger: duration("--batch-linger", &a.batch_linger)?,
-            batch_workers: a.batch_workers,
-            max_body_bytes: a.max_body_bytes,
-            max_concurrent_requests: a.max_concurrent_requests,
-            body_timeout,
-        })
     }
 }
 
@@ -271,48 +237,6 @@ impl BroadcasterConfig {
         }
     }
 
-    pub fn from_cli(a: &cli::BroadcasterArgs) -> Result<Self> {
-        let c = BroadcasterConfig {
-            db: DbConfig::from_cli(&a.db)?,
-            listen: addr("--listen", &a.listen)?,
-            shards: a.shards.as_deref().map(parse_shards).transpose()?,
-            shard_url_template: a.shard_url_template.clone(),
-            replay_page: a.replay_page,
-            hub_pool_size: a.hub_pool_size,
-            allowed_origins: a
-                .allowed_origins
-                .as_deref()
-                .map(parse_origins)
-                .transpose()?,
-            require_origin: a.require_origin,
-            listener: ListenerConfig {
-                heartbeat: duration("--listen-heartbeat", &a.listen_heartbeat)?,
-                reconnect_max: duration("--reconnect-max", &a.reconnect_max)?,
-            },
-            hub: HubConfig {
-                ring_size: a.ring_size,
-                live_queue: a.live_queue,
-                reconcile_interval: duration("--reconcile-interval", &a.reconcile_interval)?,
-                notify_queue_warn: a.notify_queue_warn,
-            },
-            session: SessionConfig {
-                max_connections: a.max_connections,
-                max_subscriptions: a.max_subscriptions,
-                max_message_bytes: a.max_message_bytes,
-                rate_per_sec: a.rate_per_sec,
-                rate_burst: a.rate_burst,
-                write_timeout: duration("--write-timeout", &a.write_timeout)?,
-                ping_interval: duration("--ping-interval", &a.ping_interval)?,
-                idle_timeout: duration("--idle-timeout", &a.idle_timeout)?,
-            },
-        };
-        if c.require_origin && c.allowed_origins.is_none() {
-            bail!("--require-origin needs --allowed-origins");
-        }
-        c.check()?;
-        Ok(c)
-    }
-
     /// Cross-field rules; also run by `broadcaster::run` for configs built in code.
     pub fn check(&self) -> Result<()> {
         let (s, h, l) = (&self.session, &self.hub, &self.listener);
@@ -379,27 +303,6 @@ impl Default for SubscribeConfig {
     }
 }
 
-impl SubscribeConfig {
-    pub fn from_cli(a: &cli::SubscribeArgs) -> Result<Self> {
-        let from_seq = a
-            .from_seq
-            .map(|f| {
-                i64::try_from(f)
-                    .ok()
-                    .and_then(crate::protocol::client::from_seq)
-                    .context("--from-seq must be below 2^63-1")
-            })
-            .transpose()?;
-        Ok(SubscribeConfig {
-            url: a.url.clone(),
-            market: a.market.clone(),
-            from_seq,
-            count: a.count,
-            reconnect_max: duration("--reconnect-max", &a.reconnect_max)?,
-        })
-    }
-}
-
 /// `marketcast demo` ([`crate::demo`]).
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
@@ -417,7 +320,7 @@ pub struct DemoConfig {
 }
 
 /// Highest accepted demo `--rate`: more is a load test, not a demo.
-const MAX_DEMO_RATE: f64 = 10_000.0;
+pub const MAX_DEMO_RATE: f64 = 10_000.0;
 
 impl Default for DemoConfig {
     fn default() -> Self {
@@ -428,21 +331,6 @@ impl Default for DemoConfig {
             rate: 4.0,
             pg_dev_dir: PathBuf::from("/tmp/marketcast-demo-pg"),
         }
-    }
-}
-
-impl DemoConfig {
-    pub fn from_cli(a: &cli::DemoArgs) -> Result<Self> {
-        if !a.rate.is_finite() || a.rate < 0.0 || a.rate > MAX_DEMO_RATE {
-            bail!("--rate must be between 0 and {MAX_DEMO_RATE} trades per second");
-        }
-        Ok(DemoConfig {
-            database_url: a.database_url.clone().filter(|u| !u.trim().is_empty()),
-            listen: addr("--listen", &a.listen)?,
-            ws_listen: addr("--ws-listen", &a.ws_listen)?,
-            rate: a.rate,
-            ..DemoConfig::default()
-        })
     }
 }
 

@@ -71,6 +71,10 @@
 //! `bench/` (`make bench`, `make soak`) and `fuzz/` are packages of their
 //! own beside this crate (docs/BENCHMARKS.md, docs/TESTING.md).
 #![forbid(unsafe_code)]
+// These docs are for the people who work on marketcast (`make lint` builds
+// them with --document-private-items): a module doc may point at a private
+// module.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod backoff;
 pub mod broadcaster;

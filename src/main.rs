@@ -6,9 +6,6 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 use marketcast::cli::{Cli, Command, LogFormat};
-use marketcast::config::{
-    self, BroadcasterConfig, DbConfig, DemoConfig, SubscribeConfig, WriterConfig,
-};
 use marketcast::{broadcaster, db, demo, http, shutdown, subscribe, writer};
 
 fn main() -> ExitCode {
@@ -48,34 +45,34 @@ fn init_tracing(format: LogFormat) {
 async fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Migrate(a) => {
-            let db = DbConfig::from_cli(&a.db)?;
+            let db = a.db.config()?;
             let n = db::migrate(&db.url, a.shard_count).await?;
             tracing::info!(shard_count = n, "schema is current");
             Ok(())
         }
         Command::Writer(a) => {
-            let cfg = WriterConfig::from_cli(&a)?;
+            let cfg = a.config()?;
             let listener = http::bind(cfg.listen).await?;
             writer::run(listener, cfg, shutdown::on_signals()).await
         }
         Command::Broadcaster(a) => {
-            let cfg = BroadcasterConfig::from_cli(&a)?;
+            let cfg = a.config()?;
             let listener = http::bind(cfg.listen).await?;
             broadcaster::run(listener, cfg, shutdown::on_signals()).await
         }
         Command::Subscribe(a) => {
-            let cfg = SubscribeConfig::from_cli(&a)?;
+            let cfg = a.config()?;
             subscribe::run(cfg, shutdown::on_signals(), std::io::stdout().lock()).await
         }
         Command::Prune(a) => {
-            let db = DbConfig::from_cli(&a.db)?;
-            let older = config::duration("--older-than", &a.older_than)?;
+            let db = a.db.config()?;
+            let older = marketcast::config::duration("--older-than", &a.older_than)?;
             let n = db::prune(&db.url, older).await?;
             tracing::info!(removed = n, "pruned");
             Ok(())
         }
         Command::Demo(a) => {
-            let cfg = DemoConfig::from_cli(&a)?;
+            let cfg = a.config()?;
             demo::run(cfg, shutdown::on_signals()).await
         }
     }

@@ -39,84 +39,113 @@ pub fn render() -> String {
     install().render()
 }
 
+/// Every metric the roles export: its kind, name and help text. `/metrics`
+/// describes each; the tests below check that every metric the code records
+/// is listed here and in docs/OPERATIONS.md.
+const METRICS: &[(Kind, &str, &str)] = &[
+    (Counter, "marketcast_writer_requests_total", "Writer HTTP requests by route and status."),
+    (Histogram, "marketcast_writer_request_seconds", "Writer HTTP request latency."),
+    (Histogram, "marketcast_writer_batch_size", "Trades per writer transaction."),
+    (Gauge, "marketcast_ws_connections", "Open WebSocket connections."),
+    (Gauge, "marketcast_subscriptions", "Active market subscriptions over all connections."),
+    (Gauge, "marketcast_hub_markets", "Markets with at least one subscriber in this broadcaster."),
+    (Counter, "marketcast_ws_frames_sent_total", "WebSocket frames written to clients."),
+    (Counter, "marketcast_ws_bytes_sent_total", "Bytes written to WebSocket clients."),
+    (Counter, "marketcast_ws_writes_total", "Socket writes (each coalesces one or more frames)."),
+    (Counter, "marketcast_notifications_total", "Notifications received on the LISTEN connection."),
+    (Counter, "marketcast_notifications_rejected_total", "Notifications whose payload was not a valid doorbell (logged, never delivered)."),
+    (Counter, "marketcast_log_reads_total", "Reads of new trades from the log triggered by doorbells or reconciles."),
+    (Counter, "marketcast_trades_published_total", "Trades published by the hub to live subscribers."),
+    (Counter, "marketcast_replayed_trades_total", "Trades sent to catch a subscriber up, by source (memory or postgres)."),
+    (Counter, "marketcast_gaps_repaired_total", "Times the hub found trades in the log that no notification announced (lost notifications)."),
+    (Counter, "marketcast_slow_consumer_closes_total", "Connections closed with 4000 because they could not keep up."),
+    (Counter, "marketcast_listen_reconnects_total", "Times the LISTEN connection was re-established."),
+    (Gauge, "marketcast_listen_up", "1 while the LISTEN connection is established, else 0."),
+    (Gauge, "marketcast_notify_queue_usage", "pg_notification_queue_usage(): fraction of the cluster's NOTIFY queue in use."),
+    (Histogram, "marketcast_commit_to_send_seconds", "Time from a trade's commit timestamp to its first write to a live subscriber."),
+    (Counter, "marketcast_client_errors_total", "Error replies sent to WebSocket clients, by code."),
+    (Counter, "marketcast_ws_origin_refused_total", "WebSocket upgrades refused with 403 by --allowed-origins / --require-origin."),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+use Kind::{Counter, Gauge, Histogram};
+
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(
-        "marketcast_writer_requests_total",
-        "Writer HTTP requests by route and status."
-    );
-    describe_histogram!(
-        "marketcast_writer_request_seconds",
-        "Writer HTTP request latency."
-    );
-    describe_histogram!(
-        "marketcast_writer_batch_size",
-        "Trades per writer transaction."
-    );
-    describe_gauge!("marketcast_ws_connections", "Open WebSocket connections.");
-    describe_gauge!(
-        "marketcast_subscriptions",
-        "Active market subscriptions over all connections."
-    );
-    describe_gauge!(
-        "marketcast_hub_markets",
-        "Markets with at least one subscriber in this broadcaster."
-    );
-    describe_counter!(
-        "marketcast_ws_frames_sent_total",
-        "WebSocket frames written to clients."
-    );
-    describe_counter!(
-        "marketcast_ws_bytes_sent_total",
-        "Bytes written to WebSocket clients."
-    );
-    describe_counter!(
-        "marketcast_ws_writes_total",
-        "Socket writes (each coalesces one or more frames)."
-    );
-    describe_counter!(
-        "marketcast_notifications_total",
-        "Notifications received on the LISTEN connection."
-    );
-    describe_counter!(
-        "marketcast_notifications_rejected_total",
-        "Notifications whose payload was not a valid doorbell (logged, never delivered)."
-    );
-    describe_counter!(
-        "marketcast_log_reads_total",
-        "Reads of new trades from the log triggered by doorbells or reconciles."
-    );
-    describe_counter!(
-        "marketcast_trades_published_total",
-        "Trades published by the hub to live subscribers."
-    );
-    describe_counter!(
-        "marketcast_replayed_trades_total",
-        "Trades sent to catch a subscriber up, by source (memory or postgres)."
-    );
-    describe_counter!("marketcast_gaps_repaired_total", "Times the hub found trades in the log that no notification announced (lost notifications).");
-    describe_counter!(
-        "marketcast_slow_consumer_closes_total",
-        "Connections closed with 4000 because they could not keep up."
-    );
-    describe_counter!(
-        "marketcast_listen_reconnects_total",
-        "Times the LISTEN connection was re-established."
-    );
-    describe_gauge!(
-        "marketcast_listen_up",
-        "1 while the LISTEN connection is established, else 0."
-    );
-    describe_gauge!(
-        "marketcast_notify_queue_usage",
-        "pg_notification_queue_usage(): fraction of the cluster's NOTIFY queue in use."
-    );
-    describe_histogram!(
-        "marketcast_commit_to_send_seconds",
-        "Time from a trade's commit timestamp to its first write to a live subscriber."
-    );
-    describe_counter!(
-        "marketcast_client_errors_total",
-        "Error replies sent to WebSocket clients, by code."
-    );
+    for &(kind, name, help) in METRICS {
+        match kind {
+            Counter => metrics::describe_counter!(name, help),
+            Gauge => metrics::describe_gauge!(name, help),
+            Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::METRICS;
+
+    /// Names passed to `counter!`, `gauge!` or `histogram!` in `src/`.
+    fn recorded() -> Vec<String> {
+        let mut names = Vec::new();
+        let mut dirs = vec![std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src"
+        ))];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|e| e != "rs") || path.ends_with("metrics.rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                for macro_name in ["counter!(", "gauge!(", "histogram!("] {
+                    for (at, _) in text.match_indices(macro_name) {
+                        let rest = text[at + macro_name.len()..].trim_start();
+                        if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next())
+                        {
+                            names.push(name.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    #[test]
+    fn every_recorded_metric_is_described_and_documented() {
+        let names = recorded();
+        assert!(names.len() >= 20, "the scan found {names:?}");
+        let doc = include_str!("../docs/OPERATIONS.md");
+        for name in &names {
+            assert!(
+                METRICS.iter().any(|(_, n, _)| n == name),
+                "{name} is recorded but has no description in METRICS"
+            );
+        }
+        for (_, name, _) in METRICS {
+            assert!(
+                names.iter().any(|n| n == name),
+                "{name} is described but never recorded"
+            );
+            // OPERATIONS.md shortens families: `marketcast_ws_frames_sent_total`, `_bytes_sent_total`.
+            let suffix = name.trim_start_matches("marketcast_");
+            let short = suffix.split_once('_').map_or(suffix, |(_, s)| s);
+            assert!(
+                doc.contains(name) || doc.contains(&format!("`_{short}`")),
+                "{name} is missing from docs/OPERATIONS.md"
+            );
+        }
+    }
 }

@@ -1,19 +1,30 @@
 //! One shutdown story for every role.
 //!
 //! `main` turns SIGINT or SIGTERM into the cancellation of one
-//! [`CancellationToken`], which it hands to the role's `run`. On cancel a
-//! server: stops accepting (drops its listener), cancels a child token that
-//! every WebSocket session watches (hyper does not track upgraded connections,
-//! so sessions are tracked in a `TaskTracker` and each writes Close 1001 and
-//! flushes), lets in-flight HTTP requests finish through hyper-util's
-//! `GracefulShutdown`, and gives all of it [`DEADLINE`] before returning
-//! anyway. `main` then exits 0.
+//! [`CancellationToken`], which it hands to the role's `run`. On cancel:
+//!
+//! 1. The server stops accepting (its listener is dropped) and in-flight HTTP
+//!    requests get up to [`DEADLINE`] to finish (hyper-util's
+//!    `GracefulShutdown`, in `http::serve`).
+//! 2. At the same moment every WebSocket session, which watches the same
+//!    token, queues Close 1001 after what it has queued and tries for 1 s to
+//!    get it out, then reads up to 2 s for the peer's Close (hyper does not
+//!    track upgraded connections, so the broadcaster tracks sessions in a
+//!    `TaskTracker`). A replay in progress stops between pages.
+//! 3. When step 1 is done, the broadcaster waits up to [`DEADLINE`] for the
+//!    sessions still open, then stops the hub and the LISTEN connection; the
+//!    writer waits up to [`DEADLINE`] for its batcher to answer every trade
+//!    already queued.
+//!
+//! So a role exits within about 2 x [`DEADLINE`] whatever its clients do;
+//! `main` then exits 0.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// How long a server waits for sessions and requests to finish after a signal.
+/// The bound on each wait of a shutdown: for in-flight HTTP requests, then
+/// for WebSocket sessions (broadcaster) or the trade batcher (writer).
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// A token cancelled by the first SIGINT or SIGTERM.

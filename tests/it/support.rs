@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use marketcast::config::{BroadcasterConfig, DbConfig, WriterConfig};
+use marketcast::pgdev::PgDev;
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
@@ -530,15 +531,12 @@ pub fn broadcaster_config(db: &TestDb) -> BroadcasterConfig {
     c
 }
 
-fn pg_dev() -> String {
-    format!("{}/bin/pg-dev", env!("CARGO_MANIFEST_DIR"))
-}
-
 /// A PostgreSQL cluster of its own, for tests that stop or restart Postgres
-/// (that must not disturb the tests sharing DATABASE_URL's cluster). Stopped
-/// and wiped on drop, also when the test panics.
+/// (that must not disturb the tests sharing DATABASE_URL's cluster), through
+/// the crate's one `bin/pg-dev` wrapper. Stopped and wiped on drop, also when
+/// the test panics.
 pub struct OwnCluster {
-    dir: String,
+    pg: PgDev,
     pub url: String,
 }
 
@@ -546,41 +544,26 @@ impl OwnCluster {
     /// `name` keeps the state directories of concurrent tests apart.
     pub async fn start(name: &str) -> OwnCluster {
         let dir = format!("/tmp/mc-{name}-{}", std::process::id());
-        let out = tokio::process::Command::new(pg_dev())
-            .arg("start")
-            .env("PGDEV_DIR", &dir)
-            .stderr(std::process::Stdio::null())
-            .output()
+        let pg = PgDev::start(std::path::Path::new(&dir))
             .await
-            .unwrap();
-        assert!(out.status.success(), "pg-dev start");
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let url = stdout
-            .lines()
-            .last()
-            .unwrap()
-            .strip_prefix("DATABASE_URL=")
-            .unwrap()
-            .to_string();
-        OwnCluster { dir, url }
+            .unwrap_or_else(|e| panic!("pg-dev start: {e:#}"));
+        OwnCluster {
+            url: pg.url.clone(),
+            pg,
+        }
     }
 
     /// `bin/pg-dev <cmd>` on this cluster (`restart`, `stop`, `start`).
     pub async fn run(&self, cmd: &str) {
-        let out = tokio::process::Command::new(pg_dev())
-            .args(cmd.split(' '))
-            .env("PGDEV_DIR", &self.dir)
-            .stderr(std::process::Stdio::null())
-            .output()
+        let args: Vec<&str> = cmd.split(' ').collect();
+        let url = self
+            .pg
+            .run(&args)
             .await
-            .unwrap();
-        assert!(out.status.success(), "pg-dev {cmd}");
+            .unwrap_or_else(|e| panic!("pg-dev {cmd}: {e:#}"));
         if cmd == "start" || cmd == "restart" {
-            let last = String::from_utf8_lossy(&out.stdout);
             assert_eq!(
-                last.lines()
-                    .last()
-                    .and_then(|l| l.strip_prefix("DATABASE_URL=")),
+                url.as_deref(),
                 Some(self.url.as_str()),
                 "the cluster came back on its old port"
             );
@@ -605,11 +588,6 @@ impl OwnCluster {
 impl Drop for OwnCluster {
     fn drop(&mut self) {
         // Blocking, but only for the pg_ctl stop of a test that is ending anyway.
-        let _ = std::process::Command::new(pg_dev())
-            .args(["stop", "--wipe"])
-            .env("PGDEV_DIR", &self.dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
+        let _ = self.pg.run_blocking(&["stop", "--wipe"]);
     }
 }
