@@ -41,7 +41,12 @@ pub async fn run(
 ) -> Result<()> {
     cfg.check()?;
     crate::metrics::install();
-    let pool = db::pool(&cfg.db, "marketcast-broadcaster")?;
+    let pool = db::pool(
+        &cfg.db.url,
+        cfg.db.pool_size,
+        cfg.db.timeout,
+        "marketcast-broadcaster",
+    )?;
     let shards = match &cfg.shards {
         Some(s) => s.clone(),
         None => {
@@ -62,10 +67,9 @@ pub async fn run(
         // (say after a restart) must not starve the reads that publish live
         // trades.
         db::pool(
-            &crate::config::DbConfig {
-                pool_size: cfg.hub_pool_size,
-                ..cfg.db.clone()
-            },
+            &cfg.db.url,
+            cfg.hub_pool_size,
+            cfg.db.timeout,
             "marketcast-hub",
         )?,
         events_rx,

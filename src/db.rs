@@ -13,8 +13,6 @@ use anyhow::{Context, Result};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
-use crate::config::DbConfig;
-
 pub mod admin;
 pub mod log;
 pub(crate) mod rows;
@@ -42,14 +40,14 @@ pub fn pg_config(
     Ok(pg)
 }
 
-/// A pool whose every wait is bounded by `cfg.timeout`, so that an
-/// unreachable database turns into an error quickly instead of a hang.
-/// Creating it never touches the network.
-pub fn pool(cfg: &DbConfig, application_name: &str) -> Result<Pool> {
-    let mut pg = pg_config(&cfg.url, application_name, cfg.timeout)?;
+/// A pool of at most `size` connections to `url` whose every wait is bounded
+/// by `timeout` (`--db-timeout`), so that an unreachable database turns into
+/// an error quickly instead of a hang. Creating it never touches the network.
+pub fn pool(url: &str, size: usize, timeout: Duration, application_name: &str) -> Result<Pool> {
+    let mut pg = pg_config(url, application_name, timeout)?;
     // Server-side bound on each statement, including row-lock waits: a request
     // that outlives it is rolled back by Postgres itself.
-    pg.options(format!("-c statement_timeout={}", cfg.timeout.as_millis()));
+    pg.options(format!("-c statement_timeout={}", timeout.as_millis()));
     let mgr = Manager::from_config(
         pg,
         NoTls,
@@ -58,10 +56,10 @@ pub fn pool(cfg: &DbConfig, application_name: &str) -> Result<Pool> {
         },
     );
     Pool::builder(mgr)
-        .max_size(cfg.pool_size)
-        .wait_timeout(Some(cfg.timeout))
-        .create_timeout(Some(cfg.timeout))
-        .recycle_timeout(Some(cfg.timeout))
+        .max_size(size)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
         .runtime(Runtime::Tokio1)
         .build()
         .context("building the connection pool")

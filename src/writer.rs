@@ -45,7 +45,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::metrics::install();
-    let pool = db::pool(&cfg.db, "marketcast-writer")?;
+    let pool = db::pool(
+        &cfg.db.url,
+        cfg.db.pool_size,
+        cfg.db.timeout,
+        "marketcast-writer",
+    )?;
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
     let batcher = Arc::new(Batcher {
         pool: pool.clone(),

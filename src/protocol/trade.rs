@@ -16,8 +16,9 @@ pub struct Trade {
     /// numeric(5,4) as Postgres prints it: always four places.
     pub price: String,
     pub qty: i64,
-    /// Commit-side time in microseconds since the Unix epoch; sent as `ts`,
-    /// RFC 3339 UTC with six fraction digits.
+    /// The time the trigger stamped on the row (`created_at`), in
+    /// microseconds since the Unix epoch; sent as `ts`, RFC 3339 UTC with six
+    /// fraction digits.
     pub ts_micros: i64,
 }
 
@@ -138,7 +139,7 @@ impl From<TradeRef<'_>> for Trade {
 #[derive(Debug, Clone)]
 pub struct EncodedTrade {
     pub seq: i64,
-    /// Commit-side timestamp, for the commit-to-send lag metric.
+    /// The row's `created_at`, for the commit-to-send lag metric.
     pub ts_micros: i64,
     pub frame: Bytes,
 }
