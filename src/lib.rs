@@ -89,3 +89,56 @@ pub mod protocol;
 pub mod shutdown;
 pub mod subscribe;
 pub mod writer;
+
+/// Every Rust file under `src/`, for the tests that keep docs and code
+/// from drifting apart.
+#[cfg(test)]
+fn rust_files() -> Vec<std::path::PathBuf> {
+    let mut dirs = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src"
+    ))];
+    let mut files = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+#[cfg(test)]
+mod tests {
+    /// The map above names every Rust file under `src/`: by its module path
+    /// (`broadcaster::hub`), or by its file name where the map lists files.
+    #[test]
+    fn the_map_lists_every_file() {
+        let map = include_str!("lib.rs");
+        let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src"));
+        let mut missing = Vec::new();
+        for path in super::rust_files() {
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let module = rel.trim_end_matches(".rs").replace('/', "::");
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            let named = map.contains(&format!("[`{module}`]"))
+                || map.contains(&format!("`{rel}`"))
+                || map.contains(&format!("`{file}`"));
+            if !named && rel != "lib.rs" {
+                missing.push(rel);
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "src/lib.rs's map does not list {missing:?}"
+        );
+    }
+}

@@ -92,28 +92,16 @@ mod tests {
     /// Names passed to `counter!`, `gauge!` or `histogram!` in `src/`.
     fn recorded() -> Vec<String> {
         let mut names = Vec::new();
-        let mut dirs = vec![std::path::PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/src"
-        ))];
-        while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    dirs.push(path);
-                    continue;
-                }
-                if path.extension().is_none_or(|e| e != "rs") || path.ends_with("metrics.rs") {
-                    continue;
-                }
-                let text = std::fs::read_to_string(&path).unwrap();
-                for macro_name in ["counter!(", "gauge!(", "histogram!("] {
-                    for (at, _) in text.match_indices(macro_name) {
-                        let rest = text[at + macro_name.len()..].trim_start();
-                        if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next())
-                        {
-                            names.push(name.to_string());
-                        }
+        for path in crate::rust_files() {
+            if path.ends_with("metrics.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for macro_name in ["counter!(", "gauge!(", "histogram!("] {
+                for (at, _) in text.match_indices(macro_name) {
+                    let rest = text[at + macro_name.len()..].trim_start();
+                    if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) {
+                        names.push(name.to_string());
                     }
                 }
             }
