@@ -42,9 +42,9 @@
 //! - [`metrics`]: the Prometheus recorder.
 //! - [`shutdown`]: signals, cancellation, the shutdown deadline.
 //!
-//! `src/bin/marketcast-bench/` is `make bench` and `make soak`: its own
-//! Postgres, the roles as child processes, a load client and a raw fan-out
-//! baseline (docs/BENCHMARKS.md).
+//! `bench/` (the `marketcast-bench` package, its own workspace like `fuzz/`)
+//! is `make bench` and `make soak`: its own Postgres, the roles as child
+//! processes, a load client and a raw fan-out baseline (docs/BENCHMARKS.md).
 #![forbid(unsafe_code)]
 
 pub mod broadcaster;

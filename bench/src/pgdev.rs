@@ -17,11 +17,13 @@ pub struct PgDev {
 
 impl PgDev {
     pub fn start() -> Result<PgDev> {
+        // From the checkout's root (`make bench`), or else the checkout this
+        // binary was built from: the bench package is its `bench/`.
         let local = PathBuf::from("bin/pg-dev");
         let script = if local.exists() {
             local
         } else {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("bin/pg-dev")
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../bin/pg-dev")
         };
         eprintln!("starting a throwaway Postgres in {PGDEV_DIR}");
         let out = Command::new(&script)
