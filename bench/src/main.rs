@@ -828,7 +828,7 @@ fn write_plots(set: &Settings, r: &Results) -> Vec<(String, String)> {
         |runs: &[latency::LatencyRun], raw: &[latency::LatencyRun], file: &str, title: String| {
             let pick = |v: &[latency::LatencyRun]| {
                 let recs: Vec<_> = v.iter().map(|x| &x.rec).collect();
-                report::median_run(&recs, "p99_ms").map(|i| v[i].curve.clone())
+                report::median_run(&recs, |r| r.p99_ms).map(|i| v[i].curve.clone())
             };
             let (Some(mc), raw) = (pick(runs), pick(raw)) else {
                 return;
@@ -869,7 +869,7 @@ fn write_plots(set: &Settings, r: &Results) -> Vec<(String, String)> {
     if !r.s2.is_empty() {
         let steps = |v: &[ramp::S2Result]| {
             let recs: Vec<_> = v.iter().map(|x| &x.rec).collect();
-            report::median_run(&recs, "best_frames_per_s").map(|i| v[i].steps.clone())
+            report::median_run(&recs, |r| r.best_frames_per_s).map(|i| v[i].steps.clone())
         };
         let mc = steps(&r.s2).unwrap_or_default();
         let raw = steps(&r.s2_raw);
