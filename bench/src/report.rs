@@ -878,6 +878,8 @@ fn kept_notes(path: &Path) -> String {
         .unwrap_or_else(|| "\n\n_(no notes yet)_\n".to_string())
 }
 
+/// The results above the marker, and below it what was there: the Method
+/// section and the notes, hand-written in docs/BENCHMARKS.md.
 pub fn write_report(
     set: &Settings,
     machine: &[(&str, String)],
@@ -926,8 +928,6 @@ pub fn write_report(
         s.push('\n');
     }
     s.push_str("```\n\n");
-    s.push_str(crate::METHOD);
-    s.push('\n');
     s.push_str(NOTES_MARKER);
     s.push_str(&kept_notes(path));
     write_file(path, &s)
