@@ -73,16 +73,21 @@ bench-sql:
 unit:
 	$(CARGO) test --lib
 
-# What CI checks besides the tests: formatting, clippy with warnings denied,
-# and the developer docs (private items included) with warnings denied.
+# What CI checks besides the tests: formatting and clippy with warnings
+# denied (the crate and bench/), and the developer docs (private items
+# included) with warnings denied.
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) fmt --manifest-path bench/Cargo.toml -- --check
+	$(MAKE) --no-print-directory clippy
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --document-private-items --lib
 
 # Benchmarks (issue 5: S1..S6 and the table workload, each beside a raw
 # baseline) against their own throwaway Postgres in /tmp/marketcast-bench-pg;
 # the servers under test run as child processes (target/release/marketcast).
+# The bench is its own package and workspace in bench/ (like fuzz/), built into
+# this target directory so that target/release/marketcast-bench finds
+# target/release/marketcast beside it.
 # `bench` runs every marketcast scenario 3 times (baselines once) and writes
 # the medians to docs/BENCHMARKS.md and docs/bench/*.png (8-10 minutes
 # after the build; BENCH_ARGS="--runs 1" for one pass, "--scenarios s3" for
@@ -95,20 +100,27 @@ lint:
 # limit is raised to the hard one first.
 BENCH_ARGS ?=
 SOAK_ARGS ?=
+BENCH_BUILD = $(CARGO) build --release --manifest-path bench/Cargo.toml --target-dir target
 bench: build
+	$(BENCH_BUILD)
 	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; ./target/release/marketcast-bench $(BENCH_ARGS)
 
 bench-quick: build
+	$(BENCH_BUILD)
 	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; ./target/release/marketcast-bench --quick $(BENCH_ARGS)
 
 soak: build
+	$(BENCH_BUILD)
 	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; ./target/release/marketcast-bench --scenarios soak $(SOAK_ARGS)
 
+# The bench (bench/, its own workspace) too; fuzz/ is left to `make fuzz`.
 fmt:
 	$(CARGO) fmt --all
+	$(CARGO) fmt --manifest-path bench/Cargo.toml
 
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --manifest-path bench/Cargo.toml --target-dir target --all-targets -- -D warnings
 
 pg-start:
 	@bin/pg-dev start

@@ -65,8 +65,7 @@ impl PgDev {
 
     /// The postmaster's pid, from its pid file.
     pub fn postmaster_pid(&self) -> Option<u32> {
-        let text = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).ok()?;
-        text.lines().next()?.trim().parse().ok()
+        postmaster_pid(&self.dir)
     }
 
     pub fn dir(&self) -> &Path {
@@ -99,6 +98,13 @@ impl PgDev {
             .find_map(|l| l.trim().strip_prefix("DATABASE_URL="))
             .map(str::to_string))
     }
+}
+
+/// The postmaster's pid of the cluster whose state is in `dir`, from its pid
+/// file; None while it is not running.
+pub fn postmaster_pid(dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(dir.join("data/postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
 }
 
 /// `bin/pg-dev` under the current directory, beside the checkout the binary

@@ -14,7 +14,7 @@ use crate::feed::{feed, FeedOut, Plan};
 use crate::fleet::Fleet;
 use crate::hist::{clocks, Meter};
 use crate::procs::ProcStats;
-use crate::report::{json_num, num, round3, Rec};
+use crate::report::{figures, json_num, num, round3, Delivery};
 use crate::{Env, Target, Up};
 
 /// The pause after each step in which its frames may still arrive.
@@ -27,8 +27,23 @@ const MAX_FRAMES: u64 = 20_000_000;
 /// A step "reaches" its rate when at least this share of it was committed.
 const RATE_REACHED: f64 = 0.9;
 
+figures! {
+    /// S2, one run: its best passing step.
+    pub struct S2Figures {
+        subscribers: median,
+        step_s: median,
+        bound_ms: median,
+        best_rate: median,
+        best_frames_per_s: median,
+        best_p50_ms: median,
+        best_p99_ms: median,
+        fail_rate: median,
+        ..delivery: Delivery,
+    }
+}
+
 pub struct S2Result {
-    pub rec: Rec,
+    pub rec: S2Figures,
     pub steps: Vec<Value>,
 }
 
@@ -146,22 +161,16 @@ async fn measure(env: &Env, up: &Up, run: usize, target: Target) -> Result<S2Res
     }
     let checks = fleet.finish(&total.final_seq).await;
     let (rate, fps, p50, p99) = best.unwrap_or((0.0, 0.0, f64::NAN, f64::NAN));
-    let rec = vec![
-        ("subscribers", m as f64),
-        ("step_s", step_s),
-        ("bound_ms", set.s2_bound_us as f64 / 1000.0),
-        ("best_rate", rate),
-        ("best_frames_per_s", fps),
-        ("best_p50_ms", p50),
-        ("best_p99_ms", p99),
-        ("fail_rate", fail_rate),
-        ("lost", checks.lost as f64),
-        ("duplicated", checks.duplicated as f64),
-        ("reordered", checks.reordered as f64),
-        ("undrained", checks.undrained as f64),
-        ("reconnects", checks.reconnects as f64),
-        ("parse_errors", checks.parse_errors as f64),
-        ("errors", (checks.errors + total.errors) as f64),
-    ];
+    let rec = S2Figures {
+        subscribers: m as f64,
+        step_s,
+        bound_ms: set.s2_bound_us as f64 / 1000.0,
+        best_rate: rate,
+        best_frames_per_s: fps,
+        best_p50_ms: p50,
+        best_p99_ms: p99,
+        fail_rate,
+        delivery: Delivery::of(&[&checks], total.errors),
+    };
     Ok(S2Result { rec, steps })
 }

@@ -14,7 +14,7 @@ use crate::feed::{feed, Plan};
 use crate::fleet::Fleet;
 use crate::hist::{clocks, Meter};
 use crate::procs::{PgCpu, ProcStats};
-use crate::report::Rec;
+use crate::report::{figures, Delivery};
 use crate::{per_market, Env, Target};
 
 /// Trades before the measured window (connections and caches settle).
@@ -29,8 +29,31 @@ pub struct LatencyParams {
     pub duration: Duration,
 }
 
+figures! {
+    /// S1 or T, one run.
+    pub struct LatencyFigures {
+        subscribers: median,
+        markets: median,
+        rate: median,
+        duration_s: median,
+        committed_per_s: median,
+        rows_per_insert: median,
+        frames: median,
+        frames_per_s: median,
+        p50_ms: median,
+        p99_ms: median,
+        p999_ms: median,
+        max_ms: median,
+        server_cpu_pct: median,
+        server_rss_mib: median,
+        postgres_cpu_pct: median,
+        bench_cpu_pct: median,
+        ..delivery: Delivery,
+    }
+}
+
 pub struct LatencyRun {
-    pub rec: Rec,
+    pub rec: LatencyFigures,
     /// (quantile, ms) for the percentile plot.
     pub curve: Vec<(f64, f64)>,
 }
@@ -104,34 +127,25 @@ async fn measure(
     let delivered = h.count();
     let undelivered = expected.saturating_sub(delivered);
     let secs = d.as_secs_f64();
-    let rec = vec![
-        ("subscribers", p.subscribers as f64),
-        ("markets", markets.len() as f64),
-        ("rate", p.rate as f64),
-        ("duration_s", secs),
-        ("committed_per_s", out.phase_total(0) as f64 / secs),
-        (
-            "rows_per_insert",
-            out.committed as f64 / out.statements.max(1) as f64,
-        ),
-        ("frames", delivered as f64),
-        ("frames_per_s", delivered as f64 / secs),
-        ("p50_ms", h.quantile(0.50, undelivered) / 1000.0),
-        ("p99_ms", h.quantile(0.99, undelivered) / 1000.0),
-        ("p999_ms", h.quantile(0.999, undelivered) / 1000.0),
-        ("max_ms", h.max_us() / 1000.0),
-        ("server_cpu_pct", s1.cpu_pct_since(&s0)),
-        ("server_rss_mib", s1.rss_mib()),
-        ("postgres_cpu_pct", pg1.pct_since(&pg0)),
-        ("bench_cpu_pct", me1.cpu_pct_since(&me0)),
-        ("lost", checks.lost as f64),
-        ("duplicated", checks.duplicated as f64),
-        ("reordered", checks.reordered as f64),
-        ("undrained", checks.undrained as f64),
-        ("reconnects", checks.reconnects as f64),
-        ("parse_errors", checks.parse_errors as f64),
-        ("errors", (checks.errors + out.errors) as f64),
-    ];
+    let rec = LatencyFigures {
+        subscribers: p.subscribers as f64,
+        markets: markets.len() as f64,
+        rate: p.rate as f64,
+        duration_s: secs,
+        committed_per_s: out.phase_total(0) as f64 / secs,
+        rows_per_insert: out.committed as f64 / out.statements.max(1) as f64,
+        frames: delivered as f64,
+        frames_per_s: delivered as f64 / secs,
+        p50_ms: h.quantile(0.50, undelivered) / 1000.0,
+        p99_ms: h.quantile(0.99, undelivered) / 1000.0,
+        p999_ms: h.quantile(0.999, undelivered) / 1000.0,
+        max_ms: h.max_us() / 1000.0,
+        server_cpu_pct: s1.cpu_pct_since(&s0),
+        server_rss_mib: s1.rss_mib(),
+        postgres_cpu_pct: pg1.pct_since(&pg0),
+        bench_cpu_pct: me1.cpu_pct_since(&me0),
+        delivery: Delivery::of(&[&checks], out.errors),
+    };
     Ok(LatencyRun {
         rec,
         curve: h.curve(),

@@ -10,20 +10,39 @@ use anyhow::{bail, Result};
 
 use crate::fleet::Fleet;
 use crate::hist::Meter;
-use crate::report::Rec;
+use crate::report::{figures, Delivery};
 use crate::{Env, Target, Up};
+
+figures! {
+    /// S3, one run.
+    pub struct S3Figures {
+        connections: median,
+        connect_s: median,
+        rss_before_mib: median,
+        rss_subscribed_mib: median,
+        rss_after_trade_mib: median,
+        kib_per_conn: median,
+        kib_per_conn_after_trade: median,
+        fds: median,
+        threads: median,
+        reach_p50_ms: median,
+        reach_p99_ms: median,
+        reach_all_ms: median,
+        ..delivery: Delivery,
+    }
+}
 
 /// Settle time before each RSS sample (allocator and kernel queues calm down).
 const SETTLE: Duration = Duration::from_secs(2);
 
-pub async fn run(env: &Env, run: usize, target: Target) -> Result<Rec> {
+pub async fn run(env: &Env, run: usize, target: Target) -> Result<S3Figures> {
     let up = env.start(target).await?;
     let r = measure(env, &up, run, target).await;
     up.stop().await;
     r
 }
 
-async fn measure(env: &Env, up: &Up, run: usize, target: Target) -> Result<Rec> {
+async fn measure(env: &Env, up: &Up, run: usize, target: Target) -> Result<S3Figures> {
     let n = env.set.s3_connections;
     let markets = env
         .make_markets(up, &format!("s3-r{run}-{}", target.name()), 1)
@@ -73,25 +92,19 @@ async fn measure(env: &Env, up: &Up, run: usize, target: Target) -> Result<Rec> 
     let per_conn = |s: &crate::procs::ProcStats| {
         s.rss_kib.saturating_sub(before.rss_kib) as f64 / (n - 1) as f64
     };
-    Ok(vec![
-        ("connections", n as f64),
-        ("connect_s", connect_s),
-        ("rss_before_mib", before.rss_mib()),
-        ("rss_subscribed_mib", subscribed.rss_mib()),
-        ("rss_after_trade_mib", after.rss_mib()),
-        ("kib_per_conn", per_conn(&subscribed)),
-        ("kib_per_conn_after_trade", per_conn(&after)),
-        ("fds", after.fds as f64),
-        ("threads", after.threads as f64),
-        ("reach_p50_ms", h.quantile(0.5, undelivered) / 1000.0),
-        ("reach_p99_ms", h.quantile(0.99, undelivered) / 1000.0),
-        ("reach_all_ms", h.quantile(1.0, undelivered) / 1000.0),
-        ("lost", (c1.lost + c2.lost) as f64),
-        ("duplicated", (c1.duplicated + c2.duplicated) as f64),
-        ("reordered", (c1.reordered + c2.reordered) as f64),
-        ("undrained", (c1.undrained + c2.undrained) as f64),
-        ("reconnects", (c1.reconnects + c2.reconnects) as f64),
-        ("parse_errors", (c1.parse_errors + c2.parse_errors) as f64),
-        ("errors", (c1.errors + c2.errors) as f64),
-    ])
+    Ok(S3Figures {
+        connections: n as f64,
+        connect_s,
+        rss_before_mib: before.rss_mib(),
+        rss_subscribed_mib: subscribed.rss_mib(),
+        rss_after_trade_mib: after.rss_mib(),
+        kib_per_conn: per_conn(&subscribed),
+        kib_per_conn_after_trade: per_conn(&after),
+        fds: after.fds as f64,
+        threads: after.threads as f64,
+        reach_p50_ms: h.quantile(0.5, undelivered) / 1000.0,
+        reach_p99_ms: h.quantile(0.99, undelivered) / 1000.0,
+        reach_all_ms: h.quantile(1.0, undelivered) / 1000.0,
+        delivery: Delivery::of(&[&c1, &c2], 0),
+    })
 }

@@ -17,7 +17,7 @@ use futures_util::{pin_mut, TryStreamExt};
 use crate::fleet::{Fleet, Probe};
 use crate::hist::{unix_us, Meter};
 use crate::procs::{PgCpu, ProcStats};
-use crate::report::Rec;
+use crate::report::{figures, Delivery};
 use crate::{Env, Target, Up};
 
 /// The market whose log S4 replays.
@@ -95,7 +95,38 @@ pub async fn prepare(env: &Env) -> Result<Loaded> {
     })
 }
 
-pub async fn run(env: &Env, log: &Loaded, target: Target) -> Result<Rec> {
+figures! {
+    /// S4, one run.
+    pub struct S4Figures {
+        trades: median,
+        one_s: median,
+        one_trades_per_s: median,
+        one_server_cpu_pct: median,
+        one_bench_cpu_pct: median,
+        one_postgres_cpu_pct: median,
+        clients: median,
+        tail: median,
+        many_s: median,
+        many_trades_per_s: median,
+        many_server_cpu_pct: median,
+        many_bench_cpu_pct: median,
+        many_postgres_cpu_pct: median,
+        server_rss_mib: median,
+        ..delivery: Delivery,
+    }
+}
+
+figures! {
+    /// S4's baseline, one run: `lost` counts seq gaps in the rows read.
+    pub struct SqlReadFigures {
+        trades: median,
+        one_s: median,
+        one_trades_per_s: median,
+        lost: worst,
+    }
+}
+
+pub async fn run(env: &Env, log: &Loaded, target: Target) -> Result<S4Figures> {
     let up = env.start(target).await?;
     let r = measure(env, &up, log).await;
     up.stop().await;
@@ -140,7 +171,7 @@ async fn replay(
     Ok((secs, checks))
 }
 
-async fn measure(env: &Env, up: &Up, log: &Loaded) -> Result<Rec> {
+async fn measure(env: &Env, up: &Up, log: &Loaded) -> Result<S4Figures> {
     let set = &env.set;
     let me = || ProcStats::of(std::process::id());
     let (before, me0, pg0) = (up.server.stats(), me(), PgCpu::sample());
@@ -150,34 +181,28 @@ async fn measure(env: &Env, up: &Up, log: &Loaded) -> Result<Rec> {
     let (many_s, c2) = replay(env, up, log, from, set.s4_clients).await?;
     let (after, me2, pg2) = (up.server.stats(), me(), PgCpu::sample());
     let many_trades = (log.trades - from) as f64 * set.s4_clients as f64;
-    Ok(vec![
-        ("trades", log.trades as f64),
-        ("one_s", one_s),
-        ("one_trades_per_s", log.trades as f64 / one_s),
-        ("one_server_cpu_pct", mid.cpu_pct_since(&before)),
-        ("one_bench_cpu_pct", me1.cpu_pct_since(&me0)),
-        ("one_postgres_cpu_pct", pg1.pct_since(&pg0)),
-        ("clients", set.s4_clients as f64),
-        ("tail", (log.trades - from) as f64),
-        ("many_s", many_s),
-        ("many_trades_per_s", many_trades / many_s),
-        ("many_server_cpu_pct", after.cpu_pct_since(&mid)),
-        ("many_bench_cpu_pct", me2.cpu_pct_since(&me1)),
-        ("many_postgres_cpu_pct", pg2.pct_since(&pg1)),
-        ("server_rss_mib", after.rss_mib()),
-        ("lost", (c1.lost + c2.lost) as f64),
-        ("duplicated", (c1.duplicated + c2.duplicated) as f64),
-        ("reordered", (c1.reordered + c2.reordered) as f64),
-        ("undrained", (c1.undrained + c2.undrained) as f64),
-        ("reconnects", (c1.reconnects + c2.reconnects) as f64),
-        ("parse_errors", (c1.parse_errors + c2.parse_errors) as f64),
-        ("errors", (c1.errors + c2.errors) as f64),
-    ])
+    Ok(S4Figures {
+        trades: log.trades as f64,
+        one_s,
+        one_trades_per_s: log.trades as f64 / one_s,
+        one_server_cpu_pct: mid.cpu_pct_since(&before),
+        one_bench_cpu_pct: me1.cpu_pct_since(&me0),
+        one_postgres_cpu_pct: pg1.pct_since(&pg0),
+        clients: set.s4_clients as f64,
+        tail: (log.trades - from) as f64,
+        many_s,
+        many_trades_per_s: many_trades / many_s,
+        many_server_cpu_pct: after.cpu_pct_since(&mid),
+        many_bench_cpu_pct: me2.cpu_pct_since(&me1),
+        many_postgres_cpu_pct: pg2.pct_since(&pg1),
+        server_rss_mib: after.rss_mib(),
+        delivery: Delivery::of(&[&c1, &c2], 0),
+    })
 }
 
 /// The baseline: one streaming SELECT of the whole log, each row decoded
 /// (text columns), seq checked gapless.
-pub async fn sql_read(env: &Env, log: &Loaded) -> Result<Rec> {
+pub async fn sql_read(env: &Env, log: &Loaded) -> Result<SqlReadFigures> {
     let t = Instant::now();
     let stream = env
         .admin
@@ -205,10 +230,10 @@ pub async fn sql_read(env: &Env, log: &Loaded) -> Result<Rec> {
         n += 1;
     }
     let secs = t.elapsed().as_secs_f64();
-    Ok(vec![
-        ("trades", n as f64),
-        ("one_s", secs),
-        ("one_trades_per_s", n as f64 / secs),
-        ("lost", bad as f64),
-    ])
+    Ok(SqlReadFigures {
+        trades: n as f64,
+        one_s: secs,
+        one_trades_per_s: n as f64 / secs,
+        lost: bad as f64,
+    })
 }

@@ -15,7 +15,7 @@ use anyhow::Result;
 use crate::feed::{feed, Plan};
 use crate::fleet::Fleet;
 use crate::hist::{clocks, Meter};
-use crate::report::Rec;
+use crate::report::{figures, Delivery};
 use crate::{Env, Target, Up};
 
 /// Trades flowing before the storm.
@@ -25,14 +25,31 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 /// Trades keep flowing this long after the last client is live again.
 const AFTER: Duration = Duration::from_secs(1);
 
-pub async fn run(env: &Env, run: usize) -> Result<Rec> {
+figures! {
+    /// S6, one run.
+    pub struct S6Figures {
+        subscribers: median,
+        markets: median,
+        rate: median,
+        all_live_s: median,
+        p50_live_s: median,
+        p99_live_s: median,
+        not_live: worst,
+        storm_server_cpu_pct: median,
+        server_rss_mib: median,
+        committed: median,
+        ..delivery: Delivery,
+    }
+}
+
+pub async fn run(env: &Env, run: usize) -> Result<S6Figures> {
     let up = env.start(Target::Marketcast).await?;
     let r = measure(env, &up, run).await;
     up.stop().await;
     r
 }
 
-async fn measure(env: &Env, up: &Up, run: usize) -> Result<Rec> {
+async fn measure(env: &Env, up: &Up, run: usize) -> Result<S6Figures> {
     let set = &env.set;
     let n = set.s6_subscribers;
     let markets = env
@@ -104,23 +121,17 @@ async fn measure(env: &Env, up: &Up, run: usize) -> Result<Rec> {
             secs[((q * secs.len() as f64).ceil() as usize).clamp(1, secs.len()) - 1]
         }
     };
-    Ok(vec![
-        ("subscribers", n as f64),
-        ("markets", markets.len() as f64),
-        ("rate", set.s6_rate as f64),
-        ("all_live_s", pick(1.0)),
-        ("p50_live_s", pick(0.5)),
-        ("p99_live_s", pick(0.99)),
-        ("not_live", not_live as f64),
-        ("storm_server_cpu_pct", cpu),
-        ("server_rss_mib", stats.rss_mib()),
-        ("committed", out.committed as f64),
-        ("lost", checks.lost as f64),
-        ("duplicated", checks.duplicated as f64),
-        ("reordered", checks.reordered as f64),
-        ("undrained", checks.undrained as f64),
-        ("reconnects", checks.reconnects as f64),
-        ("parse_errors", checks.parse_errors as f64),
-        ("errors", (checks.errors + out.errors) as f64),
-    ])
+    Ok(S6Figures {
+        subscribers: n as f64,
+        markets: markets.len() as f64,
+        rate: set.s6_rate as f64,
+        all_live_s: pick(1.0),
+        p50_live_s: pick(0.5),
+        p99_live_s: pick(0.99),
+        not_live: not_live as f64,
+        storm_server_cpu_pct: cpu,
+        server_rss_mib: stats.rss_mib(),
+        committed: out.committed as f64,
+        delivery: Delivery::of(&[&checks], out.errors),
+    })
 }

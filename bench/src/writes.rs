@@ -20,17 +20,34 @@ use marketcast::db;
 
 use crate::feed::random_trade;
 use crate::hist::Hist;
-use crate::report::Rec;
+use crate::report::figures;
 use crate::{Env, MARKETS};
 
-pub async fn run(env: &Env, run: usize) -> Result<Rec> {
+figures! {
+    /// S5, one run: the writer over HTTP, then plain SQL.
+    pub struct S5Figures {
+        clients: median,
+        duration_s: median,
+        http_trades_per_s: median,
+        http_p50_ms: median,
+        http_p99_ms: median,
+        http_errors: median,
+        sql_trades_per_s: median,
+        sql_p50_ms: median,
+        sql_p99_ms: median,
+        sql_errors: median,
+        ratio: median,
+    }
+}
+
+pub async fn run(env: &Env, run: usize) -> Result<S5Figures> {
     let writer = env.start_writer().await?;
     let r = measure(env, writer.addr, run).await;
     writer.stop().await;
     r
 }
 
-async fn measure(env: &Env, writer: SocketAddr, run: usize) -> Result<Rec> {
+async fn measure(env: &Env, writer: SocketAddr, run: usize) -> Result<S5Figures> {
     let set = &env.set;
     let markets = env.create_markets(&format!("s5-r{run}"), MARKETS).await?;
     let d = set.s5_duration;
@@ -70,19 +87,19 @@ async fn measure(env: &Env, writer: SocketAddr, run: usize) -> Result<Rec> {
 
     let http_tps = http_ok as f64 / http_secs;
     let sql_tps = sql_ok as f64 / sql_secs;
-    Ok(vec![
-        ("clients", n as f64),
-        ("duration_s", d.as_secs_f64()),
-        ("http_trades_per_s", http_tps),
-        ("http_p50_ms", hist.quantile(0.5, 0) / 1000.0),
-        ("http_p99_ms", hist.quantile(0.99, 0) / 1000.0),
-        ("http_errors", http_err as f64),
-        ("sql_trades_per_s", sql_tps),
-        ("sql_p50_ms", sql_hist.quantile(0.5, 0) / 1000.0),
-        ("sql_p99_ms", sql_hist.quantile(0.99, 0) / 1000.0),
-        ("sql_errors", sql_err as f64),
-        ("ratio", http_tps / sql_tps),
-    ])
+    Ok(S5Figures {
+        clients: n as f64,
+        duration_s: d.as_secs_f64(),
+        http_trades_per_s: http_tps,
+        http_p50_ms: hist.quantile(0.5, 0) / 1000.0,
+        http_p99_ms: hist.quantile(0.99, 0) / 1000.0,
+        http_errors: http_err as f64,
+        sql_trades_per_s: sql_tps,
+        sql_p50_ms: sql_hist.quantile(0.5, 0) / 1000.0,
+        sql_p99_ms: sql_hist.quantile(0.99, 0) / 1000.0,
+        sql_errors: sql_err as f64,
+        ratio: http_tps / sql_tps,
+    })
 }
 
 type ClientResult = Result<(u64, u64, Option<String>)>;

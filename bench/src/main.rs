@@ -828,7 +828,7 @@ fn write_plots(set: &Settings, r: &Results) -> Vec<(String, String)> {
         |runs: &[latency::LatencyRun], raw: &[latency::LatencyRun], file: &str, title: String| {
             let pick = |v: &[latency::LatencyRun]| {
                 let recs: Vec<_> = v.iter().map(|x| &x.rec).collect();
-                report::median_run(&recs, "p99_ms").map(|i| v[i].curve.clone())
+                report::median_run(&recs, |r| r.p99_ms).map(|i| v[i].curve.clone())
             };
             let (Some(mc), raw) = (pick(runs), pick(raw)) else {
                 return;
@@ -869,7 +869,7 @@ fn write_plots(set: &Settings, r: &Results) -> Vec<(String, String)> {
     if !r.s2.is_empty() {
         let steps = |v: &[ramp::S2Result]| {
             let recs: Vec<_> = v.iter().map(|x| &x.rec).collect();
-            report::median_run(&recs, "best_frames_per_s").map(|i| v[i].steps.clone())
+            report::median_run(&recs, |r| r.best_frames_per_s).map(|i| v[i].steps.clone())
         };
         let mc = steps(&r.s2).unwrap_or_default();
         let raw = steps(&r.s2_raw);
@@ -1013,111 +1013,3 @@ async fn scenarios(env: &Env) -> Result<Results> {
     }
     Ok(r)
 }
-
-pub const METHOD: &str = "## Method
-
-- **Processes.** The server under test runs in its own process, started
-  fresh for every run: the real `target/release/marketcast broadcaster`
-  (or `marketcast writer` for S5) with its default options, or for the raw
-  baseline this binary again (`marketcast-bench --serve-raw`, 2 tokio
-  workers like the broadcaster's runtime on 2 cores). The load client
-  (subscribers, S5's HTTP and SQL clients) runs in the bench process on a
-  tokio runtime of 2 workers, the trade feed on another of 1 worker;
-  Postgres is a throwaway `bin/pg-dev` cluster (fsync=on) with one shard.
-  All of it shares the same 2 CPUs, so absolute figures are pessimistic;
-  the ratio to the baseline, measured the same way in the same invocation,
-  is the figure to compare across changes.
-- **CPU and memory** come from /proc: server CPU = utime + stime of the
-  server process over the measured window, in % of one core; RSS = its
-  VmRSS at the end of the window; Postgres CPU = the same summed over the
-  postmaster and its children; load client CPU = the bench process
-  (subscribers and feed). Threads and descriptors are /proc/PID/status and
-  /proc/PID/fd.
-- **Latency** = client receive time - the trade's `ts`, both from this
-  machine's clock. For marketcast `ts` is stamped by the INSERT trigger,
-  before the commit, so it includes the commit (fsync), NOTIFY, the hub's
-  log read and the fan-out; for the baseline it is stamped when the raw
-  server publishes the synthetic trade. Histogram resolution about 1.6 %.
-  Every client checks that its market's seq is gapless: lost, duplicated
-  and reordered must be 0 (the worst run is reported, not the median).
-  `undrained`: trades a client had not received when the run ended.
-- **Load client.** Subscribers use a lean WebSocket reader by default
-  (`--client lean`, `ws.rs`): a plain HTTP/1.1 upgrade (101 and
-  `Sec-WebSocket-Accept` checked), then server frames parsed strictly in
-  place from one growable buffer (FIN set, no RSV bits, no mask, shortest
-  length form, known opcodes, control frames <= 125 bytes, text valid
-  UTF-8; pings answered with masked pongs); `--client tungstenite` uses
-  tokio-tungstenite as the tests do. Measured side by side (2 runs each,
-  alternating, 2000-subscriber S2 and the table workload, 2026-11-27, load
-  average 2-4 from other work): the lean reader took 5-10 % less client
-  CPU for the same frames (table workload 39 % vs 41-43 % of a core, raw
-  side 44-46 % vs 47-48 %), and the raw baseline's S2 reached 400k
-  frames/s in both lean runs against 100k and 300k with tungstenite. A
-  modest but consistent change, so the lean reader is the default. In no
-  run was the load client near a full core: at these rates the limit is
-  the 2 CPUs shared by server, client and Postgres, not the client's
-  parser.
-- **Feeds.** marketcast: 5 SQL connections commit trades on a fixed
-  schedule, round-robin over the markets, one trade per INSERT unless a
-  connection falls behind, then up to 32 rows per INSERT. Baseline: the
-  bench asks the raw server over one keep-alive HTTP connection to publish
-  every due trade (one request per 1 ms tick).
-- **S1**: subscribers round-robin over 10 markets, each subscribed with
-  `?market=` (live from the head); 2 s of trades before the measured
-  window. 30 s rather than the issue's 60 s to keep `make bench` within
-  15 minutes with 3 runs (a longer window moves the medians by less than
-  the run-to-run noise here).
-- **T (the issue's table workload)**: 200 subscribers on one market, 500
-  trades/s = 100k frames/s, 20 s. The issue's alternatives were measured
-  by their own load client; compare their CPU and p99.9 with ours in that
-  light, and our figures with the baseline first.
-- **S2**: one market, the rate raised every step (50k, 100k, 150k, 200k,
-  300k, 400k, 600k, 800k, 1.2M, ... frames/s offered: the trade rate is that
-  divided by the subscribers), 3 s per step and 1 s to drain. A step passes when at
-  least 90 % of its rate was committed and p99 (frames not delivered by the
-  end of the drain counting as infinitely late) is within the bound. The
-  figure is the passing step with the highest rate.
-- **S3**: connections subscribe live to one market, 64 connecting at a
-  time. The server's RSS is taken 2 s after one subscriber (the market's
-  state and pools exist), 2 s after all are subscribed, and 2 s after one
-  trade reached them all; KiB per connection = (RSS - first sample) / (N -
-  1). Time to reach all = from that trade's `ts` to its arrival at the
-  last client, so it includes the commit. Each end of a loopback WebSocket
-  holds one descriptor, which is why the server is a separate process (the
-  open-files limit here is 20,000 per process).
-- **S4**: the log (1,000,000 trades in one market) is bulk-loaded once per
-  invocation in one transaction with triggers off
-  (`session_replication_role = replica`) and the market row set to match:
-  through the trigger, loading it would take about 90 s here (that cost is
-  S5's subject). One client subscribes with `from_seq=0` and is timed from
-  its connect until it holds seq 1,000,000; then 100 clients connect at once
-  with `from_seq` = 900,000 and are timed from the first connect until the
-  last holds seq 1,000,000. Baseline: one streaming `SELECT` of the same rows
-  from the bench process (the speed of getting the log out of Postgres at
-  all).
-- **S5**: keep-alive HTTP/1.1 clients POSTing one trade each to the writer
-  (which groups concurrent requests into one transaction), then the same
-  number of SQL connections doing one INSERT per transaction; 10 s each.
-- **S6**: 5,000 subscribers over 100 markets, 1,000 trades/s; after 3 s
-  every client closes its socket (no close handshake, as when a network
-  path fails) and reconnects at once with `from_seq` = the last seq it
-  saw. A client is live again when the first trade committed after its new
-  `subscribed` arrives (so everything before it was replayed, gapless);
-  the figure is the time from the drop until the last client is live. At
-  10 trades/s per market this includes up to 0.1 s of waiting for that
-  trade. No baseline: the raw server has no history to resume from.
-- **Runs**: every marketcast scenario runs `--runs` times (3) and each
-  figure is the median; baselines run `--baseline-runs` times (1) to keep
-  the budget. The plots show the median run (by p99, or by the best S2
-  step).
-- **Soak** (`make soak`, issue 6): see [bench/soak.md](bench/soak.md):
-  10,000 connections over 100 markets, 200 trades/s for 10 minutes after
-  a 60 s warm-up, the broadcaster with `--ring-size 64` so that every
-  market's ring of recent trades is full before the first sample (a
-  filling ring is expected memory; with the default 4096 at 2 trades/s
-  per market it would still be filling at the end). RSS, descriptors,
-  threads and the broadcaster's gauges are sampled every 30 s.
-- **Profiles**: `--server-wrapper \"heaptrack -o /tmp/hp\"` or
-  `\"perf record -g -o /tmp/perf.data\"` runs the broadcaster under a
-  profiler (its /proc figures then describe the wrapper).
-";

@@ -34,7 +34,7 @@ pub fn sibling(name: &str) -> Result<PathBuf> {
     let p = me.with_file_name(name);
     if !p.exists() {
         bail!(
-            "{} not found: build it first (`cargo build --release` builds both binaries)",
+            "{} not found: build it first (`make bench` builds the product, then the bench)",
             p.display()
         );
     }

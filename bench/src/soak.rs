@@ -21,7 +21,7 @@ use crate::feed::{feed, Plan};
 use crate::fleet::Fleet;
 use crate::hist::{clocks, Meter};
 use crate::procs::{PgCpu, ProcStats};
-use crate::report::{json_num, Rec};
+use crate::report::{figures, json_num, Delivery};
 use crate::{Env, Target, Up};
 
 /// The broadcaster's gauges sampled beside /proc.
@@ -31,8 +31,40 @@ const GAUGES: [&str; 3] = [
     "marketcast_hub_markets",
 ];
 
+figures! {
+    /// The soak.
+    pub struct SoakFigures {
+        connections: median,
+        markets: median,
+        rate: median,
+        duration_s: median,
+        committed: median,
+        frames: median,
+        frames_per_s: median,
+        p50_ms: median,
+        p99_ms: median,
+        p999_ms: median,
+        max_ms: median,
+        server_cpu_pct: median,
+        postgres_cpu_pct: median,
+        rss_start_mib: median,
+        rss_end_mib: median,
+        fds_start: median,
+        fds_end: median,
+        threads_start: median,
+        threads_end: median,
+        ws_connections_start: median,
+        ws_connections_end: median,
+        subscriptions_start: median,
+        subscriptions_end: median,
+        hub_markets_start: median,
+        hub_markets_end: median,
+        ..delivery: Delivery,
+    }
+}
+
 pub struct SoakResult {
-    pub rec: Rec,
+    pub rec: SoakFigures,
     /// One JSON object per sample: t_s, rss_mib, fds, threads, connections.
     pub samples: Vec<Value>,
 }
@@ -134,39 +166,33 @@ async fn measure(env: &Env, up: &Up) -> Result<SoakResult> {
     let checks = fleet.finish(&out.final_seq).await;
     let h = &meter.phases[0];
     let secs = d.as_secs_f64();
-    let rec = vec![
-        ("connections", n as f64),
-        ("markets", markets.len() as f64),
-        ("rate", set.soak_rate as f64),
-        ("duration_s", secs),
-        ("committed", out.committed as f64),
-        ("frames", h.count() as f64),
-        ("frames_per_s", h.count() as f64 / secs),
-        ("p50_ms", h.quantile(0.5, 0) / 1000.0),
-        ("p99_ms", h.quantile(0.99, 0) / 1000.0),
-        ("p999_ms", h.quantile(0.999, 0) / 1000.0),
-        ("max_ms", h.max_us() / 1000.0),
-        ("server_cpu_pct", last_sample.0.cpu_pct_since(&s0)),
-        ("postgres_cpu_pct", last_sample.1.pct_since(&pg0)),
-        ("rss_start_mib", s0.rss_mib()),
-        ("rss_end_mib", s1.rss_mib()),
-        ("fds_start", s0.fds as f64),
-        ("fds_end", s1.fds as f64),
-        ("threads_start", s0.threads as f64),
-        ("threads_end", s1.threads as f64),
-        ("ws_connections_start", c0[0]),
-        ("ws_connections_end", g1[0]),
-        ("subscriptions_start", c0[1]),
-        ("subscriptions_end", g1[1]),
-        ("hub_markets_start", c0[2]),
-        ("hub_markets_end", g1[2]),
-        ("lost", checks.lost as f64),
-        ("duplicated", checks.duplicated as f64),
-        ("reordered", checks.reordered as f64),
-        ("undrained", checks.undrained as f64),
-        ("reconnects", checks.reconnects as f64),
-        ("parse_errors", checks.parse_errors as f64),
-        ("errors", (checks.errors + out.errors) as f64),
-    ];
+    let rec = SoakFigures {
+        connections: n as f64,
+        markets: markets.len() as f64,
+        rate: set.soak_rate as f64,
+        duration_s: secs,
+        committed: out.committed as f64,
+        frames: h.count() as f64,
+        frames_per_s: h.count() as f64 / secs,
+        p50_ms: h.quantile(0.5, 0) / 1000.0,
+        p99_ms: h.quantile(0.99, 0) / 1000.0,
+        p999_ms: h.quantile(0.999, 0) / 1000.0,
+        max_ms: h.max_us() / 1000.0,
+        server_cpu_pct: last_sample.0.cpu_pct_since(&s0),
+        postgres_cpu_pct: last_sample.1.pct_since(&pg0),
+        rss_start_mib: s0.rss_mib(),
+        rss_end_mib: s1.rss_mib(),
+        fds_start: s0.fds as f64,
+        fds_end: s1.fds as f64,
+        threads_start: s0.threads as f64,
+        threads_end: s1.threads as f64,
+        ws_connections_start: c0[0],
+        ws_connections_end: g1[0],
+        subscriptions_start: c0[1],
+        subscriptions_end: g1[1],
+        hub_markets_start: c0[2],
+        hub_markets_end: g1[2],
+        delivery: Delivery::of(&[&checks], out.errors),
+    };
     Ok(SoakResult { rec, samples })
 }

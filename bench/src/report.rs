@@ -1,0 +1,1067 @@
+//! Results: medians over runs, the Markdown table (with the issue's targets
+//! beside each figure), one JSON record per scenario, and the report file
+//! whose hand-written notes (below the marker) survive regeneration.
+//!
+//! Each scenario's figures are a struct declared with `figures!` beside the
+//! scenario: a figure is named once, as a field, and a misspelt one does not
+//! compile.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Map, Value};
+
+use crate::conns::S3Figures;
+use crate::fleet::Checks;
+use crate::latency::{LatencyFigures, LatencyRun};
+use crate::ramp::{S2Figures, S2Result};
+use crate::replay::{S4Figures, SqlReadFigures};
+use crate::soak::{SoakFigures, SoakResult};
+use crate::storm::S6Figures;
+use crate::writes::S5Figures;
+use crate::Settings;
+
+/// Where the report's hand-written notes start; kept across regenerations.
+pub const NOTES_MARKER: &str =
+    "<!-- notes below this line are kept when the report is regenerated -->";
+
+/// One run's figures of a scenario, declared with [`figures!`]: each field is
+/// an `f64` (non-finite values print as null), named as in the report.
+pub trait Figures: Sized {
+    /// (name, value) in report order.
+    fn fields(&self) -> Vec<(&'static str, f64)>;
+    /// Field-wise combination of runs, never called with none.
+    fn combine(runs: &[&Self]) -> Self;
+}
+
+/// Declares a [`Figures`] struct: `f64` fields in report order, each with the
+/// rule that combines runs, [`median`] or [`worst`] (one bad run is never
+/// hidden), and optionally last `..name: Type,` a nested [`Figures`] record
+/// whose fields follow the struct's own.
+macro_rules! figures {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $($field:ident: $combine:ident,)*
+            $(..$nested:ident: $nested_ty:ty,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone)]
+        pub struct $name {
+            $(pub $field: f64,)*
+            $(pub $nested: $nested_ty,)?
+        }
+
+        impl $crate::report::Figures for $name {
+            fn fields(&self) -> Vec<(&'static str, f64)> {
+                #[allow(unused_mut)]
+                let mut v = vec![$((stringify!($field), self.$field)),*];
+                $(v.extend($crate::report::Figures::fields(&self.$nested));)?
+                v
+            }
+
+            fn combine(runs: &[&Self]) -> Self {
+                $name {
+                    $($field: $crate::report::$combine(runs.iter().map(|r| r.$field)),)*
+                    $($nested: $crate::report::Figures::combine(
+                        &runs.iter().map(|r| &r.$nested).collect::<Vec<_>>(),
+                    ),)?
+                }
+            }
+        }
+    };
+}
+pub(crate) use figures;
+
+figures! {
+    /// What the clients of a marketcast run checked. lost, duplicated and
+    /// reordered must be 0.
+    pub struct Delivery {
+        lost: worst,
+        duplicated: worst,
+        reordered: worst,
+        undrained: worst,
+        reconnects: median,
+        parse_errors: worst,
+        errors: worst,
+    }
+}
+
+impl Delivery {
+    /// The sum of the fleets' checks, plus errors of the feed beside them.
+    pub fn of(checks: &[&Checks], feed_errors: u64) -> Delivery {
+        let sum = |f: fn(&Checks) -> u64| checks.iter().map(|c| f(c)).sum::<u64>() as f64;
+        Delivery {
+            lost: sum(|c| c.lost),
+            duplicated: sum(|c| c.duplicated),
+            reordered: sum(|c| c.reordered),
+            undrained: sum(|c| c.undrained),
+            reconnects: sum(|c| c.reconnects),
+            parse_errors: sum(|c| c.parse_errors),
+            errors: sum(|c| c.errors) + feed_errors as f64,
+        }
+    }
+}
+
+fn sorted(xs: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut xs: Vec<f64> = xs.collect();
+    xs.sort_by(f64::total_cmp);
+    xs
+}
+
+/// The median of the runs (the upper one of an even count).
+pub fn median(xs: impl Iterator<Item = f64>) -> f64 {
+    let xs = sorted(xs);
+    xs[xs.len() / 2]
+}
+
+/// The worst (largest) of the runs.
+pub fn worst(xs: impl Iterator<Item = f64>) -> f64 {
+    let xs = sorted(xs);
+    xs[xs.len() - 1]
+}
+
+/// The runs combined, None without runs.
+pub fn aggregate<F: Figures>(runs: &[&F]) -> Option<F> {
+    (!runs.is_empty()).then(|| F::combine(runs))
+}
+
+/// The index of the run whose `fig` is the median (for the plots).
+pub fn median_run<F>(runs: &[&F], fig: fn(&F) -> f64) -> Option<usize> {
+    let mut idx: Vec<usize> = (0..runs.len()).collect();
+    idx.sort_by(|&a, &b| fig(runs[a]).total_cmp(&fig(runs[b])));
+    idx.get(idx.len() / 2).copied()
+}
+
+pub fn json_num(v: f64) -> Value {
+    if v.is_finite() {
+        json!(round3(v))
+    } else {
+        Value::Null
+    }
+}
+
+pub fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+pub fn num(v: f64) -> String {
+    if v.is_nan() {
+        "-".into()
+    } else if v.is_infinite() {
+        "inf".into()
+    } else if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+pub fn rec_line(rec: &impl Figures) -> String {
+    rec.fields()
+        .iter()
+        .map(|(k, v)| format!("{k}={}", num(*v)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn rec_json(rec: &impl Figures) -> Value {
+    Value::Object(
+        rec.fields()
+            .iter()
+            .map(|(k, v)| (k.to_string(), json_num(*v)))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+/// `{"scenario":"S1",...}`: the scenario first, then the record's keys.
+fn json_line(scenario: &str, v: Value) -> String {
+    let mut s = format!("{{\"scenario\":{}", json!(scenario));
+    if let Value::Object(m) = v {
+        for (k, v) in m {
+            s.push_str(&format!(",{}:{v}", json!(k)));
+        }
+    }
+    s.push('}');
+    s
+}
+
+#[derive(Clone, Copy)]
+enum Fmt {
+    Ms,
+    Secs,
+    Count,
+    Pct,
+    Mib,
+    Kib,
+}
+
+/// One figure of a record ("-" without the record).
+fn fmt<R>(f: Fmt, rec: Option<&R>, fig: fn(&R) -> f64) -> String {
+    let Some(rec) = rec else {
+        return "-".into();
+    };
+    let v = fig(rec);
+    if v.is_nan() {
+        return "-".into();
+    }
+    if v.is_infinite() {
+        return "not reached".into();
+    }
+    match f {
+        Fmt::Ms | Fmt::Secs | Fmt::Kib => format!("{v:.2}"),
+        Fmt::Count => thousands(v),
+        Fmt::Pct => format!("{v:.0} %"),
+        Fmt::Mib => format!("{v:.1}"),
+    }
+}
+
+/// lost / duplicated / reordered.
+fn fmt_lrd(d: &Delivery) -> String {
+    format!(
+        "{} / {} / {}",
+        num(d.lost),
+        num(d.duplicated),
+        num(d.reordered)
+    )
+}
+
+fn thousands(v: f64) -> String {
+    let s = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < 0.0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+/// One table row of a scenario whose marketcast records are `M` and whose
+/// baseline records are `B`.
+enum Row<M, B> {
+    /// Label, the figure of the marketcast record, the baseline's (None: no
+    /// baseline figure), format, the issue's target.
+    Fig(
+        &'static str,
+        fn(&M) -> f64,
+        Option<fn(&B) -> f64>,
+        Fmt,
+        &'static str,
+    ),
+    /// lost / duplicated / reordered of the marketcast record and of the
+    /// baseline's (None: not shown); the target is 0 / 0 / 0.
+    Lrd(fn(&M) -> &Delivery, Option<fn(&B) -> &Delivery>),
+}
+
+fn rows<M, B>(t: &mut String, name: &str, mc: &M, base: Option<&B>, rows: &[Row<M, B>]) {
+    for row in rows {
+        let (label, m, b, ratio, target) = match *row {
+            Row::Fig(label, fig, bfig, f, target) => {
+                let (b, ratio) = match (base, bfig) {
+                    (Some(base), Some(bfig)) => {
+                        let r = fig(mc) / bfig(base);
+                        let ratio = if r.is_finite() {
+                            format!("{r:.2}x")
+                        } else {
+                            "-".into()
+                        };
+                        (fmt(f, Some(base), bfig), ratio)
+                    }
+                    _ => ("-".into(), String::new()),
+                };
+                (label, fmt(f, Some(mc), fig), b, ratio, target)
+            }
+            Row::Lrd(d, bd) => {
+                let b = match (base, bd) {
+                    (Some(base), Some(bd)) => fmt_lrd(bd(base)),
+                    _ => "-".into(),
+                };
+                let label = "lost / duplicated / reordered";
+                (label, fmt_lrd(d(mc)), b, String::new(), "0 / 0 / 0")
+            }
+        };
+        t.push_str(&format!(
+            "| {name} | {label} | {m} | {b} | {ratio} | {target} |\n"
+        ));
+    }
+}
+
+#[derive(Default)]
+pub struct Results {
+    pub runs: usize,
+    pub baseline_runs: usize,
+    pub s1: Vec<LatencyRun>,
+    pub s1_raw: Vec<LatencyRun>,
+    pub table: Vec<LatencyRun>,
+    pub table_raw: Vec<LatencyRun>,
+    pub s2: Vec<S2Result>,
+    pub s2_raw: Vec<S2Result>,
+    pub s3: Vec<S3Figures>,
+    pub s3_raw: Vec<S3Figures>,
+    pub s4: Vec<S4Figures>,
+    pub s4_sql: Vec<SqlReadFigures>,
+    pub s4_load_s: Option<f64>,
+    pub s5: Vec<S5Figures>,
+    pub s6: Vec<S6Figures>,
+    pub soak: Option<SoakResult>,
+}
+
+fn agg_lat(v: &[LatencyRun]) -> Option<LatencyFigures> {
+    aggregate(&v.iter().map(|r| &r.rec).collect::<Vec<_>>())
+}
+
+fn agg_s2(v: &[S2Result]) -> Option<S2Figures> {
+    aggregate(&v.iter().map(|r| &r.rec).collect::<Vec<_>>())
+}
+
+fn agg<F: Figures>(v: &[F]) -> Option<F> {
+    aggregate(&v.iter().collect::<Vec<_>>())
+}
+
+/// Targets of the latency rows (S1 and T), "" where the issue sets none.
+#[derive(Default)]
+struct LatencyTargets {
+    p99_ms: &'static str,
+    p999_ms: &'static str,
+    server_cpu_pct: &'static str,
+    server_rss_mib: &'static str,
+}
+
+fn latency_rows(tg: LatencyTargets) -> [Row<LatencyFigures, LatencyFigures>; 10] {
+    [
+        Row::Fig(
+            "latency p50 (ms)",
+            |r| r.p50_ms,
+            Some(|r| r.p50_ms),
+            Fmt::Ms,
+            "",
+        ),
+        Row::Fig(
+            "latency p99 (ms)",
+            |r| r.p99_ms,
+            Some(|r| r.p99_ms),
+            Fmt::Ms,
+            tg.p99_ms,
+        ),
+        Row::Fig(
+            "latency p99.9 (ms)",
+            |r| r.p999_ms,
+            Some(|r| r.p999_ms),
+            Fmt::Ms,
+            tg.p999_ms,
+        ),
+        Row::Fig(
+            "latency max (ms)",
+            |r| r.max_ms,
+            Some(|r| r.max_ms),
+            Fmt::Ms,
+            "",
+        ),
+        Row::Fig(
+            "delivered frames/s",
+            |r| r.frames_per_s,
+            Some(|r| r.frames_per_s),
+            Fmt::Count,
+            "",
+        ),
+        Row::Fig(
+            "server CPU (% of a core)",
+            |r| r.server_cpu_pct,
+            Some(|r| r.server_cpu_pct),
+            Fmt::Pct,
+            tg.server_cpu_pct,
+        ),
+        Row::Fig(
+            "server RSS (MiB)",
+            |r| r.server_rss_mib,
+            Some(|r| r.server_rss_mib),
+            Fmt::Mib,
+            tg.server_rss_mib,
+        ),
+        Row::Fig(
+            "Postgres CPU (% of a core)",
+            |r| r.postgres_cpu_pct,
+            None,
+            Fmt::Pct,
+            "",
+        ),
+        Row::Fig(
+            "load client CPU (% of a core)",
+            |r| r.bench_cpu_pct,
+            Some(|r| r.bench_cpu_pct),
+            Fmt::Pct,
+            "",
+        ),
+        Row::Lrd(|r| &r.delivery, Some(|r| &r.delivery)),
+    ]
+}
+
+impl Results {
+    /// No marketcast run lost, duplicated or reordered a frame.
+    pub fn guarantee_held(&self) -> bool {
+        let mut checks: Vec<&Delivery> = Vec::new();
+        checks.extend(self.s1.iter().map(|r| &r.rec.delivery));
+        checks.extend(self.table.iter().map(|r| &r.rec.delivery));
+        checks.extend(self.s2.iter().map(|r| &r.rec.delivery));
+        checks.extend(self.s3.iter().map(|r| &r.delivery));
+        checks.extend(self.s4.iter().map(|r| &r.delivery));
+        checks.extend(self.s6.iter().map(|r| &r.delivery));
+        checks.extend(self.soak.iter().map(|s| &s.rec.delivery));
+        let mut ok = true;
+        for d in checks {
+            for (k, v) in [
+                ("lost", d.lost),
+                ("duplicated", d.duplicated),
+                ("reordered", d.reordered),
+            ] {
+                if v > 0.0 {
+                    eprintln!("marketcast-bench: marketcast {k} = {v} in a run");
+                    ok = false;
+                }
+            }
+        }
+        ok
+    }
+
+    pub fn table(&self, set: &Settings) -> String {
+        let mut t = String::new();
+        let runs = format!(
+            "median of {} marketcast run{}, {} baseline run{}",
+            self.runs,
+            if self.runs == 1 { "" } else { "s" },
+            self.baseline_runs,
+            if self.baseline_runs == 1 { "" } else { "s" },
+        );
+        t.push_str(&format!(
+            "| scenario | figure ({runs}) | marketcast | baseline | marketcast / baseline | target (issue 5) |\n"
+        ));
+        t.push_str("|---|---|---:|---:|---:|---|\n");
+        if let Some(mc) = agg_lat(&self.s1) {
+            let name = format!(
+                "S1: {} subs, {} markets, {} trades/s, {} s",
+                set.subscribers,
+                crate::MARKETS,
+                set.rate,
+                set.duration.as_secs()
+            );
+            let targets = LatencyTargets {
+                p99_ms: "<= 5",
+                p999_ms: "<= 10",
+                ..Default::default()
+            };
+            let base = agg_lat(&self.s1_raw);
+            rows(&mut t, &name, &mc, base.as_ref(), &latency_rows(targets));
+        }
+        if let Some(mc) = agg_lat(&self.table) {
+            let name = format!(
+                "T: {} subs, 1 market, {} trades/s, {} s",
+                set.table_subscribers,
+                set.table_rate,
+                set.table_duration.as_secs()
+            );
+            let targets = LatencyTargets {
+                p999_ms: "<= 5 (best alternative 3.2-6.1)",
+                server_cpu_pct: "<= 25 % (alternatives 50-87 %)",
+                server_rss_mib: "(alternatives 23-90)",
+                ..Default::default()
+            };
+            let base = agg_lat(&self.table_raw);
+            rows(&mut t, &name, &mc, base.as_ref(), &latency_rows(targets));
+        }
+        if let Some(mc) = agg_s2(&self.s2) {
+            let name = format!(
+                "S2: {} subs, 1 market, p99 <= {} ms",
+                set.s2_subscribers,
+                set.s2_bound_us / 1000
+            );
+            let base = agg_s2(&self.s2_raw);
+            let s2_rows: [Row<S2Figures, S2Figures>; 5] = [
+                Row::Fig(
+                    "highest delivered frames/s",
+                    |r| r.best_frames_per_s,
+                    Some(|r| r.best_frames_per_s),
+                    Fmt::Count,
+                    ">= 1,000,000 and >= 0.70x baseline",
+                ),
+                Row::Fig(
+                    "at trades/s",
+                    |r| r.best_rate,
+                    Some(|r| r.best_rate),
+                    Fmt::Count,
+                    "",
+                ),
+                Row::Fig(
+                    "p99 at that step (ms)",
+                    |r| r.best_p99_ms,
+                    Some(|r| r.best_p99_ms),
+                    Fmt::Ms,
+                    "",
+                ),
+                Row::Fig(
+                    "first failing step (trades/s)",
+                    |r| r.fail_rate,
+                    Some(|r| r.fail_rate),
+                    Fmt::Count,
+                    "",
+                ),
+                Row::Lrd(|r| &r.delivery, Some(|r| &r.delivery)),
+            ];
+            rows(&mut t, &name, &mc, base.as_ref(), &s2_rows);
+        }
+        if let Some(mc) = agg(&self.s3) {
+            let name = format!("S3: {} idle subscribed connections", set.s3_connections);
+            let base = agg(&self.s3_raw);
+            let s3_rows: [Row<S3Figures, S3Figures>; 7] = [
+                Row::Fig(
+                    "server RSS per connection (KiB)",
+                    |r| r.kib_per_conn,
+                    Some(|r| r.kib_per_conn),
+                    Fmt::Kib,
+                    "<= 5 (Node bridge 5.4)",
+                ),
+                Row::Fig(
+                    "same, after one trade reached all (KiB)",
+                    |r| r.kib_per_conn_after_trade,
+                    Some(|r| r.kib_per_conn_after_trade),
+                    Fmt::Kib,
+                    "",
+                ),
+                Row::Fig(
+                    "server RSS, all subscribed (MiB)",
+                    |r| r.rss_subscribed_mib,
+                    Some(|r| r.rss_subscribed_mib),
+                    Fmt::Mib,
+                    "",
+                ),
+                Row::Fig(
+                    "one trade to all: commit to last client (ms)",
+                    |r| r.reach_all_ms,
+                    Some(|r| r.reach_all_ms),
+                    Fmt::Ms,
+                    "< 150",
+                ),
+                Row::Fig(
+                    "one trade: p50 over clients (ms)",
+                    |r| r.reach_p50_ms,
+                    Some(|r| r.reach_p50_ms),
+                    Fmt::Ms,
+                    "",
+                ),
+                Row::Fig(
+                    "time to connect and subscribe all (s)",
+                    |r| r.connect_s,
+                    Some(|r| r.connect_s),
+                    Fmt::Secs,
+                    "",
+                ),
+                Row::Lrd(|r| &r.delivery, Some(|r| &r.delivery)),
+            ];
+            rows(&mut t, &name, &mc, base.as_ref(), &s3_rows);
+        }
+        if let Some(mc) = agg(&self.s4) {
+            let name = format!(
+                "S4: replay, log of {}; {} clients x newest {} (baseline: one plain SQL read)",
+                thousands(set.s4_trades as f64),
+                set.s4_clients,
+                thousands(set.s4_tail as f64)
+            );
+            let base = agg(&self.s4_sql);
+            let s4_rows: [Row<S4Figures, SqlReadFigures>; 11] = [
+                Row::Fig(
+                    "1 client from_seq=0: trades/s",
+                    |r| r.one_trades_per_s,
+                    Some(|r| r.one_trades_per_s),
+                    Fmt::Count,
+                    ">= 300,000",
+                ),
+                Row::Fig(
+                    "1 client: seconds to catch up",
+                    |r| r.one_s,
+                    Some(|r| r.one_s),
+                    Fmt::Secs,
+                    "",
+                ),
+                Row::Fig(
+                    "1 client: server CPU (% of a core)",
+                    |r| r.one_server_cpu_pct,
+                    None,
+                    Fmt::Pct,
+                    "",
+                ),
+                Row::Fig(
+                    "1 client: load client CPU (% of a core)",
+                    |r| r.one_bench_cpu_pct,
+                    None,
+                    Fmt::Pct,
+                    "",
+                ),
+                Row::Fig(
+                    "1 client: Postgres CPU (% of a core)",
+                    |r| r.one_postgres_cpu_pct,
+                    None,
+                    Fmt::Pct,
+                    "",
+                ),
+                Row::Fig(
+                    "all clients at once: total trades/s",
+                    |r| r.many_trades_per_s,
+                    None,
+                    Fmt::Count,
+                    ">= 1,000,000",
+                ),
+                Row::Fig(
+                    "all clients: seconds until all caught up",
+                    |r| r.many_s,
+                    None,
+                    Fmt::Secs,
+                    "",
+                ),
+                Row::Fig(
+                    "all clients: server CPU (% of a core)",
+                    |r| r.many_server_cpu_pct,
+                    None,
+                    Fmt::Pct,
+                    "",
+                ),
+                Row::Fig(
+                    "all clients: load client CPU (% of a core)",
+                    |r| r.many_bench_cpu_pct,
+                    None,
+                    Fmt::Pct,
+                    "",
+                ),
+                Row::Fig(
+                    "all clients: Postgres CPU (% of a core)",
+                    |r| r.many_postgres_cpu_pct,
+                    None,
+                    Fmt::Pct,
+                    "",
+                ),
+                Row::Lrd(|r| &r.delivery, None),
+            ];
+            rows(&mut t, &name, &mc, base.as_ref(), &s4_rows);
+        }
+        if let Some(r) = agg(&self.s5) {
+            let name = format!(
+                "S5: {} clients, {} s (baseline: plain SQL, 1 trade/tx)",
+                set.s5_clients,
+                set.s5_duration.as_secs()
+            );
+            let s5_rows: [Row<S5Figures, S5Figures>; 2] = [
+                Row::Fig(
+                    "trades/s (writer HTTP vs SQL)",
+                    |r| r.http_trades_per_s,
+                    Some(|r| r.sql_trades_per_s),
+                    Fmt::Count,
+                    ">= 5x SQL",
+                ),
+                Row::Fig(
+                    "p99 request latency (ms)",
+                    |r| r.http_p99_ms,
+                    Some(|r| r.sql_p99_ms),
+                    Fmt::Ms,
+                    "<= 20",
+                ),
+            ];
+            rows(&mut t, &name, &r, Some(&r), &s5_rows);
+        }
+        if let Some(mc) = agg(&self.s6) {
+            let name = format!(
+                "S6: {} subs, {} markets, {} trades/s, all drop and reconnect",
+                set.s6_subscribers, set.s6_markets, set.s6_rate
+            );
+            let s6_rows: [Row<S6Figures, S6Figures>; 4] = [
+                Row::Fig(
+                    "time until all live again (s)",
+                    |r| r.all_live_s,
+                    None,
+                    Fmt::Secs,
+                    "<= 5",
+                ),
+                Row::Fig(
+                    "p50 client live again (s)",
+                    |r| r.p50_live_s,
+                    None,
+                    Fmt::Secs,
+                    "",
+                ),
+                Row::Fig(
+                    "server CPU during the storm (% of a core)",
+                    |r| r.storm_server_cpu_pct,
+                    None,
+                    Fmt::Pct,
+                    "",
+                ),
+                Row::Lrd(|r| &r.delivery, None),
+            ];
+            rows(&mut t, &name, &mc, None, &s6_rows);
+        }
+        t
+    }
+
+    /// `{"scenario":name,"runs":..,"marketcast":{..}}`, with the baseline's
+    /// record if there is one and `extra`'s keys.
+    fn json_both<M: Figures, B: Figures>(
+        &self,
+        name: &str,
+        mc: &M,
+        base: Option<&B>,
+        extra: Value,
+    ) -> String {
+        let mut v = json!({ "runs": self.runs, "marketcast": rec_json(mc) });
+        if let Some(base) = base {
+            v["baseline_runs"] = json!(self.baseline_runs);
+            v["baseline"] = rec_json(base);
+        }
+        if let Value::Object(m) = extra {
+            for (k, x) in m {
+                v[k] = x;
+            }
+        }
+        json_line(name, v)
+    }
+
+    pub fn json_lines(&self, set: &Settings) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(mc) = agg_lat(&self.s1) {
+            let base = agg_lat(&self.s1_raw);
+            out.push(self.json_both("S1", &mc, base.as_ref(), json!({})));
+        }
+        if let Some(mc) = agg_lat(&self.table) {
+            let base = agg_lat(&self.table_raw);
+            out.push(self.json_both("T", &mc, base.as_ref(), json!({})));
+        }
+        if let Some(mc) = agg_s2(&self.s2) {
+            let steps = |v: &[S2Result]| {
+                let recs: Vec<&S2Figures> = v.iter().map(|r| &r.rec).collect();
+                median_run(&recs, |r| r.best_frames_per_s).map(|i| v[i].steps.clone())
+            };
+            let base = agg_s2(&self.s2_raw);
+            out.push(self.json_both(
+                "S2",
+                &mc,
+                base.as_ref(),
+                json!({
+                    "marketcast_steps_median_run": steps(&self.s2),
+                    "baseline_steps_median_run": steps(&self.s2_raw),
+                }),
+            ));
+        }
+        if let Some(mc) = agg(&self.s3) {
+            let base = agg(&self.s3_raw);
+            out.push(self.json_both("S3", &mc, base.as_ref(), json!({})));
+        }
+        if let Some(mc) = agg(&self.s4) {
+            let base = agg(&self.s4_sql);
+            out.push(self.json_both(
+                "S4",
+                &mc,
+                base.as_ref(),
+                json!({ "load_s": self.s4_load_s.map(json_num) }),
+            ));
+        }
+        if let Some(r) = agg(&self.s5) {
+            out.push(json_line(
+                "S5",
+                json!({
+                    "runs": self.runs,
+                    "clients": set.s5_clients,
+                    "writer_http": {
+                        "trades_per_s": json_num(r.http_trades_per_s),
+                        "p50_ms": json_num(r.http_p50_ms),
+                        "p99_ms": json_num(r.http_p99_ms),
+                        "errors": json_num(r.http_errors),
+                    },
+                    "plain_sql": {
+                        "trades_per_s": json_num(r.sql_trades_per_s),
+                        "p50_ms": json_num(r.sql_p50_ms),
+                        "p99_ms": json_num(r.sql_p99_ms),
+                        "errors": json_num(r.sql_errors),
+                    },
+                    "ratio": json_num(r.http_trades_per_s / r.sql_trades_per_s),
+                }),
+            ));
+        }
+        if let Some(mc) = agg(&self.s6) {
+            out.push(self.json_both("S6", &mc, None::<&S6Figures>, json!({})));
+        }
+        out
+    }
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+pub fn machine_info(pg_version: &str) -> Vec<(&'static str, String)> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let kb: f64 = s
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(format!("{:.1} GiB", kb / 1024.0 / 1024.0))
+        })
+        .unwrap_or_else(|| "?".into());
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "?".into());
+    vec![
+        ("CPUs (nproc)", cpus),
+        ("CPU", model),
+        ("memory", mem),
+        ("kernel (uname -r)", kernel),
+        (
+            "PostgreSQL",
+            format!("{pg_version} (bin/pg-dev: fsync=on, shared_buffers=256MB)"),
+        ),
+        (
+            "date",
+            humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        ),
+    ]
+}
+
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() {
+        "./target/release/marketcast-bench".to_string()
+    } else {
+        format!("./target/release/marketcast-bench {}", args.join(" "))
+    }
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The notes below the marker of an existing report, or a placeholder.
+fn kept_notes(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.split_once(NOTES_MARKER)
+                .map(|(_, notes)| notes.to_string())
+        })
+        .unwrap_or_else(|| "\n\n_(no notes yet)_\n".to_string())
+}
+
+/// The results above the marker, and below it what was there: the Method
+/// section and the notes, hand-written in docs/BENCHMARKS.md.
+pub fn write_report(
+    set: &Settings,
+    machine: &[(&str, String)],
+    table: &str,
+    lines: &[String],
+    plots: &[(String, String)],
+) -> Result<()> {
+    let path = &set.report;
+    let mut s = String::new();
+    s.push_str("# Benchmarks\n\n");
+    s.push_str(
+        "Generated by `marketcast-bench` (`make bench`; `make bench-quick` for a small run; \
+         `make soak` for the soak, reported in [bench/soak.md](bench/soak.md)). \
+         Everything above the notes marker is rewritten on every run.\n\n",
+    );
+    s.push_str(
+        "**Quote medians of 3 runs** (`make bench` runs every marketcast scenario 3 times, \
+         `--runs N` changes it); a single run on this shared 2-core machine moves \
+         by tens of percent, and a factor of 2 or more when other work runs beside it.\n\n",
+    );
+    s.push_str("## Machine\n\n");
+    for (k, v) in machine {
+        s.push_str(&format!("- {k}: {v}\n"));
+    }
+    s.push_str(&format!("\n## Command\n\n```\n{}\n```\n\n", command_line()));
+    s.push_str(&format!(
+        "Runs per scenario: {} marketcast, {} baseline (figures are medians; lost/duplicated/reordered are the worst run). Load client: {}.\n\n",
+        set.runs,
+        set.baseline_runs,
+        match set.client {
+            crate::ws::ClientKind::Lean => "lean (raw frame reader)",
+            crate::ws::ClientKind::Tungstenite => "tokio-tungstenite",
+        }
+    ));
+    s.push_str("## Results\n\n");
+    s.push_str(table);
+    if !plots.is_empty() {
+        s.push('\n');
+        for (title, file) in plots {
+            s.push_str(&format!("![{title}]({file})\n\n"));
+        }
+    }
+    s.push_str("\nOne JSON record per scenario:\n\n```\n");
+    for l in lines {
+        s.push_str(l);
+        s.push('\n');
+    }
+    s.push_str("```\n\n");
+    s.push_str(NOTES_MARKER);
+    s.push_str(&kept_notes(path));
+    write_file(path, &s)
+}
+
+pub fn soak_table(set: &Settings, r: &SoakResult) -> String {
+    let rec = Some(&r.rec);
+    let mut t = String::from("| figure | start | end |\n|---|---:|---:|\n");
+    type Fig = fn(&SoakFigures) -> f64;
+    let start_end: [(&str, Fig, Fig, Fmt); 6] = [
+        (
+            "server RSS (MiB)",
+            |r| r.rss_start_mib,
+            |r| r.rss_end_mib,
+            Fmt::Mib,
+        ),
+        (
+            "server open file descriptors",
+            |r| r.fds_start,
+            |r| r.fds_end,
+            Fmt::Count,
+        ),
+        (
+            "server threads",
+            |r| r.threads_start,
+            |r| r.threads_end,
+            Fmt::Count,
+        ),
+        (
+            "WebSocket connections (marketcast_ws_connections)",
+            |r| r.ws_connections_start,
+            |r| r.ws_connections_end,
+            Fmt::Count,
+        ),
+        (
+            "subscriptions (marketcast_subscriptions)",
+            |r| r.subscriptions_start,
+            |r| r.subscriptions_end,
+            Fmt::Count,
+        ),
+        (
+            "markets in the hub (marketcast_hub_markets)",
+            |r| r.hub_markets_start,
+            |r| r.hub_markets_end,
+            Fmt::Count,
+        ),
+    ];
+    for (label, a, b, f) in start_end {
+        t.push_str(&format!(
+            "| {label} | {} | {} |\n",
+            fmt(f, rec, a),
+            fmt(f, rec, b)
+        ));
+    }
+    t.push_str(&format!(
+        "\n| over the soak ({} connections, {} markets, {} trades/s, {} s after a {} s warm-up; broadcaster --ring-size {}) | value |\n|---|---:|\n",
+        set.soak_connections,
+        set.soak_markets,
+        set.soak_rate,
+        set.soak_duration.as_secs(),
+        set.soak_warmup.as_secs(),
+        set.soak_ring_size
+    ));
+    /// A line of the second table: a figure, or lost / duplicated / reordered.
+    enum Line {
+        Fig(&'static str, Fig, Fmt),
+        Lrd,
+    }
+    let lines = [
+        Line::Fig("trades committed", |r| r.committed, Fmt::Count),
+        Line::Fig("frames delivered", |r| r.frames, Fmt::Count),
+        Line::Fig("frames/s", |r| r.frames_per_s, Fmt::Count),
+        Line::Fig("latency p50 (ms)", |r| r.p50_ms, Fmt::Ms),
+        Line::Fig("latency p99 (ms)", |r| r.p99_ms, Fmt::Ms),
+        Line::Fig("latency p99.9 (ms)", |r| r.p999_ms, Fmt::Ms),
+        Line::Fig("latency max (ms)", |r| r.max_ms, Fmt::Ms),
+        Line::Fig("server CPU (% of a core)", |r| r.server_cpu_pct, Fmt::Pct),
+        Line::Fig(
+            "Postgres CPU (% of a core)",
+            |r| r.postgres_cpu_pct,
+            Fmt::Pct,
+        ),
+        Line::Lrd,
+        Line::Fig("reconnects", |r| r.delivery.reconnects, Fmt::Count),
+        Line::Fig(
+            "trades not delivered at the end",
+            |r| r.delivery.undrained,
+            Fmt::Count,
+        ),
+        Line::Fig("client errors", |r| r.delivery.errors, Fmt::Count),
+    ];
+    for line in lines {
+        let (label, v) = match line {
+            Line::Fig(label, fig, f) => (label, fmt(f, rec, fig)),
+            Line::Lrd => ("lost / duplicated / reordered", fmt_lrd(&r.rec.delivery)),
+        };
+        t.push_str(&format!("| {label} | {v} |\n"));
+    }
+    t
+}
+
+pub fn write_soak_report(
+    set: &Settings,
+    machine: &[(&str, String)],
+    r: &SoakResult,
+    plot: Option<&str>,
+) -> Result<()> {
+    let path = &set.soak_report;
+    let mut s = String::from("# Soak\n\n");
+    s.push_str(
+        "Generated by `marketcast-bench --scenarios soak` (`make soak`), issue 6 item 4. \
+         Everything above the notes marker is rewritten on every run; the method is in \
+         [../BENCHMARKS.md](../BENCHMARKS.md#method).\n\n## Machine\n\n",
+    );
+    for (k, v) in machine {
+        s.push_str(&format!("- {k}: {v}\n"));
+    }
+    s.push_str(&format!(
+        "\n## Command\n\n```\n{}\n```\n\n## Results\n\n",
+        command_line()
+    ));
+    s.push_str(&soak_table(set, r));
+    if let Some(p) = plot {
+        s.push_str(&format!(
+            "\n![server RSS and descriptors over the soak]({p})\n"
+        ));
+    }
+    s.push_str("\nRecord and samples (t_s from the first sample; the last one is after the final drain):\n\n```\n");
+    s.push_str(&json_line(
+        "soak",
+        json!({ "result": rec_json(&r.rec), "samples": r.samples }),
+    ));
+    s.push_str("\n```\n\n");
+    s.push_str(NOTES_MARKER);
+    s.push_str(&kept_notes(path));
+    write_file(path, &s)
+}
