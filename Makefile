@@ -26,6 +26,7 @@ test:
 	  eval "export $$(bin/pg-dev start | tail -n1)"; \
 	  trap 'bin/pg-dev stop --wipe >/dev/null 2>&1 || true' EXIT; \
 	fi; \
+	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; \
 	$(CARGO) test --all-targets -- --test-threads=$${TEST_THREADS:-8}; \
 	$(MAKE) --no-print-directory browser-test
 

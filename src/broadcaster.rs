@@ -25,6 +25,7 @@ use crate::backoff::Backoff;
 use crate::config::BroadcasterConfig;
 use crate::http::{self, Body};
 use crate::protocol::client::initial_op;
+use crate::protocol::handshake::{self, Refusal};
 use crate::{db, shutdown};
 
 pub mod hub;
@@ -50,7 +51,7 @@ pub async fn run(
     let shards = match &cfg.shards {
         Some(s) => s.clone(),
         None => {
-            let Some(n) = stored_shard_count(&pool, &shutdown).await else {
+            let Some(n) = stored_shard_count(&pool, cfg.db.timeout, &shutdown).await else {
                 return Ok(());
             };
             (0..n).collect::<BTreeSet<u32>>()
@@ -62,19 +63,41 @@ pub async fn run(
     let internal = shutdown.child_token();
     let (hub, hub_task) = hub::spawn(
         cfg.hub.clone(),
-        cfg.replay_page,
-        // Its own small pool: a storm of clients catching up from the log
-        // (say after a restart) must not starve the reads that publish live
-        // trades.
-        db::pool(
-            &cfg.db.url,
-            cfg.hub_pool_size,
-            cfg.db.timeout,
-            "marketcast-hub",
-        )?,
+        hub::Reads {
+            // Its own small pool: a storm of clients catching up from the log
+            // (say after a restart) must not starve the reads that publish
+            // live trades.
+            pool: db::pool(
+                &cfg.db.url,
+                cfg.hub_pool_size,
+                cfg.db.timeout,
+                "marketcast-hub",
+            )?,
+            page: cfg.replay_page,
+            timeout: cfg.db.timeout,
+        },
         events_rx,
         internal.clone(),
     );
+    // Crash-only: if the hub task ends while the server runs (a bug made it
+    // panic), nothing is published any more. /healthz turns 503 at once, the
+    // server stops and `run` fails, so the process exits non-zero for its
+    // supervisor to restart; clients resume with from_seq elsewhere or here.
+    let hub_alive = Arc::new(AtomicBool::new(true));
+    let stop = shutdown.child_token();
+    let hub_task = tokio::spawn({
+        let (alive, stop, internal) = (hub_alive.clone(), stop.clone(), internal.clone());
+        async move {
+            let r = hub_task.await;
+            // The hub ends on `internal` at shutdown; ending before is a death.
+            if !internal.is_cancelled() {
+                alive.store(false, Ordering::Release);
+                stop.cancel();
+            }
+            r
+        }
+    });
+    let db_health = db::health::spawn_probe(pool.clone(), internal.clone());
     let listen_up = Arc::new(AtomicBool::new(false));
     let listener_task = tokio::spawn(listener::run(
         cfg.listener.clone(),
@@ -96,7 +119,9 @@ pub async fn run(
         connections: AtomicU64::new(0),
     });
     let sessions = TaskTracker::new();
+    let sockets = http::Sockets::default();
     let state = Arc::new(State {
+        sockets: sockets.clone(),
         ctx,
         origins: Origins {
             allowed: cfg.allowed_origins.clone(),
@@ -104,10 +129,12 @@ pub async fn run(
         },
         sessions: sessions.clone(),
         listen_up,
-        shutdown: shutdown.clone(),
+        hub_alive: hub_alive.clone(),
+        db_health,
+        shutdown: stop.clone(),
         next_conn: AtomicU64::new(1),
     });
-    http::serve(tcp, shutdown.clone(), move |req, peer| {
+    http::serve(tcp, &cfg.http, sockets, stop.clone(), move |req, peer| {
         let state = state.clone();
         async move { state.handle(req, peer).await }
     })
@@ -120,22 +147,24 @@ pub async fn run(
     {
         tracing::warn!("some WebSocket sessions did not close before the shutdown deadline");
     }
+    let hub_died = !hub_alive.load(Ordering::Acquire);
     internal.cancel();
     let _ = tokio::join!(hub_task, listener_task); // both end on `internal`; a panic was already reported
+    if hub_died {
+        anyhow::bail!("the hub task ended while the broadcaster was running (see the panic above); exiting so that a supervisor restarts it");
+    }
     Ok(())
 }
 
 /// The shard count from the database, retried while Postgres is unreachable.
 async fn stored_shard_count(
     pool: &deadpool_postgres::Pool,
+    timeout: Duration,
     shutdown: &CancellationToken,
 ) -> Option<u32> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        let read = async {
-            let c = pool.get().await?;
-            db::admin::shard_count(&**c).await
-        };
+        let read = db::with_connection(pool, timeout, async |c| db::admin::shard_count(c).await);
         // Cancel safety: dropping the read only abandons a connection attempt.
         let r = tokio::select! {
             r = read => r,
@@ -153,9 +182,14 @@ async fn stored_shard_count(
 
 struct State {
     ctx: Arc<SessionCtx>,
+    /// Open sockets of this server: an upgraded one keeps its slot.
+    sockets: http::Sockets,
     origins: Origins,
     sessions: TaskTracker,
     listen_up: Arc<AtomicBool>,
+    /// False once the hub task has ended: nothing is published any more.
+    hub_alive: Arc<AtomicBool>,
+    db_health: db::health::Health,
     shutdown: CancellationToken,
     next_conn: AtomicU64,
 }
@@ -174,16 +208,12 @@ impl State {
         }
     }
 
+    /// From state the broadcaster keeps: no query per request.
     async fn healthz(&self) -> Response<Body> {
         let listen = self.listen_up.load(Ordering::Acquire);
-        let pool = &self.ctx.pool;
-        let db_ok = tokio::time::timeout(Duration::from_secs(2), async {
-            let c = pool.get().await?;
-            db::log::ping(&**c).await
-        })
-        .await
-        .is_ok_and(|r| r.is_ok());
-        let status = if listen && db_ok {
+        let hub = self.hub_alive.load(Ordering::Acquire);
+        let db_ok = self.db_health.status().await.is_ok();
+        let status = if listen && db_ok && hub {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
@@ -194,6 +224,7 @@ impl State {
                 "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
                 "database": db_ok,
                 "listen": listen,
+                "hub": hub,
                 "connections": self.ctx.connections.load(Ordering::Relaxed),
             }),
         )
@@ -219,6 +250,24 @@ impl State {
             tracing::debug!(%peer, reason = %refusal, "WebSocket upgrade refused: origin");
             return http::error(StatusCode::FORBIDDEN, "origin_not_allowed", refusal);
         }
+        match handshake::check(&req) {
+            Ok(()) => {}
+            Err(Refusal::Version) => {
+                let mut r = http::error(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "upgrade_required",
+                    "this server speaks WebSocket version 13",
+                );
+                r.headers_mut().insert(
+                    hyper::header::SEC_WEBSOCKET_VERSION,
+                    hyper::header::HeaderValue::from_static(handshake::WEBSOCKET_VERSION),
+                );
+                return r;
+            }
+            Err(Refusal::Malformed(why)) => {
+                return http::error(StatusCode::BAD_REQUEST, "bad_request", why);
+            }
+        }
         let initial = initial_op(req.uri().query().unwrap_or(""));
         let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
             Ok(x) => x,
@@ -232,12 +281,15 @@ impl State {
         };
         let ctx = self.ctx.clone();
         let shutdown = self.shutdown.clone();
+        // Taken before the HTTP connection lets go of the socket.
+        let slot = self.sockets.hold();
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         // The 101 must reach the client before the upgrade resolves: await it
         // in the tracked session task, never here.
         // No tracing span around the session: entering one on every poll
         // cost ~1% of the fan-out CPU; log lines carry `conn` instead.
         let task = async move {
+            let _slot = slot;
             match fut.await {
                 Ok(ws) => session::run(ws, ctx, initial, shutdown, conn_id).await,
                 Err(e) => {

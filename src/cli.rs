@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    self, format_duration, BroadcasterConfig, DbConfig, DemoConfig, HubConfig, ListenerConfig,
-    SessionConfig, SubscribeConfig, WriterConfig, DEFAULT_SHARD_COUNT,
+    self, format_duration, BroadcasterConfig, DbConfig, DemoConfig, HttpConfig, HubConfig,
+    ListenerConfig, SessionConfig, SubscribeConfig, WriterConfig, DEFAULT_SHARD_COUNT,
 };
 
 #[derive(Debug, Parser)]
@@ -70,6 +70,22 @@ pub struct DbArgs {
     pub db_timeout: String,
 }
 
+/// The bounds on sockets, for both server roles.
+#[derive(Debug, Args, Clone)]
+pub struct HttpArgs {
+    /// A connection must send a complete request head within this time of
+    /// being accepted, or of its previous response (keep-alive); else it is
+    /// closed. Bounds silent and trickling sockets alike.
+    #[arg(long, env = "MARKETCAST_HEADER_TIMEOUT", default_value_t = format_duration(HttpConfig::default().header_timeout))]
+    pub header_timeout: String,
+
+    /// Open TCP connections at once, WebSockets included; one more is closed
+    /// at accept (`marketcast_connections_refused_total`). Keep it under the
+    /// process's open-files limit, with room for database connections.
+    #[arg(long, env = "MARKETCAST_MAX_OPEN_CONNECTIONS", default_value_t = HttpConfig::default().max_open_connections)]
+    pub max_open_connections: usize,
+}
+
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     #[command(flatten)]
@@ -85,6 +101,9 @@ pub struct MigrateArgs {
 pub struct WriterArgs {
     #[command(flatten)]
     pub db: DbArgs,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
 
     /// Address to bind; port 0 picks a free port. The bound address is printed
     /// as the first stdout line, `listening on HOST:PORT`.
@@ -135,6 +154,9 @@ pub struct WriterArgs {
 pub struct BroadcasterArgs {
     #[command(flatten)]
     pub db: DbArgs,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
 
     /// Address to bind; port 0 picks a free port. The bound address is printed
     /// as the first stdout line, `listening on HOST:PORT`.
@@ -317,6 +339,18 @@ impl DbArgs {
     }
 }
 
+impl HttpArgs {
+    /// The validated [`HttpConfig`].
+    pub fn config(&self) -> Result<HttpConfig> {
+        let c = HttpConfig {
+            header_timeout: config::duration("--header-timeout", &self.header_timeout)?,
+            max_open_connections: self.max_open_connections,
+        };
+        c.check()?;
+        Ok(c)
+    }
+}
+
 impl WriterArgs {
     /// The validated [`WriterConfig`].
     pub fn config(&self) -> Result<WriterConfig> {
@@ -332,6 +366,7 @@ impl WriterArgs {
         }
         Ok(WriterConfig {
             db: self.db.config()?,
+            http: self.http.config()?,
             listen: config::addr("--listen", &self.listen)?,
             write_token: self.write_token.clone().filter(|t| !t.is_empty()),
             batch_max: self.batch_max,
@@ -349,6 +384,7 @@ impl BroadcasterArgs {
     pub fn config(&self) -> Result<BroadcasterConfig> {
         let c = BroadcasterConfig {
             db: self.db.config()?,
+            http: self.http.config()?,
             listen: config::addr("--listen", &self.listen)?,
             shards: self
                 .shards

@@ -71,9 +71,40 @@ impl DbConfig {
     }
 }
 
+/// The bounds every HTTP server of a role keeps ([`crate::http::serve`]).
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// A connection that has not sent a complete request head this long
+    /// after accept, or after its previous response, is closed.
+    pub header_timeout: Duration,
+    /// Open TCP connections, WebSockets included; one more is closed at accept.
+    pub max_open_connections: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_timeout: Duration::from_secs(10),
+            // Under a 20000 open-files limit, with room left for the
+            // database connections, the LISTEN connection and files.
+            max_open_connections: 19_000,
+        }
+    }
+}
+
+impl HttpConfig {
+    pub fn check(&self) -> Result<()> {
+        if self.header_timeout.is_zero() || self.max_open_connections == 0 {
+            bail!("--header-timeout must be positive and --max-open-connections at least 1");
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone)]
 pub struct WriterConfig {
     pub db: DbConfig,
+    pub http: HttpConfig,
     /// Where `main` binds; `writer::run` takes a bound listener.
     pub listen: SocketAddr,
     /// A secret: never logged (the hand-written `Debug` prints only whether it is set).
@@ -93,6 +124,7 @@ impl std::fmt::Debug for WriterConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WriterConfig")
             .field("db", &self.db)
+            .field("http", &self.http)
             .field("listen", &self.listen)
             .field(
                 "write_token",
@@ -114,6 +146,7 @@ impl Default for WriterConfig {
     fn default() -> Self {
         WriterConfig {
             db: DbConfig::default(),
+            http: HttpConfig::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             write_token: None,
             batch_max: 64,
@@ -139,6 +172,7 @@ impl WriterConfig {
 #[derive(Debug, Clone)]
 pub struct BroadcasterConfig {
     pub db: DbConfig,
+    pub http: HttpConfig,
     /// Where `main` binds; `broadcaster::run` takes a bound listener.
     pub listen: SocketAddr,
     /// None: every shard of the stored shard count.
@@ -197,6 +231,7 @@ impl Default for BroadcasterConfig {
     fn default() -> Self {
         BroadcasterConfig {
             db: DbConfig::default(),
+            http: HttpConfig::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 9001)),
             shards: None,
             shard_url_template: None,
@@ -239,6 +274,7 @@ impl BroadcasterConfig {
 
     /// Cross-field rules; also run by `broadcaster::run` for configs built in code.
     pub fn check(&self) -> Result<()> {
+        self.http.check()?;
         let (s, h, l) = (&self.session, &self.hub, &self.listener);
         for (name, v) in [
             ("--max-connections", s.max_connections),

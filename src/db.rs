@@ -14,6 +14,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 pub mod admin;
+pub mod health;
 pub mod log;
 pub(crate) mod rows;
 pub mod write;
@@ -80,15 +81,30 @@ pub async fn connect(url: &str, application_name: &str) -> Result<tokio_postgres
     Ok(client)
 }
 
-/// Run a database step under `timeout`; running out of time is an outage
-/// like any other ([`DbError::Unavailable`]).
-pub async fn bounded<T>(
+/// Run `step` on a connection from `pool`, the wait for the connection
+/// included, under `timeout`; running out of time is an outage like any
+/// other ([`DbError::Unavailable`]).
+///
+/// A step that timed out leaves its connection in an unknown state: a
+/// statement may still be running, or the network path to Postgres may have
+/// frozen (a half-open connection that TCP has not noticed yet, behind a
+/// stateful firewall, say). Such a connection is closed, never returned to
+/// the pool, so that the next step gets a fresh one instead of hanging on the
+/// same path for ever.
+pub async fn with_connection<T>(
+    pool: &Pool,
     timeout: Duration,
-    step: impl std::future::Future<Output = Result<T, DbError>>,
+    step: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, DbError>,
 ) -> Result<T, DbError> {
-    tokio::time::timeout(timeout, step)
-        .await
-        .map_err(DbError::from)?
+    let deadline = tokio::time::Instant::now() + timeout;
+    let c = tokio::time::timeout_at(deadline, pool.get()).await??;
+    match tokio::time::timeout_at(deadline, step(&c)).await {
+        Ok(r) => r,
+        Err(elapsed) => {
+            drop(deadpool_postgres::Object::take(c));
+            Err(elapsed.into())
+        }
+    }
 }
 
 /// Errors a caller branches on: the database could not be reached (retry

@@ -148,10 +148,17 @@ async fn serve(cfg: &DemoConfig, url: &str, shutdown: CancellationToken) -> Resu
     parts.push((
         "page server",
         spawn_part(&stop, async move {
-            http::serve(front, front_stop, move |req, _peer| {
-                let state = state.clone();
-                async move { state.handle(req).await }
-            })
+            let limits = crate::config::HttpConfig::default();
+            http::serve(
+                front,
+                &limits,
+                http::Sockets::default(),
+                front_stop,
+                move |req, _peer| {
+                    let state = state.clone();
+                    async move { state.handle(req).await }
+                },
+            )
             .await;
             Ok(())
         }),

@@ -1,23 +1,27 @@
 //! HTTP server plumbing shared by the writer and the broadcaster: the accept
-//! loop on hyper-util's auto builder (HTTP/1.1 with upgrades, and h2), graceful
-//! shutdown of in-flight requests, and small response helpers.
+//! loop (HTTP/1.1 with upgrades) with a bound on every socket before its
+//! request arrives and on how many are open, graceful shutdown of in-flight
+//! requests, and small response helpers.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::{header, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::config::HttpConfig;
 use crate::shutdown::DEADLINE;
 
 pub type Body = Full<Bytes>;
@@ -34,22 +38,88 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(l)
 }
 
+/// Open TCP connections of one server, counted at `accept` against
+/// `--max-open-connections`. A connection's task holds a [`SocketSlot`]; a
+/// WebSocket session takes one of its own for the upgraded socket before the
+/// HTTP connection lets go of it, so every open socket is counted, before the
+/// upgrade and after.
+#[derive(Debug, Clone, Default)]
+pub struct Sockets(Arc<AtomicUsize>);
+
+/// One open socket of [`Sockets`]; dropping it frees the slot.
+#[derive(Debug)]
+pub struct SocketSlot(Arc<AtomicUsize>);
+
+impl Sockets {
+    pub fn open(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// A slot for a socket just accepted, if fewer than `max` are open.
+    fn try_take(&self, max: usize) -> Option<SocketSlot> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| self.slot())
+    }
+
+    /// A slot for a socket that is already counted (an upgrade taking over
+    /// its connection's socket): never refused.
+    pub fn hold(&self) -> SocketSlot {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        self.slot()
+    }
+
+    fn slot(&self) -> SocketSlot {
+        OPEN_SOCKETS.increment(1.0);
+        SocketSlot(self.0.clone())
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        OPEN_SOCKETS.decrement(1.0);
+    }
+}
+
+/// Resolved once; servers start after `metrics::install`.
+static OPEN_SOCKETS: LazyLock<metrics::Gauge> =
+    LazyLock::new(|| metrics::gauge!("marketcast_open_connections"));
+
 /// Serve `handler` on `listener` until `shutdown` is cancelled, then stop
-/// accepting and give in-flight requests up to [`DEADLINE`]. Upgraded
-/// (WebSocket) connections are not covered: hyper hands their IO over and
-/// forgets them, so their owner tracks and closes them (see `shutdown.rs`).
-pub async fn serve<F, Fut>(listener: TcpListener, shutdown: CancellationToken, handler: F)
-where
+/// accepting and give in-flight requests up to [`DEADLINE`].
+///
+/// HTTP/1.1 only: nothing marketcast serves needs HTTP/2 (WebSockets upgrade
+/// from HTTP/1.1, and a load balancer speaks HTTP/1.1 to its backends), and
+/// hyper-util's HTTP/1-or-2 sniff runs without a timer (hyper#3756, #3962),
+/// so a socket that sent nothing was held for ever. hyper's HTTP/1 header
+/// timeout starts at accept and again whenever a keep-alive connection waits
+/// for its next request: a socket that sends no complete request head within
+/// `header_timeout` is closed, silent or trickling, first request or idle.
+/// An HTTP/2 preface is answered 400 and closed.
+///
+/// Upgraded (WebSocket) connections are not covered: hyper hands their IO
+/// over and forgets them, so their owner tracks and closes them (see
+/// `shutdown.rs`).
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    cfg: &HttpConfig,
+    sockets: Sockets,
+    shutdown: CancellationToken,
+    handler: F,
+) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     // Without a timer, header_read_timeout does nothing (or panics).
     builder
-        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
-    let graceful = GracefulShutdown::new();
+        .header_read_timeout(cfg.header_timeout);
+    let connections = TaskTracker::new();
     loop {
         // Cancel safety: accept() and cancelled() are both cancel-safe.
         let (tcp, peer) = tokio::select! {
@@ -64,6 +134,13 @@ where
             },
             _ = shutdown.cancelled() => break,
         };
+        let Some(slot) = sockets.try_take(cfg.max_open_connections) else {
+            // Closed at once (dropped): the cap bounds descriptors whatever
+            // clients do, and what is already open keeps working.
+            metrics::counter!("marketcast_connections_refused_total").increment(1);
+            tracing::debug!(%peer, "connection refused: --max-open-connections reached");
+            continue;
+        };
         // Small frames must go out at once; coalescing is done by the writers.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
@@ -74,17 +151,31 @@ where
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            .serve_connection(TokioIo::new(tcp), svc)
+            .with_upgrades();
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            tokio::pin!(conn);
+            // Cancel safety: the connection future is pinned here and polled
+            // again after graceful_shutdown, never dropped mid-request.
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.cancelled() => {
+                    // Finish the request in flight, then close; an idle
+                    // connection closes at once.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
                 tracing::debug!(error = %e, %peer, "http connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(DEADLINE, graceful.shutdown())
+    connections.close();
+    if tokio::time::timeout(DEADLINE, connections.wait())
         .await
         .is_err()
     {

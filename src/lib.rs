@@ -42,6 +42,7 @@
 //!   - [`protocol::market`]: the market id grammar and a market's state.
 //!   - [`protocol::trade`]: a trade, its JSON and its shared WebSocket frame.
 //!   - [`protocol::frame`]: server -> client frames as bytes.
+//!   - [`protocol::handshake`]: the opening handshake's rules (RFC 6455 section 4).
 //!   - [`protocol::doorbell`]: the NOTIFY payload and shard channels.
 //!   - [`protocol::client`]: WebSocket client ops (the `from_seq` rule once) and replies.
 //!   - [`protocol::write_api`]: the write API's routes, bearer check, bodies and `ApiError`.
@@ -50,6 +51,7 @@
 //!   - [`db::admin`]: migrations (`sql/`), prune, the stored shard count.
 //!   - [`db::log`]: reads of the log and the market rows.
 //!   - [`db::write`]: the INSERTs; database outcomes, never an HTTP status.
+//!   - [`db::health`]: the probe each role's `/healthz` answers from.
 //! - [`writer`]: HTTP -> bearer check -> parse -> batch -> `db::write`.
 //!   - `writer/batcher.rs`: groups concurrent trades into one transaction.
 //! - [`broadcaster`]: wires the three below behind `GET /ws`.
@@ -62,7 +64,7 @@
 //! - [`subscribe`]: the reference client, with a typed fatal error.
 //! - [`demo`]: `marketcast demo`: all roles in one process; `demo/flow.rs`
 //!   (synthetic trades), `demo/page/` (the market page).
-//! - [`http`]: server plumbing shared by both roles.
+//! - [`http`]: server plumbing shared by both roles: the bounds on every socket.
 //! - [`metrics`]: the Prometheus recorder and every metric's description.
 //! - [`shutdown`]: signals, cancellation, the shutdown deadlines.
 //! - [`backoff`]: the one retry schedule.

@@ -64,6 +64,8 @@ const METRICS: &[(Kind, &str, &str)] = &[
     (Gauge, "marketcast_notify_queue_usage", "pg_notification_queue_usage(): fraction of the cluster's NOTIFY queue in use."),
     (Histogram, "marketcast_commit_to_send_seconds", "Time from a trade's commit timestamp to its first write to a live subscriber."),
     (Counter, "marketcast_client_errors_total", "Error replies sent to WebSocket clients, by code."),
+    (Gauge, "marketcast_open_connections", "Open TCP connections of the HTTP servers (WebSockets included), counted against --max-open-connections."),
+    (Counter, "marketcast_connections_refused_total", "Connections closed at accept because --max-open-connections were open."),
     (Counter, "marketcast_ws_origin_refused_total", "WebSocket upgrades refused with 403 by --allowed-origins / --require-origin."),
 ];
 

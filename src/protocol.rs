@@ -10,6 +10,7 @@
 pub mod client;
 pub mod doorbell;
 pub mod frame;
+pub mod handshake;
 pub mod market;
 pub mod trade;
 pub mod write_api;

@@ -27,8 +27,8 @@ use crate::db::{self, DbError};
 use crate::http::{self, Body};
 use crate::protocol::trade::Trade;
 use crate::protocol::write_api::{
-    authorized, parse_json_object, parse_trades_query, route_path, validate_market_id, ApiError,
-    NewMarket, NewTrade, Route,
+    authorized, parse_json_object, parse_markets_query, parse_trades_query, route_path,
+    validate_market_id, ApiError, NewMarket, NewTrade, Route,
 };
 
 mod batcher;
@@ -72,7 +72,9 @@ pub async fn run(
             }
         }
     });
+    let db_health = db::health::spawn_probe(pool.clone(), shutdown.child_token());
     let state = Arc::new(Writer {
+        db_health,
         pool,
         token: cfg.write_token.clone(),
         trades: tx,
@@ -81,10 +83,16 @@ pub async fn run(
         max_body_bytes: cfg.max_body_bytes,
         body_timeout: cfg.body_timeout,
     });
-    http::serve(listener, shutdown, move |req, peer| {
-        let state = state.clone();
-        async move { state.handle(req, peer).await }
-    })
+    http::serve(
+        listener,
+        &cfg.http,
+        http::Sockets::default(),
+        shutdown,
+        move |req, peer| {
+            let state = state.clone();
+            async move { state.handle(req, peer).await }
+        },
+    )
     .await;
     // The handler closures (and with them the queue's senders) are gone once
     // serve returns, so the batcher finishes what is queued and ends.
@@ -98,6 +106,8 @@ pub async fn run(
 }
 
 struct Writer {
+    /// The database probe /healthz answers from.
+    db_health: db::health::Health,
     pool: Pool,
     token: Option<String>,
     /// Trade requests to the batcher. Bounded: when full the request is
@@ -237,7 +247,9 @@ impl Writer {
         match (route, &method) {
             (Route::Healthz, _) => Ok(self.healthz().await),
             (Route::Metrics, _) => Ok(http::metrics()),
-            (Route::Markets, &Method::GET) => self.list_markets().await,
+            (Route::Markets, &Method::GET) => {
+                self.list_markets(req.uri().query().unwrap_or("")).await
+            }
             (Route::Markets, &Method::POST) => {
                 self.authorize(&req)?;
                 self.create_market(req).await
@@ -263,20 +275,13 @@ impl Writer {
         }
     }
 
+    /// From the probe's last answer: no query per request.
     async fn healthz(&self) -> Response<Body> {
-        let probe = async {
-            let c = self.pool.get().await?;
-            db::log::ping(&**c).await
-        };
-        match tokio::time::timeout(self.timeout, probe).await {
-            Ok(Ok(())) => http::json(StatusCode::OK, &json!({"status": "ok"})),
-            Ok(Err(e)) => http::json(
+        match self.db_health.status().await {
+            Ok(()) => http::json(StatusCode::OK, &json!({"status": "ok"})),
+            Err(e) => http::json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "unavailable", "error": e.to_string()}),
-            ),
-            Err(_) => http::json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "unavailable", "error": "timed out"}),
+                &json!({"status": "unavailable", "error": e}),
             ),
         }
     }
@@ -363,21 +368,29 @@ impl Writer {
         parse_json_object(&body)
     }
 
-    async fn list_markets(&self) -> Result<Response<Body>, ApiError> {
-        let work = async {
-            let c = self.pool.get().await?;
-            db::log::markets(&**c).await
-        };
-        let markets = db::bounded(self.timeout, work).await?;
-        Ok(http::json(StatusCode::OK, &json!({ "markets": markets })))
+    /// One page of markets in id order; `next_after` names the last one
+    /// when the page is full (ask again with `?after=` it for the rest), and
+    /// is absent otherwise, so a v1 client sees the body it always saw.
+    async fn list_markets(&self, query: &str) -> Result<Response<Body>, ApiError> {
+        let (after, limit) = parse_markets_query(query)?;
+        let markets = db::with_connection(&self.pool, self.timeout, async |c| {
+            db::log::markets(c, after.as_deref(), limit).await
+        })
+        .await?;
+        let full = markets.len() as i64 == limit;
+        let next_after = markets.last().filter(|_| full).map(|m| m.market.clone());
+        let mut body = json!({ "markets": markets });
+        if let Some(after) = next_after {
+            body["next_after"] = after.into();
+        }
+        Ok(http::json(StatusCode::OK, &body))
     }
 
     async fn get_market(&self, id: &str) -> Result<Response<Body>, ApiError> {
-        let work = async {
-            let c = self.pool.get().await?;
-            db::log::market(&**c, id).await
-        };
-        match db::bounded(self.timeout, work).await? {
+        let found = db::with_connection(&self.pool, self.timeout, async |c| {
+            db::log::market(c, id).await
+        });
+        match found.await? {
             Some(m) => Ok(http::json(StatusCode::OK, &m)),
             None => Err(ApiError::unknown_market(id)),
         }
@@ -386,11 +399,10 @@ impl Writer {
     async fn create_market(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
         let body = self.read_json(req).await?;
         let NewMarket { id, title } = NewMarket::parse(&body)?;
-        let work = async {
-            let c = self.pool.get().await?;
-            db::write::create_market(&**c, &id, &title).await
-        };
-        match db::bounded(self.timeout, work).await {
+        let created = db::with_connection(&self.pool, self.timeout, async |c| {
+            db::write::create_market(c, &id, &title).await
+        });
+        match created.await {
             Ok(m) => Ok(http::json(StatusCode::CREATED, &m)),
             Err(e) if e.code() == Some("23505") => Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -403,18 +415,15 @@ impl Writer {
 
     async fn list_trades(&self, id: &str, query: &str) -> Result<Response<Body>, ApiError> {
         let (after, limit) = parse_trades_query(query)?;
-        let work = async {
-            let c = self.pool.get().await?;
-            if db::log::market(&**c, id).await?.is_none() {
+        let page = db::with_connection(&self.pool, self.timeout, async |c| {
+            if db::log::market(c, id).await?.is_none() {
                 return Ok(None);
             }
-            db::log::trades_after(&c, id, after, None, limit)
+            db::log::trades_after(c, id, after, None, limit)
                 .await
                 .map(Some)
-        };
-        let trades = db::bounded(self.timeout, work)
-            .await?
-            .ok_or_else(|| ApiError::unknown_market(id))?;
+        });
+        let trades = page.await?.ok_or_else(|| ApiError::unknown_market(id))?;
         // Each trade is already its contract JSON; splice them rather than re-parse.
         let mut out = Vec::with_capacity(16 + trades.len() * 180);
         out.extend_from_slice(b"{\"trades\":[");

@@ -137,18 +137,38 @@ enum Internal {
         markets: Vec<String>,
         result: Result<Vec<(Vec<EncodedTrade>, bool)>, db::DbError>,
     },
-    Reconciled {
-        heads: Vec<(String, i64)>,
-        notify_queue_usage: f64,
-    },
+    /// A reconcile's answer; Err when the database did not give one.
+    Reconciled(Result<Reconciled, db::DbError>),
+}
+
+struct Reconciled {
+    heads: Vec<(String, i64)>,
+    notify_queue_usage: f64,
+}
+
+/// Most rows one batched read may hold: the markets of one read are at most
+/// this divided by `--replay-page` (16 at the default 1000), so a read's
+/// memory stays bounded however many markets are rung at once; the rest wait
+/// for the next free hub connection.
+const MAX_ROWS_PER_READ: usize = 16_384;
+
+/// How the hub reads the log.
+pub struct Reads {
+    /// Its own pool (`--hub-pool-size`): a storm of replays cannot starve it.
+    pub pool: Pool,
+    /// Most trades per market in one read (`--replay-page`).
+    pub page: usize,
+    /// Bound on one read or reconcile, connection wait included
+    /// (`--db-timeout`); past it the connection is closed and the read is
+    /// retried ([`db::with_connection`]).
+    pub timeout: Duration,
 }
 
 /// Start the hub task. `events` comes from the listener (unbounded there, so
 /// the LISTEN socket is always read; see `listener.rs`).
 pub fn spawn(
     cfg: HubConfig,
-    page: usize,
-    pool: Pool,
+    reads: Reads,
     events: mpsc::UnboundedReceiver<HubEvent>,
     shutdown: CancellationToken,
 ) -> (HubHandle, tokio::task::JoinHandle<()>) {
@@ -156,11 +176,11 @@ pub fn spawn(
     let (results_tx, results_rx) = mpsc::unbounded_channel();
     let hub = Hub {
         cfg,
-        page,
-        pool,
+        reads,
         markets: HashMap::new(),
         pending: Vec::new(),
         reads_in_flight: 0,
+        reconciling: false,
         results_tx,
         queue_warned_at: None,
     };
@@ -170,18 +190,20 @@ pub fn spawn(
 
 struct Hub {
     cfg: HubConfig,
-    /// Most trades per market in one read (`--replay-page`).
-    page: usize,
-    pool: Pool,
+    reads: Reads,
     markets: HashMap<String, Market>,
     /// Reads the cores asked for that wait for a free hub connection; each
     /// market at most once (its core allows one read outstanding).
     pending: Vec<(String, core::Fetch)>,
     /// Batched reads running, at most the hub pool's size.
     reads_in_flight: usize,
+    /// A reconcile is running: a tick while one runs starts none, so a slow
+    /// database never piles them up.
+    reconciling: bool,
     /// Results of spawned reads and reconciles back into the hub task (the
     /// receiving end is polled by `run`). Unbounded: at most one read per hub
-    /// connection plus the reconciles of a few ticks are ever in flight.
+    /// connection plus one reconcile are ever in flight, and each sends one
+    /// result, also when it fails or panics.
     results_tx: mpsc::UnboundedSender<Internal>,
     /// When the NOTIFY-queue warning was last logged; None while below the threshold.
     queue_warned_at: Option<tokio::time::Instant>,
@@ -283,34 +305,37 @@ impl Hub {
     }
 
     fn dispatch(&mut self) {
-        if self.pending.is_empty() || self.reads_in_flight >= self.pool.status().max_size {
-            return;
+        let per_read = (MAX_ROWS_PER_READ / self.reads.page).max(1);
+        while !self.pending.is_empty() && self.reads_in_flight < self.reads.pool.status().max_size {
+            self.reads_in_flight += 1;
+            metrics::counter!("marketcast_log_reads_total").increment(1);
+            let take = per_read.min(self.pending.len());
+            let (markets, afters): (Vec<String>, Vec<i64>) = self
+                .pending
+                .drain(..take)
+                .map(|(m, f)| (m, f.after))
+                .unzip();
+            let pool = self.reads.pool.clone();
+            let (timeout, page) = (self.reads.timeout, self.reads.page as i64);
+            let tx = self.results_tx.clone();
+            tokio::spawn(async move {
+                let read = db::with_connection(&pool, timeout, async |c| {
+                    db::log::trade_frames_after_many(c, &markets, &afters, page).await
+                });
+                let result = match caught(read).await {
+                    // Encoded once here, shared by every subscriber.
+                    Ok(pages) => Ok(pages
+                        .into_iter()
+                        .map(|rows| {
+                            let full = rows.len() as i64 == page;
+                            (rows, full)
+                        })
+                        .collect()),
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(Internal::Fetched { markets, result }); // Fails only when the hub has stopped.
+            });
         }
-        self.reads_in_flight += 1;
-        metrics::counter!("marketcast_log_reads_total").increment(1);
-        let (markets, afters): (Vec<String>, Vec<i64>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .map(|(m, f)| (m, f.after))
-            .unzip();
-        let pool = self.pool.clone();
-        let tx = self.results_tx.clone();
-        let page = self.page as i64;
-        tokio::spawn(async move {
-            let result = async {
-                let c = pool.get().await?;
-                let pages = db::log::trade_frames_after_many(&c, &markets, &afters, page).await?;
-                // Encoded once here, shared by every subscriber.
-                Ok(pages
-                    .into_iter()
-                    .map(|rows| {
-                        let full = rows.len() as i64 == page;
-                        (rows, full)
-                    })
-                    .collect())
-            }
-            .await;
-            let _ = tx.send(Internal::Fetched { markets, result }); // Fails only when the hub has stopped.
-        });
     }
 
     fn on_internal(&mut self, i: Internal) {
@@ -334,10 +359,18 @@ impl Hub {
                 }
                 self.dispatch();
             }
-            Internal::Reconciled {
-                heads,
-                notify_queue_usage,
-            } => {
+            Internal::Reconciled(r) => {
+                self.reconciling = false;
+                let Reconciled {
+                    heads,
+                    notify_queue_usage,
+                } = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reconcile skipped: database unavailable");
+                        return;
+                    }
+                };
                 self.check_queue(notify_queue_usage);
                 for (id, last_seq) in heads {
                     let behind = self
@@ -414,32 +447,56 @@ impl Hub {
         }
     }
 
-    /// Drop markets nobody follows, then compare the rest with the database.
+    /// Drop markets nobody follows, then compare the rest with the database
+    /// (unless the previous comparison is still running).
     fn on_tick(&mut self) {
         self.markets.retain(|_, m| m.shared.tx.receiver_count() > 0);
         metrics::gauge!("marketcast_hub_markets").set(self.markets.len() as f64);
+        if self.reconciling {
+            return;
+        }
+        self.reconciling = true;
         let ids: Vec<String> = self.markets.keys().cloned().collect();
-        let pool = self.pool.clone();
+        let pool = self.reads.pool.clone();
+        let timeout = self.reads.timeout;
         let tx = self.results_tx.clone();
         tokio::spawn(async move {
-            let r = async {
-                let c = pool.get().await?;
-                let usage = db::log::notify_queue_usage(&**c).await?;
+            let r = caught(db::with_connection(&pool, timeout, async |c| {
+                let usage = db::log::notify_queue_usage(c).await?;
                 metrics::gauge!("marketcast_notify_queue_usage").set(usage);
-                let heads = db::log::heads(&**c, &ids).await?;
-                Ok::<_, db::DbError>(Internal::Reconciled {
+                let heads = db::log::heads(c, &ids).await?;
+                Ok(Reconciled {
                     heads,
                     notify_queue_usage: usage,
                 })
-            }
+            }))
             .await;
-            match r {
-                Ok(reconciled) => {
-                    let _ = tx.send(reconciled); // Fails only when the hub has stopped.
-                }
-                Err(e) => tracing::debug!(error = %e, "reconcile skipped: database unavailable"),
-            }
+            let _ = tx.send(Internal::Reconciled(r)); // Fails only when the hub has stopped.
         });
+    }
+}
+
+/// `step`, with a panic turned into an error: a read that panics (a bug, or
+/// a row no code foresaw) must still report back, or its markets would wait
+/// for it for ever.
+async fn caught<T>(
+    step: impl std::future::Future<Output = Result<T, db::DbError>>,
+) -> Result<T, db::DbError> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(step).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %why, "a hub read panicked; its markets are read again");
+            Err(db::DbError::Sql {
+                code: "XX000".into(),
+                message: format!("the read panicked: {why}"),
+            })
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
 use futures_util::FutureExt;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
@@ -61,6 +61,14 @@ const WRITE_BATCH_FRAMES: usize = 512;
 
 /// How long a closed connection keeps reading for the peer's Close reply.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+
+/// After a protocol error, the raw bytes still arriving are discarded until
+/// none has come for this long: what was in flight, not a stream the peer
+/// keeps up to hold its slot.
+const DRAIN_IDLE: Duration = Duration::from_millis(20);
+
+/// ... and at most this many of them.
+const DRAIN_MAX_BYTES: usize = 64 * 1024;
 
 /// The session's fast path polls only live data; every this many turns it
 /// also looks at ops, timers and shutdown (see `Session::run`).
@@ -106,6 +114,7 @@ pub(crate) async fn run(
         frames: FrameReader::new(ctx.cfg.max_message_bytes),
         rate: RateLimit::new(ctx.cfg.rate_per_sec, ctx.cfg.rate_burst, Instant::now()),
         refused: 0,
+        deferred_pong: None,
         last_seen: Instant::now(),
         sent_close: false,
         peer_closed: false,
@@ -128,22 +137,13 @@ pub(crate) async fn run(
     // The closing handshake: our Close is out; keep reading until the peer's
     // Close (or EOF) so that its last frames, a pong say, are not left
     // unread. Dropping a socket with unread input sends a RST, and the peer
-    // may then lose our Close frame and never learn the code.
+    // may then lose our Close frame and never learn the code (RFC 6455
+    // section 7.1.1).
     if s.sent_close && !s.peer_closed {
-        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
-            while let Ok(m) = s.frames.next(&mut s.io).await {
-                if matches!(m, Inbound::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await; // Past the deadline the socket is dropped anyway.
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, s.drain()).await; // Past the deadline the socket is dropped anyway.
     }
-    s.sent.publish();
-    let subs = s.subs.len();
-    metrics::gauge!("marketcast_subscriptions").decrement(subs as f64);
-    ctx.connections.fetch_sub(1, Ordering::AcqRel);
-    metrics::gauge!("marketcast_ws_connections").decrement(1.0);
+    // Slots, gauges and tallies are released by Session's Drop, on every
+    // exit path, a panic included.
 }
 
 /// One subscription.
@@ -172,8 +172,11 @@ struct Session {
     io: TokioIo<Upgraded>,
     frames: FrameReader,
     rate: RateLimit,
-    /// Ops refused in a row by the rate limit.
+    /// Ops and pings refused in a row by the rate limit.
     refused: u32,
+    /// The pong to the latest ping refused by the rate limit, sent with the
+    /// next server ping.
+    deferred_pong: Option<Bytes>,
     /// Last frame from the client (any frame: a pong counts), for idle_timeout.
     last_seen: Instant,
     /// Our Close frame went out: wait for the peer's before dropping.
@@ -197,6 +200,27 @@ struct Session {
 }
 
 type SubId = u32;
+
+/// What the op rate limit says of one client message.
+enum Admit {
+    Yes,
+    /// Refused this time (`rate_limited`; a ping's pong waits).
+    Later,
+    /// A full burst refused in a row: close 1008.
+    Never,
+}
+
+/// Whatever way the session ends, its connection slot (`--max-connections`),
+/// its gauges and its unpublished tallies go with it: a session that
+/// panicked used to keep its slot for ever.
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.sent.publish();
+        metrics::gauge!("marketcast_subscriptions").decrement(self.subs.len() as f64);
+        self.ctx.connections.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("marketcast_ws_connections").decrement(1.0);
+    }
+}
 
 impl Session {
     async fn run(&mut self, initial: Option<Result<Op, ErrorReply>>, shutdown: CancellationToken) {
@@ -263,6 +287,7 @@ impl Session {
                             self.close_now(1000, "idle timeout").await;
                             return Ok(());
                         }
+                        self.out.extend(self.deferred_pong.take());
                         self.out.push(control_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"mc"))));
                     }
                 }
@@ -302,8 +327,27 @@ impl Session {
             Inbound::Text(p) => p,
             Inbound::Pong => return Ok(true),
             Inbound::Ping(pong) => {
-                self.out.push(pong);
-                return Ok(true);
+                // A ping costs a token like an op: a client cannot make the
+                // server answer without bound. Within the limit it is
+                // answered at once; beyond it the pong waits for the next
+                // server ping (only the latest: RFC 6455 section 5.5.3 lets
+                // an endpoint answer just the most recent ping), and a
+                // sustained flood is closed like any other.
+                return Ok(match self.admit() {
+                    Admit::Yes => {
+                        self.deferred_pong = None;
+                        self.out.push(pong);
+                        true
+                    }
+                    Admit::Later => {
+                        self.deferred_pong = Some(pong);
+                        true
+                    }
+                    Admit::Never => {
+                        self.close_now(1008, "rate limit exceeded").await;
+                        false
+                    }
+                });
             }
             Inbound::Close(echo) => {
                 // The closing handshake, peer first: echo its code and end.
@@ -318,30 +362,71 @@ impl Session {
                 return Ok(false);
             }
         };
-        if self.rate.allow(Instant::now()) {
-            self.refused = 0;
-            match parse_op(&payload) {
+        match self.admit() {
+            Admit::Yes => match parse_op(&payload) {
                 // Boxed: an op's future (subscribe, log reads) is large and
                 // rare; inline, every idle connection would carry its state.
                 Ok(op) => Box::pin(self.on_op(op)).await?,
                 Err(e) => self.reply_error(e),
+            },
+            Admit::Later => {
+                let id = client::message_id(&payload);
+                self.reply_error(ErrorReply::new(
+                    id,
+                    "rate_limited",
+                    "too many messages; slow down",
+                ));
             }
-        } else {
-            self.refused += 1;
-            // Sustained abuse: a client still sending after a full burst of
-            // refusals is not going to slow down.
-            if self.refused > self.rate.burst as u32 {
+            Admit::Never => {
                 self.close_now(1008, "rate limit exceeded").await;
                 return Ok(false);
             }
-            let id = client::message_id(&payload);
-            self.reply_error(ErrorReply::new(
-                id,
-                "rate_limited",
-                "too many messages; slow down",
-            ));
         }
         Ok(true)
+    }
+
+    /// The op rate limit, for ops and pings alike.
+    fn admit(&mut self) -> Admit {
+        if self.rate.allow(Instant::now()) {
+            self.refused = 0;
+            return Admit::Yes;
+        }
+        self.refused += 1;
+        // Sustained abuse: a client still sending after a full burst of
+        // refusals is not going to slow down.
+        if self.refused > self.rate.burst as u32 {
+            Admit::Never
+        } else {
+            Admit::Later
+        }
+    }
+
+    /// After our Close: read until the peer's Close or EOF. Once the peer
+    /// has broken the protocol (often why we closed) its frames cannot be
+    /// parsed any more: discard raw bytes until EOF or until none have
+    /// arrived for [`DRAIN_IDLE`], so that dropping the socket sends a FIN,
+    /// not a reset that could destroy our Close before the peer reads it
+    /// (RFC 6455 section 7.1.1). The caller bounds it all by CLOSE_HANDSHAKE.
+    async fn drain(&mut self) {
+        loop {
+            match self.frames.next(&mut self.io).await {
+                // A message over the size limit is not read, ever: that is
+                // the limit's point (its payload may be any size).
+                Ok(Inbound::Close(_)) | Err(ReadError::Gone(_) | ReadError::TooLarge) => return,
+                Ok(_) => {}
+                Err(_) => {
+                    let mut scratch = [0u8; 4096];
+                    let mut left = DRAIN_MAX_BYTES;
+                    while left > 0 {
+                        match tokio::time::timeout(DRAIN_IDLE, self.io.read(&mut scratch)).await {
+                            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+                            _ => return,
+                        }
+                    }
+                    return;
+                }
+            }
+        }
     }
 
     async fn on_op(&mut self, op: Op) -> Result<(), End> {

@@ -104,7 +104,7 @@ pub async fn prune(url: &str, older_than: Duration) -> Result<u64> {
 }
 
 /// The stored shard count (migrate writes it once).
-pub async fn shard_count(client: &impl tokio_postgres::GenericClient) -> Result<u32, DbError> {
+pub async fn shard_count(client: &tokio_postgres::Client) -> Result<u32, DbError> {
     let row = client
         .query_opt("SELECT shard_count FROM marketcast_config", &[])
         .await?;

@@ -2,14 +2,12 @@
 //! hub's batched reads, replays), the writer's GETs, health probes and the
 //! hub's reconcile.
 
-use tokio_postgres::GenericClient;
-
 use super::rows::{self, MARKET_COLUMNS, TRADE_COLUMNS};
 use super::DbError;
 use crate::protocol::market::Market;
 use crate::protocol::trade::{EncodedTrade, Trade};
 
-pub async fn market(client: &impl GenericClient, id: &str) -> Result<Option<Market>, DbError> {
+pub async fn market(client: &tokio_postgres::Client, id: &str) -> Result<Option<Market>, DbError> {
     let sql = format!("SELECT {MARKET_COLUMNS} FROM markets WHERE id = $1");
     Ok(client
         .query_opt(&sql, &[&id])
@@ -99,7 +97,7 @@ pub async fn trade_frames_after_many(
 
 /// The lowest seq still in the log for a market (None: no trade at all).
 pub async fn earliest_seq(
-    client: &impl GenericClient,
+    client: &tokio_postgres::Client,
     market: &str,
 ) -> Result<Option<i64>, DbError> {
     let row = client
@@ -111,11 +109,18 @@ pub async fn earliest_seq(
     Ok(row.get(0))
 }
 
-/// Every market, by id (the writer's `GET /v1/markets`).
-pub async fn markets(client: &impl GenericClient) -> Result<Vec<Market>, DbError> {
-    let sql = format!("SELECT {MARKET_COLUMNS} FROM markets ORDER BY id");
+/// Markets with an id above `after` (None: from the first), by id, at most
+/// `limit` (the writer's `GET /v1/markets`).
+pub async fn markets(
+    client: &tokio_postgres::Client,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Market>, DbError> {
+    let sql = format!(
+        "SELECT {MARKET_COLUMNS} FROM markets WHERE $1::text IS NULL OR id > $1 ORDER BY id LIMIT $2"
+    );
     Ok(client
-        .query(&sql, &[])
+        .query(&sql, &[&after, &limit])
         .await?
         .iter()
         .map(rows::market)
@@ -124,7 +129,7 @@ pub async fn markets(client: &impl GenericClient) -> Result<Vec<Market>, DbError
 
 /// `markets.last_seq` of each of `ids` that exists (the hub's reconcile).
 pub async fn heads(
-    client: &impl GenericClient,
+    client: &tokio_postgres::Client,
     ids: &[String],
 ) -> Result<Vec<(String, i64)>, DbError> {
     if ids.is_empty() {
@@ -143,7 +148,7 @@ pub async fn heads(
 
 /// `pg_notification_queue_usage()`: the fraction of the cluster's NOTIFY
 /// queue in use.
-pub async fn notify_queue_usage(client: &impl GenericClient) -> Result<f64, DbError> {
+pub async fn notify_queue_usage(client: &tokio_postgres::Client) -> Result<f64, DbError> {
     Ok(client
         .query_one("SELECT pg_notification_queue_usage()", &[])
         .await?
@@ -151,7 +156,7 @@ pub async fn notify_queue_usage(client: &impl GenericClient) -> Result<f64, DbEr
 }
 
 /// The cheapest round trip, for health checks.
-pub async fn ping(client: &impl GenericClient) -> Result<(), DbError> {
+pub async fn ping(client: &tokio_postgres::Client) -> Result<(), DbError> {
     client.simple_query("SELECT 1").await?;
     Ok(())
 }
@@ -159,7 +164,7 @@ pub async fn ping(client: &impl GenericClient) -> Result<(), DbError> {
 /// The YES price (basis points; 5000 before any trade) of every open market
 /// (the demo's synthetic flow).
 pub async fn open_market_prices(
-    client: &impl GenericClient,
+    client: &tokio_postgres::Client,
 ) -> Result<Vec<(String, i64)>, DbError> {
     Ok(client
         .query(

@@ -58,8 +58,9 @@ pub struct PgTimestamp(pub i64);
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 impl PgTimestamp {
+    /// Saturating: `infinity` is i64::MAX here, and must not overflow.
     pub fn unix_micros(self) -> i64 {
-        self.0 + PG_EPOCH_UNIX_MICROS
+        self.0.saturating_add(PG_EPOCH_UNIX_MICROS)
     }
 }
 
@@ -86,5 +87,6 @@ mod tests {
         let unix = 1_795_757_462_123_456;
         assert_eq!(PgTimestamp(unix - PG_EPOCH_UNIX_MICROS).unix_micros(), unix);
         assert_eq!(PgTimestamp(0).unix_micros(), 946_684_800_000_000);
+        assert_eq!(PgTimestamp(i64::MAX).unix_micros(), i64::MAX, "infinity");
     }
 }

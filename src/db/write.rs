@@ -11,14 +11,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::Pool;
-use tokio_postgres::GenericClient;
-
 use super::rows::{self, MARKET_COLUMNS, TRADE_COLUMNS};
 use super::DbError;
 use crate::protocol::market::Market;
 use crate::protocol::trade::Trade;
 use crate::protocol::write_api::NewTrade;
+use deadpool_postgres::Pool;
 
 /// Extra time a COMMIT may take past the request deadline.
 const COMMIT_GRACE: Duration = Duration::from_millis(500);
@@ -60,7 +58,7 @@ pub type TradeResult = Result<Written, WriteError>;
 /// `POST /v1/markets`: the new market, or the database's refusal (23505: it
 /// exists).
 pub async fn create_market(
-    client: &impl GenericClient,
+    client: &tokio_postgres::Client,
     id: &str,
     title: &str,
 ) -> Result<Market, DbError> {

@@ -44,8 +44,17 @@ impl Serialize for Rfc3339 {
     }
 }
 
+/// 9999-12-31T23:59:59.999999Z, the last instant RFC 3339 can write.
+const MAX_TS_MICROS: i64 = 253_402_300_799_999_999;
+
+/// A `ts` outside what RFC 3339 can write (before 1970, after 9999, or
+/// Postgres's `infinity`: only the table's owner can store one) is sent
+/// clamped to 1970-01-01T00:00:00Z ..= 9999-12-31T23:59:59.999999Z: one odd
+/// row costs that row its timestamp, never the market its feed (it used to
+/// panic the read that encoded it).
 fn unix_time(unix_micros: i64) -> std::time::SystemTime {
-    std::time::UNIX_EPOCH + std::time::Duration::from_micros(unix_micros.max(0) as u64)
+    let clamped = unix_micros.clamp(0, MAX_TS_MICROS) as u64;
+    std::time::UNIX_EPOCH + std::time::Duration::from_micros(clamped)
 }
 
 /// A trade borrowed from a log row. The broadcaster's hot paths (the hub's
@@ -176,6 +185,22 @@ mod tests {
         };
         let json: serde_json::Value = serde_json::from_slice(&whole.to_json()).unwrap();
         assert_eq!(json["ts"], "2026-11-27T05:31:02.000000Z");
+    }
+
+    #[test]
+    fn timestamps_outside_rfc3339_are_clamped_never_a_panic() {
+        let ts = |micros| {
+            let t = Trade {
+                ts_micros: micros,
+                ..t()
+            };
+            let json: serde_json::Value = serde_json::from_slice(&t.to_json()).unwrap();
+            json["ts"].as_str().unwrap().to_string()
+        };
+        assert_eq!(ts(i64::MAX), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(ts(MAX_TS_MICROS + 1), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(ts(-1), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(ts(i64::MIN), "1970-01-01T00:00:00.000000Z");
     }
 
     #[test]

@@ -10,6 +10,9 @@ use super::market::is_market_id;
 
 /// Largest page of `GET /v1/markets/{id}/trades`.
 pub const MAX_TRADES_PAGE: i64 = 1000;
+/// Largest page of `GET /v1/markets`, and its default: an anonymous client
+/// cannot make one request read every market.
+pub const MAX_MARKETS_PAGE: i64 = 1000;
 /// Longest accepted client_order_id and trader, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
 /// Longest accepted market title, in bytes.
@@ -152,6 +155,33 @@ pub fn parse_trades_query(query: &str) -> Result<(i64, i64), ApiError> {
                 return Err(ApiError::invalid(format!(
                     "limit must be between 1 and {MAX_TRADES_PAGE}"
                 )))
+            }
+            _ => {}
+        }
+    }
+    Ok((after, limit))
+}
+
+/// `?after=ID&limit=N` of `GET /v1/markets`: markets with an id above
+/// `after` (None: from the first), in id order, at most `limit` (default and
+/// maximum [`MAX_MARKETS_PAGE`]). Unknown keys are ignored; a limit that is
+/// not an integer is 400, out of range 422.
+pub fn parse_markets_query(query: &str) -> Result<(Option<String>, i64), ApiError> {
+    let mut after = None;
+    let mut limit = MAX_MARKETS_PAGE;
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "after" => after = Some(v.into_owned()),
+            "limit" => {
+                let n: i64 = v
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("limit must be an integer"))?;
+                if !(1..=MAX_MARKETS_PAGE).contains(&n) {
+                    return Err(ApiError::invalid(format!(
+                        "limit must be between 1 and {MAX_MARKETS_PAGE}"
+                    )));
+                }
+                limit = n;
             }
             _ => {}
         }
@@ -359,6 +389,19 @@ mod tests {
         let status = |q| parse_trades_query(q).unwrap_err().status;
         assert_eq!(status("after_seq=x"), StatusCode::BAD_REQUEST);
         assert_eq!(status("after_seq=-1"), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(status("limit=0"), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(status("limit=1001"), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+
+    #[test]
+    fn market_page_queries() {
+        assert_eq!(parse_markets_query("").unwrap(), (None, MAX_MARKETS_PAGE));
+        assert_eq!(
+            parse_markets_query("after=B-1&limit=2&_=x").unwrap(),
+            (Some("B-1".into()), 2)
+        );
+        let status = |q| parse_markets_query(q).unwrap_err().status;
+        assert_eq!(status("limit=x"), StatusCode::BAD_REQUEST);
         assert_eq!(status("limit=0"), StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(status("limit=1001"), StatusCode::UNPROCESSABLE_ENTITY);
     }

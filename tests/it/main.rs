@@ -21,6 +21,12 @@
 //!   load while LISTEN is cut, Postgres restarts or goes away, the broadcaster
 //!   is killed, a subscriber stalls, the NOTIFY queue is pinned; every
 //!   sequence checked exactly (docs/RELIABILITY.md).
+//! - `hostile`: what an anonymous client can make either role hold: silent
+//!   and idle sockets, HTTP/2 prefaces, the open-connection cap.
+//! - `isolation`: faults inside the broadcaster stay contained: a path to
+//!   Postgres that freezes without closing.
+//! - `rfc6455`: the WebSocket protocol driven with raw bytes: the opening
+//!   handshake's rules and every frame rule, each with its exact code.
 //! - `security`: secrets never in any output (the real binary at
 //!   RUST_LOG=trace), what each role's login may and may not do, the Origin
 //!   allowlist, the writer's request limits, client input that once panicked.
@@ -32,8 +38,11 @@
 
 mod broadcaster;
 mod faults;
+mod hostile;
+mod isolation;
 mod props;
 mod resilience;
+mod rfc6455;
 mod security;
 mod sql;
 mod support;

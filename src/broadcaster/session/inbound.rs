@@ -13,7 +13,7 @@
 //! Cancel safety: [`FrameReader::next`] is cancel-safe: every byte read is
 //! kept in the reader, so the session polls it inside its `select!`.
 
-use fastwebsockets::{CloseCode, Frame};
+use fastwebsockets::Frame;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -272,7 +272,7 @@ fn close_echo(payload: &[u8]) -> Result<bytes::Bytes, ReadError> {
         [_] => Err(ReadError::Protocol("close frame with a 1-byte body")),
         [a, b, reason @ ..] => {
             let code = u16::from_be_bytes([*a, *b]);
-            if !CloseCode::from(code).is_allowed() {
+            if !close_code_allowed(code) {
                 return Err(ReadError::Protocol("close code not allowed on the wire"));
             }
             if std::str::from_utf8(reason).is_err() {
@@ -283,6 +283,15 @@ fn close_echo(payload: &[u8]) -> Result<bytes::Bytes, ReadError> {
     }
 }
 
+/// Whether a peer may send `code` in a Close frame (RFC 6455 section 7.4
+/// and the IANA registry it set up): the codes defined for the wire, the
+/// registered 1012-1014, and 3000-4999 for libraries and applications.
+/// 1004 is reserved, 1005, 1006 and 1015 must never be sent, and the rest
+/// below 3000 are reserved for future versions.
+fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 fn control(frame: Frame<'_>) -> bytes::Bytes {
     crate::protocol::frame::control_frame(frame)
 }
@@ -290,6 +299,19 @@ fn control(frame: Frame<'_>) -> bytes::Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_codes_allowed_on_the_wire_follow_the_registry() {
+        for ok in [
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4000,
+            4999,
+        ] {
+            assert!(close_code_allowed(ok), "{ok}");
+        }
+        for bad in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+            assert!(!close_code_allowed(bad), "{bad}");
+        }
+    }
 
     /// A masked client frame, as a browser sends it.
     fn frame(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {

@@ -43,13 +43,10 @@ impl Session {
             |e: DbError| err("unavailable", format!("database unavailable, retry: {e}"));
         let pool = &self.ctx.pool;
         let timeout = self.ctx.db_timeout;
-        let m = db::bounded(timeout, async {
-            let c = pool.get().await?;
-            db::log::market(&**c, market).await
-        })
-        .await
-        .map_err(unavailable)?
-        .ok_or_else(|| err("unknown_market", format!("no market named {market}")))?;
+        let m = db::with_connection(pool, timeout, async |c| db::log::market(c, market).await)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| err("unknown_market", format!("no market named {market}")))?;
         if !self.ctx.shards.contains(&(m.shard as u32)) {
             let mut e = err(
                 "wrong_shard",
@@ -92,9 +89,8 @@ impl Session {
                 .first_seq()
                 .is_none_or(|f| f > next)
         {
-            let earliest = db::bounded(timeout, async {
-                let c = pool.get().await?;
-                db::log::earliest_seq(&**c, market).await
+            let earliest = db::with_connection(pool, timeout, async |c| {
+                db::log::earliest_seq(c, market).await
             })
             .await
             .map_err(unavailable)?;
@@ -144,9 +140,8 @@ impl Session {
                 Some(p) => (p, "memory"),
                 None => {
                     let pool = &self.ctx.pool;
-                    let read = db::bounded(self.ctx.db_timeout, async {
-                        let c = pool.get().await?;
-                        db::log::trade_frames_after(&c, market, after, Some(upto), page_cap as i64)
+                    let read = db::with_connection(pool, self.ctx.db_timeout, async |c| {
+                        db::log::trade_frames_after(c, market, after, Some(upto), page_cap as i64)
                             .await
                     })
                     .await;

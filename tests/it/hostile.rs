@@ -1,0 +1,178 @@
+//! Hostile clients: what an anonymous client can make either role hold
+//! (docs/SECURITY.md, "What a client can make a server hold"). Each test
+//! holds the attack open while a real client is served, and asserts the
+//! bound that ends the attack.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+const TRADE: &str = r#"{"side":"yes","price":"0.5","qty":1}"#;
+
+/// Wait up to `limit` for the peer to close `s` (EOF or reset), discarding
+/// whatever it sends first; how long that took, or None if it stayed open.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(t0.elapsed())
+}
+
+/// `n` TCP connections to `addr` that never send a byte.
+async fn silent_sockets(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    out
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_are_closed_and_never_crowd_out_real_clients() {
+    let db = TestDb::new().await;
+    db.market("SIL").await;
+    let header_timeout = Duration::from_secs(3);
+    let mut wcfg = writer_config(&db);
+    wcfg.http.header_timeout = header_timeout;
+    let mut bcfg = broadcaster_config(&db);
+    bcfg.http.header_timeout = header_timeout;
+    let (w, b) = (writer(wcfg).await, broadcaster(bcfg).await);
+
+    // 3,000 sockets that send nothing, against each role.
+    let mut silent = silent_sockets(w.addr, 3000).await;
+    silent.extend(silent_sockets(b.addr, 3000).await);
+    let held = Instant::now();
+
+    // While they are held, a new subscriber is served and a new trade
+    // written, within 3 s.
+    let t0 = Instant::now();
+    let mut ws = connect_ws(&format!("{}?market=SIL", b.ws())).await;
+    assert_eq!(recv(&mut ws).await["type"], "subscribed");
+    let post = format!("{}/v1/markets/SIL/trades", w.http());
+    let (st, body) = http("POST", &post, &[], Some(TRADE)).await;
+    assert_eq!(st, 201, "{body}");
+    expect_trades(&mut ws, "SIL", 1, 1).await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "served in {:?} under 6,000 silent sockets",
+        t0.elapsed()
+    );
+
+    // Every silent socket is closed once the header timeout has passed.
+    let deadline = header_timeout + Duration::from_secs(5);
+    for s in &mut silent {
+        let left = deadline.saturating_sub(held.elapsed());
+        assert!(
+            closed_within(s, left).await.is_some(),
+            "a silent socket was still open {:?} after it connected",
+            held.elapsed()
+        );
+    }
+    // The WebSocket, upgraded long before, is not an idle HTTP connection:
+    // it still follows the market.
+    let (st, body) = http("POST", &post, &[], Some(TRADE)).await;
+    assert_eq!(st, 201, "{body}");
+    expect_trades(&mut ws, "SIL", 2, 2).await;
+    w.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_preface_and_an_idle_keep_alive_connection_are_closed() {
+    let db = TestDb::new().await;
+    let header_timeout = Duration::from_secs(2);
+    let mut wcfg = writer_config(&db);
+    wcfg.http.header_timeout = header_timeout;
+    let mut bcfg = broadcaster_config(&db);
+    bcfg.http.header_timeout = header_timeout;
+    let (w, b) = (writer(wcfg).await, broadcaster(bcfg).await);
+    for addr in [w.addr, b.addr] {
+        // HTTP/2 is not served: a cleartext preface, then silence, is
+        // answered and closed at once, never held.
+        let mut h2 = TcpStream::connect(addr).await.unwrap();
+        h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let took = closed_within(&mut h2, header_timeout + Duration::from_secs(3)).await;
+        assert!(took.is_some(), "an HTTP/2 preface held a socket on {addr}");
+
+        // A keep-alive connection idle after its response is closed once the
+        // header timeout passes with no next request.
+        let mut ka = TcpStream::connect(addr).await.unwrap();
+        ka.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let took = closed_within(&mut ka, header_timeout + Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|| panic!("an idle keep-alive connection was held on {addr}"));
+        assert!(
+            took >= header_timeout - Duration::from_millis(300),
+            "closed after {took:?}: the response must come first, then the idle bound"
+        );
+    }
+    w.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_are_capped_at_accept_websockets_included() {
+    let db = TestDb::new().await;
+    db.market("CAP").await;
+    let mut bcfg = broadcaster_config(&db);
+    bcfg.http.max_open_connections = 4;
+    let b = broadcaster(bcfg).await;
+    let refused = |text: &str| metric(text, "marketcast_connections_refused_total");
+
+    // Two WebSockets and two silent sockets fill the cap...
+    let mut ws1 = connect_ws(&format!("{}?market=CAP", b.ws())).await;
+    assert_eq!(recv(&mut ws1).await["type"], "subscribed");
+    let mut ws2 = connect_ws(&format!("{}?market=CAP", b.ws())).await;
+    assert_eq!(recv(&mut ws2).await["type"], "subscribed");
+    let mut silent = silent_sockets(b.addr, 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = refused(&marketcast::metrics::render());
+
+    // ...so the next connection is closed at accept, without a byte.
+    let mut extra = TcpStream::connect(b.addr).await.unwrap();
+    let took = closed_within(&mut extra, Duration::from_secs(2)).await;
+    assert!(took.is_some(), "a connection over the cap was held");
+    assert_eq!(refused(&marketcast::metrics::render()), before + 1.0);
+
+    // What is open keeps working: the WebSockets still get their trades.
+    db.trades("CAP", 1).await;
+    expect_trades(&mut ws1, "CAP", 1, 1).await;
+    expect_trades(&mut ws2, "CAP", 1, 1).await;
+
+    // A slot freed is a slot to use again.
+    drop(silent.pop());
+    let ok = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok((200, _)) = try_http("GET", &format!("{}/healthz", b.http()), &[], None).await
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(ok.is_ok(), "the freed slot was never reused");
+    b.stop().await;
+}
