@@ -40,6 +40,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::HubConfig;
 
 use crate::db;
@@ -139,6 +140,8 @@ enum Internal {
     },
     /// A reconcile's answer; Err when the database did not give one.
     Reconciled(Result<Reconciled, db::DbError>),
+    /// The retry backoff after a failed read has passed.
+    Retry,
 }
 
 struct Reconciled {
@@ -181,6 +184,8 @@ pub fn spawn(
         pending: Vec::new(),
         reads_in_flight: 0,
         reconciling: false,
+        retry: Vec::new(),
+        retry_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
         results_tx,
         queue_warned_at: None,
     };
@@ -200,6 +205,10 @@ struct Hub {
     /// A reconcile is running: a tick while one runs starts none, so a slow
     /// database never piles them up.
     reconciling: bool,
+    /// Markets whose read failed, read again when the retry timer fires.
+    retry: Vec<String>,
+    /// From 100 ms up to 2 s; reset by a read that succeeds.
+    retry_backoff: Backoff,
     /// Results of spawned reads and reconciles back into the hub task (the
     /// receiving end is polled by `run`). Unbounded: at most one read per hub
     /// connection plus one reconcile are ever in flight, and each sends one
@@ -245,7 +254,7 @@ impl Hub {
             HubEvent::ListenUp => {
                 let ids: Vec<String> = self.markets.keys().cloned().collect();
                 for id in ids {
-                    self.poke(&id);
+                    self.read(&id, core::MarketCore::repair);
                 }
             }
         }
@@ -282,10 +291,31 @@ impl Hub {
     }
 
     fn poke(&mut self, market: &str) {
+        self.read(market, core::MarketCore::poke);
+    }
+
+    /// Ask `market`'s core for a read (`poke` or `repair`) and queue it.
+    fn read(&mut self, market: &str, ask: fn(&mut core::MarketCore) -> Option<core::Fetch>) {
         if let Some(m) = self.markets.get_mut(market) {
-            if let Some(f) = m.core.poke() {
+            if let Some(f) = ask(&mut m.core) {
                 self.fetch(market, f);
             }
+        }
+    }
+
+    /// Read `markets` again after the retry backoff (a read failed: the
+    /// database is down, or the path to it froze). One timer at a time;
+    /// markets that fail meanwhile join its list.
+    fn retry_later(&mut self, markets: Vec<String>) {
+        let arm = self.retry.is_empty();
+        self.retry.extend(markets);
+        if arm {
+            let wait = self.retry_backoff.next_wait();
+            let tx = self.results_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let _ = tx.send(Internal::Retry); // Fails only when the hub has stopped.
+            });
         }
     }
 
@@ -344,20 +374,29 @@ impl Hub {
                 self.reads_in_flight -= 1;
                 match result {
                     Ok(pages) => {
+                        self.retry_backoff.reset();
                         for (market, (rows, full)) in markets.into_iter().zip(pages) {
                             self.apply(market, rows, full);
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(markets = markets.len(), error = %e, "reading new trades failed; the next reconcile retries");
+                        tracing::warn!(markets = markets.len(), error = %e, "reading new trades failed; retrying with backoff");
                         for market in &markets {
                             if let Some(m) = self.markets.get_mut(market) {
                                 m.core.fetch_failed();
                             }
                         }
+                        self.retry_later(markets);
+                        return self.dispatch();
                     }
                 }
                 self.dispatch();
+            }
+            Internal::Retry => {
+                let markets: Vec<String> = std::mem::take(&mut self.retry);
+                for market in markets {
+                    self.poke(&market);
+                }
             }
             Internal::Reconciled(r) => {
                 self.reconciling = false;
@@ -378,7 +417,7 @@ impl Hub {
                         .get(&id)
                         .is_some_and(|m| last_seq > m.core.head());
                     if behind {
-                        self.poke(&id);
+                        self.read(&id, core::MarketCore::repair);
                     }
                 }
             }

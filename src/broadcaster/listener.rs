@@ -43,16 +43,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), cfg.reconnect_max);
-    let mut first = true;
+    // LISTEN was established before: the next success is a re-establishment.
+    let mut established = false;
     loop {
-        if !first {
-            metrics::counter!("marketcast_listen_reconnects_total").increment(1);
-        }
-        first = false;
         // Cancel safety: dropping `session` mid-connect or mid-query just
         // drops the connection; shutdown must not wait on an unreachable server.
         let r = tokio::select! {
-            r = session(&cfg, &url, &shards, &events, &up, &shutdown) => r,
+            r = session(&cfg, &url, &shards, &events, &up, &shutdown, &mut established) => r,
             _ = shutdown.cancelled() => return,
         };
         match r {
@@ -80,6 +77,7 @@ async fn session(
     events: &mpsc::UnboundedSender<HubEvent>,
     up: &AtomicBool,
     shutdown: &CancellationToken,
+    established: &mut bool,
 ) -> Result<()> {
     let mut pg = crate::db::pg_config(
         url,
@@ -144,6 +142,11 @@ async fn session(
         .context("LISTEN failed")?;
     up.store(true, Ordering::Release);
     metrics::gauge!("marketcast_listen_up").set(1.0);
+    // Counted once LISTEN is back, not per attempt: a Postgres down for a
+    // minute is one reconnect, not the number of tries it took.
+    if std::mem::replace(established, true) {
+        metrics::counter!("marketcast_listen_reconnects_total").increment(1);
+    }
     tracing::info!(shards = ?shards, "LISTEN established");
     if events.send(HubEvent::ListenUp).is_err() {
         return Ok(());

@@ -64,8 +64,9 @@ where
 
 // ------------------------------------------------------------ the broadcaster
 
-/// `marketcast broadcaster` as a child process.
-struct ChildBroadcaster {
+/// `marketcast broadcaster` as a child process (its metrics are its own,
+/// not the test process's shared recorder; `isolation` uses it too).
+pub(crate) struct ChildBroadcaster {
     child: tokio::process::Child,
     addr: SocketAddr,
     /// Its stderr (the log), line by line, read continuously so it never blocks.
@@ -74,7 +75,7 @@ struct ChildBroadcaster {
 
 impl ChildBroadcaster {
     /// Start one and wait until it is healthy (database reachable, LISTEN up).
-    async fn start(db_url: &str, args: &[String]) -> ChildBroadcaster {
+    pub(crate) async fn start(db_url: &str, args: &[String]) -> ChildBroadcaster {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_marketcast"))
             .arg("broadcaster")
             .args(["--listen", "127.0.0.1:0"])
@@ -120,7 +121,7 @@ impl ChildBroadcaster {
         b
     }
 
-    fn ws(&self) -> String {
+    pub(crate) fn ws(&self) -> String {
         format!("ws://{}/ws", self.addr)
     }
 
@@ -134,7 +135,7 @@ impl ChildBroadcaster {
     }
 
     /// A metric's value, summed over its label sets; None if not exported yet.
-    async fn metric(&self, name: &str) -> Option<f64> {
+    pub(crate) async fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = http_raw("GET", &format!("http://{}/metrics", self.addr), &[], None)
             .await
             .ok()?;

@@ -16,6 +16,8 @@
 //! - `props`: property tests of every parser of untrusted input against
 //!   models written from PROTOCOL.md, and random client op sequences against
 //!   a real broadcaster (the cargo-fuzz targets are in `fuzz/`).
+//! - `promises`: documented promises that had no test of their own: a live
+//!   queue overflow caught up, `?epoch=` end to end, the default limits.
 //! - `resilience`: a broadcaster replaced under the reference client.
 //! - `faults`: the fault suite: many reconnecting clients under a flowing
 //!   load while LISTEN is cut, Postgres restarts or goes away, the broadcaster
@@ -40,6 +42,7 @@ mod broadcaster;
 mod faults;
 mod hostile;
 mod isolation;
+mod promises;
 mod props;
 mod resilience;
 mod rfc6455;

@@ -1585,7 +1585,21 @@ impl WriterModel {
         }
         if r.method == "GET" {
             return match r.route {
-                0 => 200,
+                // GET /v1/markets is paged: `limit` must be an integer
+                // (400) from 1 to 1000 (422), the first failure wins;
+                // `after` and other keys are not judged.
+                0 => {
+                    for (k, v) in &r.query {
+                        if k == "limit" {
+                            match v.parse::<i64>() {
+                                Err(_) => return 400,
+                                Ok(n) if !(1..=1000).contains(&n) => return 422,
+                                Ok(_) => {}
+                            }
+                        }
+                    }
+                    200
+                }
                 1 => {
                     if self.markets.contains(&id) {
                         200

@@ -19,7 +19,10 @@ pub struct Applied {
     pub publish: Vec<EncodedTrade>,
     /// Rows at or below head (already published): dropped.
     pub duplicates: usize,
-    /// Trades no doorbell had announced: a lost notification repaired.
+    /// Trades a repair read (a reconcile, a re-LISTEN) found that no
+    /// doorbell had announced: notifications lost and repaired. A read a
+    /// doorbell started that finds trades whose doorbells are still queued
+    /// counts none: that is normal under load, not a loss.
     pub repaired: usize,
     /// Seqs missing from the log (pruned) that the hub moved past.
     pub skipped: usize,
@@ -40,6 +43,8 @@ pub struct MarketCore {
     rang_while_fetching: bool,
     /// The head at which the last read found a hole in the log.
     hole_at: Option<i64>,
+    /// The read in flight (or the next) was asked for by a repair.
+    repair: bool,
 }
 
 impl MarketCore {
@@ -50,6 +55,7 @@ impl MarketCore {
             fetching: false,
             rang_while_fetching: false,
             hole_at: None,
+            repair: false,
         }
     }
 
@@ -67,8 +73,16 @@ impl MarketCore {
         self.poke()
     }
 
-    /// Read the log regardless of doorbells: after a LISTEN reconnect, on
-    /// joining, when a reconcile saw `markets.last_seq` ahead of head.
+    /// Read the log because notifications may have been lost: after a
+    /// LISTEN reconnect, or when a reconcile saw `markets.last_seq` ahead of
+    /// head. What it finds unannounced counts as repaired.
+    pub fn repair(&mut self) -> Option<Fetch> {
+        self.repair = true;
+        self.poke()
+    }
+
+    /// Read the log regardless of doorbells (on joining, to retry a read
+    /// that failed).
     pub fn poke(&mut self) -> Option<Fetch> {
         if self.fetching {
             self.rang_while_fetching = true;
@@ -83,6 +97,7 @@ impl MarketCore {
     /// whether the page was full (more rows may follow).
     pub fn fetched(&mut self, rows: Vec<EncodedTrade>, page_full: bool) -> Applied {
         self.fetching = false;
+        let repairing = std::mem::take(&mut self.repair);
         let mut out = Applied::default();
         let mut broken = false;
         for t in rows {
@@ -108,7 +123,7 @@ impl MarketCore {
                 }
             }
             self.head = t.seq;
-            if t.seq > self.announced {
+            if repairing && t.seq > self.announced {
                 out.repaired += 1;
             }
             out.publish.push(t);
@@ -260,14 +275,41 @@ mod tests {
     }
 
     #[test]
-    fn full_pages_keep_reading_and_unannounced_trades_count_as_repaired() {
+    fn full_pages_keep_reading() {
         let mut m = MarketCore::new(0);
         assert_eq!(m.doorbell(2), Some(Fetch { after: 0 }));
         let a = m.fetched(vec![t(1), t(2), t(3)], true);
-        assert_eq!(a.repaired, 1, "3 was never announced");
         assert_eq!(a.next, Some(Fetch { after: 3 }));
         let a = m.fetched(vec![], false);
         assert_eq!(a.next, None);
+    }
+
+    #[test]
+    fn a_read_ahead_of_queued_doorbells_repairs_nothing() {
+        let mut m = MarketCore::new(0);
+        assert!(m.doorbell(1).is_some());
+        // 2 and 3 committed; their doorbells are still on their way.
+        let a = m.fetched(vec![t(1), t(2), t(3)], false);
+        assert_eq!((seqs(&a.publish), a.repaired), (vec![1, 2, 3], 0));
+        assert_eq!(m.doorbell(2), None, "late doorbells are duplicates");
+    }
+
+    #[test]
+    fn a_repair_read_counts_the_trades_no_doorbell_announced() {
+        let mut m = MarketCore::new(0);
+        assert!(m.doorbell(1).is_some());
+        let a = m.fetched(vec![t(1)], false);
+        assert_eq!(a.repaired, 0);
+        // A reconcile sees last_seq 4; doorbells 2 and 3 were lost, 4 came.
+        assert_eq!(m.doorbell(4), Some(Fetch { after: 1 }));
+        let a = m.fetched(vec![t(2), t(3), t(4)], false);
+        assert_eq!(a.repaired, 0, "a doorbell started this read");
+        assert_eq!(m.repair(), Some(Fetch { after: 4 }));
+        let a = m.fetched(vec![t(5), t(6)], false);
+        assert_eq!(a.repaired, 2, "5 and 6 were never announced");
+        assert_eq!(m.repair(), Some(Fetch { after: 6 }));
+        let a = m.fetched(vec![], false);
+        assert_eq!(a.repaired, 0, "counted once");
     }
 
     #[test]
