@@ -176,3 +176,79 @@ async fn open_connections_are_capped_at_accept_websockets_included() {
     assert!(ok.is_ok(), "the freed slot was never reused");
     b.stop().await;
 }
+
+/// Transactions the database `db` has committed so far (Postgres flushes
+/// these counters at least once a second).
+async fn commits(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthz_flood_costs_the_database_nothing_and_delays_no_trade() {
+    let db = TestDb::new().await;
+    db.market("HZ").await;
+    let (w, b) = (
+        writer(writer_config(&db)).await,
+        broadcaster(broadcaster_config(&db)).await,
+    );
+    let mut ws = connect_ws(&format!("{}?market=HZ", b.ws())).await;
+    assert_eq!(recv(&mut ws).await["type"], "subscribed");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = commits(&db).await;
+
+    // 64 keep-alive connections asking /healthz as fast as they can, 32 on
+    // each role, for 3 s, while trades flow.
+    let stop = Instant::now() + Duration::from_secs(3);
+    let mut flood = Vec::new();
+    for i in 0..64 {
+        let addr = if i % 2 == 0 { w.addr } else { b.addr };
+        flood.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut answered = 0u64;
+            while Instant::now() < stop {
+                s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                // One response per request, small enough for one read.
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed mid-flood");
+                answered += 1;
+            }
+            answered
+        }));
+    }
+    let post = format!("{}/v1/markets/HZ/trades", w.http());
+    let mut seq = 0;
+    while Instant::now() < stop {
+        let (st, body) = http("POST", &post, &[], Some(TRADE)).await;
+        assert_eq!(st, 201, "{body}");
+        seq += 1;
+        expect_trades(&mut ws, "HZ", seq, seq).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut answered = 0;
+    for f in flood {
+        answered += f.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let spent = commits(&db).await - before;
+    // The trades (written, then read by the hub), the probes (one a second
+    // per role), the reconciles: nowhere near one query per health check,
+    // which is what each used to cost.
+    assert!(answered > 2000, "the flood was a flood: {answered} answers");
+    assert!(
+        (spent as u64) < answered / 20,
+        "{spent} transactions for {answered} health checks and {seq} trades"
+    );
+    w.stop().await;
+    b.stop().await;
+}

@@ -302,3 +302,33 @@ async fn after_a_protocol_error_the_close_arrives_and_the_connection_ends_cleanl
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_is_rate_limited_like_ops_then_closed() {
+    let db = TestDb::new().await;
+    let b = broadcaster(broadcaster_config(&db)).await;
+    let mut s = open(b.addr).await;
+    // 1,000 pings at once against the default limit (a burst of 100 at
+    // 50/s): each takes a token like an op.
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        flood.extend(frame(true, 0, 0x9, b"p", true));
+    }
+    // The server closes mid-flood; the rest of the write may fail, as it should.
+    let _ = s.write_all(&flood).await;
+    let mut pongs = 0;
+    let code = loop {
+        let (op, p) = read_frame(&mut s).await;
+        match op {
+            0xa => pongs += 1,
+            0x8 => break u16::from_be_bytes([p[0], p[1]]),
+            other => panic!("unexpected opcode {other}"),
+        }
+    };
+    assert_eq!(code, 1008, "a sustained flood is closed");
+    assert!(
+        (100..=102).contains(&pongs),
+        "a burst's worth of pongs, not one per ping: {pongs}"
+    );
+    b.stop().await;
+}
