@@ -79,24 +79,8 @@ pub async fn run(
         events_rx,
         internal.clone(),
     );
-    // Crash-only: if the hub task ends while the server runs (a bug made it
-    // panic), nothing is published any more. /healthz turns 503 at once, the
-    // server stops and `run` fails, so the process exits non-zero for its
-    // supervisor to restart; clients resume with from_seq elsewhere or here.
-    let hub_alive = Arc::new(AtomicBool::new(true));
     let stop = shutdown.child_token();
-    let hub_task = tokio::spawn({
-        let (alive, stop, internal) = (hub_alive.clone(), stop.clone(), internal.clone());
-        async move {
-            let r = hub_task.await;
-            // The hub ends on `internal` at shutdown; ending before is a death.
-            if !internal.is_cancelled() {
-                alive.store(false, Ordering::Release);
-                stop.cancel();
-            }
-            r
-        }
-    });
+    let (hub_task, hub_alive) = crash_only(hub_task, internal.clone(), stop.clone());
     let db_health = db::health::spawn_probe(pool.clone(), internal.clone());
     let listen_up = Arc::new(AtomicBool::new(false));
     let listener_task = tokio::spawn(listener::run(
@@ -154,6 +138,33 @@ pub async fn run(
         anyhow::bail!("the hub task ended while the broadcaster was running (see the panic above); exiting so that a supervisor restarts it");
     }
     Ok(())
+}
+
+/// Crash-only: if the hub task ends while the server runs (a bug made it
+/// panic), nothing is published any more. The flag it returns turns false
+/// (/healthz answers 503 at once) and `stop` is cancelled, so the server
+/// stops and `run` fails: the process exits non-zero for its supervisor to
+/// restart, and clients resume with from_seq. The hub ending on `internal`
+/// (shutdown) is no death.
+fn crash_only(
+    hub_task: tokio::task::JoinHandle<()>,
+    internal: CancellationToken,
+    stop: CancellationToken,
+) -> (tokio::task::JoinHandle<()>, Arc<AtomicBool>) {
+    let alive = Arc::new(AtomicBool::new(true));
+    let flag = alive.clone();
+    let watcher = tokio::spawn(async move {
+        let ended = hub_task.await;
+        if !internal.is_cancelled() {
+            tracing::error!(
+                panicked = ended.is_err(),
+                "the hub task ended while the broadcaster was running"
+            );
+            flag.store(false, Ordering::Release);
+            stop.cancel();
+        }
+    });
+    (watcher, alive)
 }
 
 /// The shard count from the database, retried while Postgres is unreachable.
@@ -340,5 +351,36 @@ impl Origins {
             Some(o) if allowed.contains(&o) => Ok(()),
             _ => Err(format!("origin {shown:?} is not allowed")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_hub_that_dies_stops_the_server_and_one_that_is_stopped_does_not() {
+        let (internal, stop) = (CancellationToken::new(), CancellationToken::new());
+        let dying = tokio::spawn(async { panic!("a bug in the hub") });
+        let (watcher, alive) = crash_only(dying, internal.clone(), stop.clone());
+        watcher.await.unwrap();
+        assert!(
+            !alive.load(Ordering::Acquire),
+            "/healthz must say the hub is gone"
+        );
+        assert!(stop.is_cancelled(), "the server must stop");
+
+        let (internal, stop) = (CancellationToken::new(), CancellationToken::new());
+        let hub = tokio::spawn({
+            let internal = internal.clone();
+            async move { internal.cancelled().await }
+        });
+        let (watcher, alive) = crash_only(hub, internal.clone(), stop.clone());
+        internal.cancel();
+        watcher.await.unwrap();
+        assert!(
+            alive.load(Ordering::Acquire) && !stop.is_cancelled(),
+            "a shutdown is no death"
+        );
     }
 }

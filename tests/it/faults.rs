@@ -68,7 +68,7 @@ where
 /// not the test process's shared recorder; `isolation` uses it too).
 pub(crate) struct ChildBroadcaster {
     child: tokio::process::Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// Its stderr (the log), line by line, read continuously so it never blocks.
     logs: Arc<Mutex<Vec<String>>>,
 }
@@ -158,7 +158,7 @@ impl ChildBroadcaster {
     }
 
     /// SIGKILL: no shutdown, no close frames, sockets reset by the kernel.
-    async fn kill9(mut self) {
+    pub(crate) async fn kill9(mut self) {
         self.child.start_kill().unwrap();
         let st = self.child.wait().await.unwrap();
         assert!(!st.success(), "killed, not exited: {st:?}");

@@ -112,3 +112,135 @@ async fn the_default_limits_hold_at_their_defaults() {
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_whose_trades_are_pruned_mid_replay_ends_with_history_unavailable() {
+    let db = TestDb::new().await;
+    db.market("PR").await;
+    // Far more than the server's socket buffers can hold (tcp_wmem tops
+    // out at 4 MiB here; a trade frame is about 140 bytes).
+    const N: i64 = 30_000;
+    db.trades("PR", N).await;
+    let mut cfg = broadcaster_config(&db);
+    cfg.replay_page = 10;
+    cfg.session.write_timeout = std::time::Duration::from_secs(30);
+    let b = broadcaster(cfg).await;
+    // A client that asks for everything and reads nothing for a while: the
+    // replay stops at a full socket, its next pages still to be read.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(b.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        format!("{}?market=PR&from_seq=0", b.ws()),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Meanwhile the log is pruned (every trade but the newest).
+    marketcast::db::prune(&db.url, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut ws).await["type"], "subscribed");
+    // Whatever had been sent arrives gapless from 1; then the subscription
+    // ends, never a silent skip to the newest.
+    let mut next = 1;
+    let end = loop {
+        let v = recv(&mut ws).await;
+        match v["type"].as_str() {
+            Some("trade") => {
+                assert_eq!(v["seq"].as_i64(), Some(next), "gapless: {v}");
+                next += 1;
+            }
+            _ => break v,
+        }
+    };
+    assert!(next < N, "the replay cannot have finished before the prune");
+    assert_eq!(
+        (
+            end["code"].as_str(),
+            end["market"].as_str(),
+            end["earliest_seq"].as_i64()
+        ),
+        (Some("history_unavailable"), Some("PR"), Some(N)),
+        "{end}"
+    );
+    // The connection stays open: a new subscribe from the newest works.
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "market": "PR", "from_seq": N - 1, "id": 2}),
+    )
+    .await;
+    let v = recv(&mut ws).await;
+    assert_eq!(v["type"], "subscribed", "{v}");
+    expect_trades(&mut ws, "PR", N, N).await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_503_when_only_listen_is_down() {
+    let db = TestDb::new().await;
+    // A login of this test's own, so that capping its connections disturbs
+    // no other test.
+    let role = "mc_listen_only_test";
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {role} LOGIN PASSWORD '{role}' IN ROLE marketcast_broadcaster;
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             ALTER ROLE {role} CONNECTION LIMIT -1"
+        ))
+        .await
+        .unwrap();
+    let mut cfg = broadcaster_config(&db);
+    cfg.db.url = as_role(&db.url, role, role);
+    cfg.db.pool_size = 1;
+    cfg.hub_pool_size = 1;
+    let b = broadcaster(cfg).await;
+    let healthz = format!("{}/healthz", b.http());
+    // Warm both pools, then allow no new connection, and cut LISTEN: it
+    // cannot come back, while the pooled connections still answer.
+    let mut ws = connect_ws(&format!("{}?market=none", b.ws())).await;
+    let _ = recv(&mut ws).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER ROLE {role} CONNECTION LIMIT 0;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE usename = '{role}' AND application_name = 'marketcast-listener'"
+        ))
+        .await
+        .unwrap();
+    let down = tokio::time::timeout(WAIT, async {
+        loop {
+            let (st, body) = http("GET", &healthz, &[], None).await;
+            if st == 503 {
+                return body;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("/healthz reports LISTEN down");
+    assert_eq!(
+        (
+            down["listen"].as_bool(),
+            down["database"].as_bool(),
+            down["hub"].as_bool()
+        ),
+        (Some(false), Some(true), Some(true)),
+        "{down}"
+    );
+    // Connections allowed again: LISTEN comes back, and so does 200.
+    admin
+        .batch_execute(&format!("ALTER ROLE {role} CONNECTION LIMIT -1"))
+        .await
+        .unwrap();
+    let up = tokio::time::timeout(WAIT, async {
+        while http("GET", &healthz, &[], None).await.0 != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(up.is_ok(), "/healthz never recovered");
+    b.stop().await;
+}

@@ -76,3 +76,62 @@ async fn next_seq(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildSt
     let v: serde_json::Value = serde_json::from_str(&l).unwrap();
     v["seq"].as_i64().unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_client_survives_a_broadcaster_killed_with_sigkill() {
+    let db = TestDb::new().await;
+    db.market("K9").await;
+    db.trades("K9", 2).await;
+    // A child process, so that it can die the hard way: no Close frame, no
+    // shutdown, its sockets closed by the kernel.
+    let b = crate::faults::ChildBroadcaster::start(&db.broadcaster_url(), &[]).await;
+    let addr = b.addr;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_marketcast"))
+        .args([
+            "subscribe",
+            &b.ws(),
+            "--market",
+            "K9",
+            "--from-seq",
+            "0",
+            "--count",
+            "9",
+            "--reconnect-max",
+            "200ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seqs = Vec::new();
+    for _ in 0..2 {
+        seqs.push(next_seq(&mut lines).await);
+    }
+    b.kill9().await;
+    db.trades("K9", 4).await;
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(marketcast::broadcaster::run(
+        l,
+        broadcaster_config(&db),
+        shutdown.clone(),
+    ));
+    db.trades("K9", 3).await;
+    for _ in 0..7 {
+        seqs.push(next_seq(&mut lines).await);
+    }
+    assert_eq!(
+        seqs,
+        (1..=9).collect::<Vec<i64>>(),
+        "every trade once, in order, across the kill"
+    );
+    let st = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(st.success(), "subscribe exits 0 after --count trades");
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
