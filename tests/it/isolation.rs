@@ -129,13 +129,7 @@ async fn a_frozen_path_to_postgres_is_reported_and_recovered_without_reconnects(
     expect_trades(&mut ws, "FRZ", 4, 8).await;
     db.trades("FRZ", 2).await;
     expect_trades(&mut ws, "FRZ", 9, 10).await;
-    let healthy = tokio::time::timeout(WAIT, async {
-        while !matches!(try_http("GET", &healthz, &[], None).await, Ok((200, _))) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(healthy.is_ok(), "/healthz never recovered");
+    assert!(healthy_within(&b, WAIT).await, "/healthz never recovered");
     b.stop().await;
 }
 

@@ -15,25 +15,7 @@ async fn reference_client_survives_a_broadcaster_replacement() {
     db.trades("K", 2).await;
     let b = broadcaster(broadcaster_config(&db)).await;
     let addr = b.addr;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_marketcast"))
-        .args([
-            "subscribe",
-            &b.ws(),
-            "--market",
-            "K",
-            "--from-seq",
-            "0",
-            "--count",
-            "12",
-            "--reconnect-max",
-            "200ms",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = subscribe_cli(&b.ws(), "K", 12);
     let mut seqs = Vec::new();
     for _ in 0..2 {
         seqs.push(next_seq(&mut lines).await);
@@ -67,6 +49,29 @@ async fn reference_client_survives_a_broadcaster_replacement() {
     task.await.unwrap().unwrap();
 }
 
+/// `marketcast subscribe URL --market M --from-seq 0 --count N`, its stdout
+/// as lines.
+fn subscribe_cli(
+    url: &str,
+    market: &str,
+    count: u32,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) {
+    let count = count.to_string();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_marketcast"))
+        .args(["subscribe", url, "--market", market, "--from-seq", "0"])
+        .args(["--count", &count, "--reconnect-max", "200ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
 async fn next_seq(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>) -> i64 {
     let l = tokio::time::timeout(WAIT, lines.next_line())
         .await
@@ -86,25 +91,7 @@ async fn reference_client_survives_a_broadcaster_killed_with_sigkill() {
     // shutdown, its sockets closed by the kernel.
     let b = crate::faults::ChildBroadcaster::start(&db.broadcaster_url(), &[]).await;
     let addr = b.addr;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_marketcast"))
-        .args([
-            "subscribe",
-            &b.ws(),
-            "--market",
-            "K9",
-            "--from-seq",
-            "0",
-            "--count",
-            "9",
-            "--reconnect-max",
-            "200ms",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = subscribe_cli(&b.ws(), "K9", 9);
     let mut seqs = Vec::new();
     for _ in 0..2 {
         seqs.push(next_seq(&mut lines).await);

@@ -331,18 +331,23 @@ pub async fn broadcaster(cfg: BroadcasterConfig) -> Server {
         task,
     };
     // Ready once LISTEN is up (healthz 200).
-    let ok = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok((200, _)) = try_http("GET", &format!("{}/healthz", s.http()), &[], None).await
-            {
-                return;
-            }
+    assert!(
+        healthy_within(&s, WAIT).await,
+        "broadcaster never became healthy"
+    );
+    s
+}
+
+/// Whether `/healthz` of `s` answers 200 (a new connection each try) within `limit`.
+pub async fn healthy_within(s: &Server, limit: Duration) -> bool {
+    let url = format!("{}/healthz", s.http());
+    tokio::time::timeout(limit, async {
+        while !matches!(try_http("GET", &url, &[], None).await, Ok((200, _))) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
-    .await;
-    assert!(ok.is_ok(), "broadcaster never became healthy");
-    s
+    .await
+    .is_ok()
 }
 
 /// Minimal HTTP/1.1 client on hyper: (status, JSON body or Null).
