@@ -2,6 +2,9 @@
 //! RSS (VmRSS of its process) before any connection, once all are subscribed
 //! and after one trade has reached them all, as KiB per connection; and the
 //! time from that trade's commit (`ts`) to its arrival at the last client.
+//! Then N/10 more connections, each on a market of its own: their RSS beyond
+//! N/10 connections' worth is what a followed idle market costs the server
+//! (its hub state and live queue).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +31,7 @@ figures! {
         reach_p50_ms: median,
         reach_p99_ms: median,
         reach_all_ms: median,
+        kib_per_market: median,
         ..delivery: Delivery,
     }
 }
@@ -87,11 +91,30 @@ async fn measure(env: &Env, up: &Up, run: usize, target: Target) -> Result<S3Fig
         bail!("no connection received the trade");
     }
     let undelivered = (n as u64).saturating_sub(h.count());
-    let c1 = first.finish(&[seq]).await;
-    let c2 = fleet.finish(&[seq]).await;
     let per_conn = |s: &crate::procs::ProcStats| {
         s.rss_kib.saturating_sub(before.rss_kib) as f64 / (n - 1) as f64
     };
+    // Followed idle markets: one more connection on each, no trades.
+    let k = (n / 10).max(1);
+    let own = env
+        .make_markets(up, &format!("s3m-r{run}-{}", target.name()), k)
+        .await?;
+    let followers = Fleet::connect(
+        &env.client_rt,
+        env.fleet_cfg(up, meter.clone(), None, None),
+        &own,
+        k,
+        target.name(),
+    )
+    .await?;
+    tokio::time::sleep(SETTLE).await;
+    let with_markets = up.server.stats();
+    let kib_per_market = with_markets.rss_kib.saturating_sub(after.rss_kib) as f64 / k as f64
+        - per_conn(&subscribed);
+    let c1 = first.finish(&[seq]).await;
+    let c2 = fleet.finish(&[seq]).await;
+    let no_trades = vec![0; k];
+    let c3 = followers.finish(&no_trades).await;
     Ok(S3Figures {
         connections: n as f64,
         connect_s,
@@ -105,6 +128,7 @@ async fn measure(env: &Env, up: &Up, run: usize, target: Target) -> Result<S3Fig
         reach_p50_ms: h.quantile(0.5, undelivered) / 1000.0,
         reach_p99_ms: h.quantile(0.99, undelivered) / 1000.0,
         reach_all_ms: h.quantile(1.0, undelivered) / 1000.0,
-        delivery: Delivery::of(&[&c1, &c2], 0),
+        kib_per_market,
+        delivery: Delivery::of(&[&c1, &c2, &c3], 0),
     })
 }

@@ -519,13 +519,20 @@ impl Results {
         if let Some(mc) = agg(&self.s3) {
             let name = format!("S3: {} idle subscribed connections", set.s3_connections);
             let base = agg(&self.s3_raw);
-            let s3_rows: [Row<S3Figures, S3Figures>; 7] = [
+            let s3_rows: [Row<S3Figures, S3Figures>; 8] = [
                 Row::Fig(
                     "server RSS per connection (KiB)",
                     |r| r.kib_per_conn,
                     Some(|r| r.kib_per_conn),
                     Fmt::Kib,
                     "<= 5 (Node bridge 5.4)",
+                ),
+                Row::Fig(
+                    "server RSS per followed idle market, beyond its connection (KiB)",
+                    |r| r.kib_per_market,
+                    Some(|r| r.kib_per_market),
+                    Fmt::Kib,
+                    "",
                 ),
                 Row::Fig(
                     "same, after one trade reached all (KiB)",

@@ -56,15 +56,44 @@ pub struct MarketShared {
     pub ring: RwLock<core::Ring>,
     /// Highest seq pushed to the ring (and then broadcast).
     head: AtomicI64,
-    /// Live trades. Capacity `live_queue`; a receiver that falls further
-    /// behind gets `Lagged` and its session fills the gap from the ring or the
-    /// log, so a slow subscriber never blocks the hub or anyone else.
-    tx: broadcast::Sender<EncodedTrade>,
+    /// Live trades. A receiver that falls further behind than the queue
+    /// holds gets `Lagged` and its session fills the gap from the ring or
+    /// the log, so a slow subscriber never blocks the hub or anyone else.
+    ///
+    /// Lazy: a market starts with [`FIRST_LIVE_QUEUE`] slots (a tokio
+    /// broadcast channel allocates all of its slots at once: 1,024 of them
+    /// made every followed market cost about 70 KiB with no traffic at all),
+    /// and the first burst that would overflow them replaces the queue with
+    /// one of `--live-queue` slots. Receivers of the old queue then get
+    /// [`EncodedTrade::moved`] as its newest entry (never lost to a lag) and
+    /// move over ([`MarketShared::subscribe`]), filling from the ring what
+    /// was published before they did. Written only by the hub task.
+    tx: RwLock<broadcast::Sender<EncodedTrade>>,
 }
+
+/// The live queue a market starts with; see `MarketShared::tx`.
+pub const FIRST_LIVE_QUEUE: usize = 16;
 
 impl MarketShared {
     pub fn head(&self) -> i64 {
         self.head.load(Ordering::Acquire)
+    }
+
+    /// A receiver of the market's current live queue. Whatever is published
+    /// from now on reaches it; whatever was published before is at most
+    /// [`MarketShared::head`] (stored before every send).
+    pub fn subscribe(&self) -> broadcast::Receiver<EncodedTrade> {
+        self.tx
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .subscribe()
+    }
+
+    fn receivers(&self) -> usize {
+        self.tx
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .receiver_count()
     }
 
     /// Trades `after < seq <= upto` from memory, if the ring reaches back far enough.
@@ -129,6 +158,10 @@ const QUEUE_WARN_EVERY: Duration = Duration::from_secs(60);
 struct Market {
     core: core::MarketCore,
     shared: Arc<MarketShared>,
+    /// Slots of the current live queue.
+    live_queue: usize,
+    /// The live queue replaced by a larger one, kept while receivers remain.
+    moved_from: Option<broadcast::Sender<EncodedTrade>>,
 }
 
 enum Internal {
@@ -265,18 +298,20 @@ impl Hub {
         let mut created = false;
         let m = self.markets.entry(j.market.clone()).or_insert_with(|| {
             created = true;
-            let (tx, _) = broadcast::channel(cfg.live_queue);
+            let (tx, _) = broadcast::channel(FIRST_LIVE_QUEUE.min(cfg.live_queue));
             Market {
                 core: core::MarketCore::new(j.head),
                 shared: Arc::new(MarketShared {
                     id: j.market.clone(),
                     ring: RwLock::new(core::Ring::new(cfg.ring_size)),
                     head: AtomicI64::new(j.head),
-                    tx,
+                    tx: RwLock::new(tx),
                 }),
+                live_queue: FIRST_LIVE_QUEUE.min(cfg.live_queue),
+                moved_from: None,
             }
         });
-        let rx = m.shared.tx.subscribe();
+        let rx = m.shared.subscribe();
         let shared = m.shared.clone();
         metrics::gauge!("marketcast_hub_markets").set(self.markets.len() as f64);
         // A doorbell that arrived before this market was followed was dropped;
@@ -446,11 +481,26 @@ impl Hub {
                 }
             }
             m.shared.head.store(m.core.head(), Ordering::Release);
+            // A burst that would overflow a small first queue: grow it now,
+            // before publishing, so that its receivers move to the larger
+            // one (they fill what they missed from the ring, stored above).
+            if applied.publish.len() > m.live_queue / 2 && m.live_queue < self.cfg.live_queue {
+                let (bigger, _) = broadcast::channel(self.cfg.live_queue);
+                let old = std::mem::replace(
+                    &mut *m.shared.tx.write().unwrap_or_else(|p| p.into_inner()),
+                    bigger,
+                );
+                // Err: no receiver on the old queue, nobody to tell.
+                let _ = old.send(EncodedTrade::moved());
+                m.moved_from = Some(old);
+                m.live_queue = self.cfg.live_queue;
+            }
+            let tx = m.shared.tx.read().unwrap_or_else(|p| p.into_inner());
             let now = now_micros();
             for t in applied.publish {
                 COMMIT_TO_SEND.record((now - t.ts_micros).max(0) as f64 / 1e6);
                 // Err means no receiver right now: nobody to tell.
-                let _ = m.shared.tx.send(t);
+                let _ = tx.send(t);
             }
         }
         if let Some(f) = applied.next {
@@ -489,7 +539,15 @@ impl Hub {
     /// Drop markets nobody follows, then compare the rest with the database
     /// (unless the previous comparison is still running).
     fn on_tick(&mut self) {
-        self.markets.retain(|_, m| m.shared.tx.receiver_count() > 0);
+        self.markets.retain(|_, m| {
+            // Receivers of a replaced live queue move over at their next
+            // read; until all have, the old sender stays and they count.
+            let behind = m.moved_from.as_ref().map_or(0, |old| old.receiver_count());
+            if behind == 0 {
+                m.moved_from = None;
+            }
+            m.shared.receivers() + behind > 0
+        });
         metrics::gauge!("marketcast_hub_markets").set(self.markets.len() as f64);
         if self.reconciling {
             return;

@@ -140,7 +140,10 @@ pub(crate) async fn run(
     // may then lose our Close frame and never learn the code (RFC 6455
     // section 7.1.1).
     if s.sent_close && !s.peer_closed {
-        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, s.drain()).await; // Past the deadline the socket is dropped anyway.
+        // Boxed: the drain's state would otherwise be part of every idle
+        // session's future (S3 measured 7.3 against 4.1 KiB per connection).
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, Box::pin(s.drain())).await;
+        // Past the deadline the socket is dropped anyway.
     }
     // Slots, gauges and tallies are released by Session's Drop, on every
     // exit path, a panic included.
@@ -415,7 +418,7 @@ impl Session {
                 Ok(Inbound::Close(_)) | Err(ReadError::Gone(_) | ReadError::TooLarge) => return,
                 Ok(_) => {}
                 Err(_) => {
-                    let mut scratch = [0u8; 4096];
+                    let mut scratch = vec![0u8; 4096];
                     let mut left = DRAIN_MAX_BYTES;
                     while left > 0 {
                         match tokio::time::timeout(DRAIN_IDLE, self.io.read(&mut scratch)).await {
@@ -485,6 +488,15 @@ impl Session {
             return Ok(());
         };
         match item {
+            Ok(t) if t.is_moved() => {
+                // The market's live queue was replaced by a larger one:
+                // follow the new one, then fill what was published on it
+                // before this receiver existed.
+                let rx = sub.shared.subscribe();
+                sub.pos.owe(sub.shared.head());
+                self.live.insert(sid, BroadcastStream::new(rx));
+                Box::pin(self.fill(sid)).await
+            }
             Ok(t) => match sub.pos.live(t.seq) {
                 Live::Send => {
                     self.out.push(t.frame);

@@ -153,6 +153,26 @@ pub struct EncodedTrade {
     pub frame: Bytes,
 }
 
+impl EncodedTrade {
+    /// Not a trade: the broadcaster's notice, on a market's live queue,
+    /// that the queue was replaced and its receivers must move to the new
+    /// one (`broadcaster::hub::MarketShared`). Never sent to a client.
+    pub fn moved() -> Self {
+        EncodedTrade {
+            seq: MOVED,
+            ts_micros: 0,
+            frame: Bytes::new(),
+        }
+    }
+
+    pub fn is_moved(&self) -> bool {
+        self.seq == MOVED
+    }
+}
+
+/// The seq of [`EncodedTrade::moved`]: no trade has it (seqs start at 1).
+const MOVED: i64 = i64::MIN;
+
 #[cfg(test)]
 mod tests {
     use super::*;

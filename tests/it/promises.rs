@@ -238,3 +238,36 @@ async fn healthz_is_503_when_only_listen_is_down() {
     assert!(healthy_within(&b, WAIT).await, "/healthz never recovered");
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_move_to_a_grown_live_queue_without_a_gap() {
+    let db = TestDb::new().await;
+    db.market("GROW").await;
+    // The default --live-queue: a market starts with a small queue that the
+    // first burst replaces.
+    let b = broadcaster(broadcaster_config(&db)).await;
+    let mut early = connect_ws(&format!("{}?market=GROW", b.ws())).await;
+    assert_eq!(recv(&mut early).await["type"], "subscribed");
+    let mut other = connect_ws(&format!("{}?market=GROW", b.ws())).await;
+    assert_eq!(recv(&mut other).await["type"], "subscribed");
+    db.trades("GROW", 2).await;
+    expect_trades(&mut early, "GROW", 1, 2).await;
+    expect_trades(&mut other, "GROW", 1, 2).await;
+    // A burst far over the first queue's 16 slots, then a trickle: both
+    // subscribers follow the new queue, gapless.
+    db.trades("GROW", 300).await;
+    for i in 0..5 {
+        db.trades("GROW", 1).await;
+        let _ = i;
+    }
+    expect_trades(&mut early, "GROW", 3, 307).await;
+    expect_trades(&mut other, "GROW", 3, 307).await;
+    // One joining after the growth is on the new queue from the start.
+    let mut late = connect_ws(&format!("{}?market=GROW", b.ws())).await;
+    assert_eq!(recv(&mut late).await["type"], "subscribed");
+    db.trades("GROW", 3).await;
+    for ws in [&mut early, &mut other, &mut late] {
+        expect_trades(ws, "GROW", 308, 310).await;
+    }
+    b.stop().await;
+}

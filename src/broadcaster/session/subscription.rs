@@ -58,6 +58,13 @@ impl Position {
         self.next <= self.want
     }
 
+    /// Every seq up to `upto` exists and is owed (a live queue replaced:
+    /// what was published on the new one before this subscription followed
+    /// it is filled, never skipped).
+    pub fn owe(&mut self, upto: i64) {
+        self.want = self.want.max(upto);
+    }
+
     /// A trade received live.
     pub fn live(&mut self, seq: i64) -> Live {
         if seq < self.next {
@@ -183,6 +190,16 @@ mod tests {
                 earliest: 21
             })
         );
+    }
+
+    #[test]
+    fn what_a_replaced_live_queue_carried_is_owed_and_filled() {
+        let mut p = Position::new(None, 3, 3);
+        assert_eq!(p.live(4), Live::Send);
+        p.owe(9);
+        assert_eq!(p.gap(), Some((4, 9)));
+        p.owe(2);
+        assert_eq!(p.gap(), Some((4, 9)), "owing less changes nothing");
     }
 
     #[test]
