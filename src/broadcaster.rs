@@ -101,6 +101,12 @@ pub async fn run(
         hub,
         shards,
         connections: AtomicU64::new(0),
+        limits: cfg.op_limits(),
+        health: session::Health {
+            listen_up: listen_up.clone(),
+            hub_alive: hub_alive.clone(),
+            db: db_health.clone(),
+        },
     });
     let sessions = TaskTracker::new();
     let sockets = http::Sockets::default();
@@ -237,6 +243,7 @@ impl State {
                 "listen": listen,
                 "hub": hub,
                 "connections": self.ctx.connections.load(Ordering::Relaxed),
+                "protocol": crate::protocol::client::PROTOCOL_VERSION,
             }),
         )
     }
@@ -279,7 +286,7 @@ impl State {
                 return http::error(StatusCode::BAD_REQUEST, "bad_request", why);
             }
         }
-        let initial = initial_op(req.uri().query().unwrap_or(""));
+        let initial = initial_op(req.uri().query().unwrap_or(""), &self.ctx.limits);
         let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
             Ok(x) => x,
             Err(e) => {

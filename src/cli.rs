@@ -34,6 +34,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create or upgrade the schema (idempotent, safe to run concurrently).
@@ -266,6 +268,23 @@ pub struct BroadcasterArgs {
     #[arg(long, env = "MARKETCAST_REQUIRE_ORIGIN", action = clap::ArgAction::SetTrue,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub require_origin: bool,
+
+    /// How often a subscription that asked for heads (`"heads":true`) gets a
+    /// `head` while nothing else names its market: the latest seq, so a
+    /// client tells a quiet market from a stale feed. 0 disables heads.
+    #[arg(long, env = "MARKETCAST_HEAD_INTERVAL", default_value_t = format_duration(BroadcasterConfig::default().session.head_interval))]
+    pub head_interval: String,
+
+    /// Upper bound of a subscribe's `recent` (the newest N trades, then
+    /// live): each is one log read of up to N trades.
+    #[arg(long, env = "MARKETCAST_MAX_RECENT", default_value_t = BroadcasterConfig::default().session.max_recent)]
+    pub max_recent: u32,
+
+    /// Lower bound of a ticker subscription's `interval_ms` (the upper
+    /// bound, 60000, is the contract's): a ticker group emits at most one
+    /// frame per interval per market.
+    #[arg(long, env = "MARKETCAST_MIN_TICKER_INTERVAL", default_value_t = format_duration(BroadcasterConfig::default().session.min_ticker_interval))]
+    pub min_ticker_interval: String,
 }
 
 #[derive(Debug, Args)]
@@ -422,6 +441,12 @@ impl BroadcasterArgs {
                 write_timeout: config::duration("--write-timeout", &self.write_timeout)?,
                 ping_interval: config::duration("--ping-interval", &self.ping_interval)?,
                 idle_timeout: config::duration("--idle-timeout", &self.idle_timeout)?,
+                head_interval: config::duration("--head-interval", &self.head_interval)?,
+                max_recent: self.max_recent,
+                min_ticker_interval: config::duration(
+                    "--min-ticker-interval",
+                    &self.min_ticker_interval,
+                )?,
             },
         };
         if c.require_origin && c.allowed_origins.is_none() {

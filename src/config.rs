@@ -223,6 +223,12 @@ pub struct SessionConfig {
     pub write_timeout: Duration,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+    /// `head` messages for subscriptions that ask for them; zero: none.
+    pub head_interval: Duration,
+    /// Upper bound of a subscribe's `recent`.
+    pub max_recent: u32,
+    /// Lower bound of a ticker subscription's `interval_ms`.
+    pub min_ticker_interval: Duration,
 }
 
 /// The defaults of every broadcaster option (`marketcast broadcaster
@@ -259,12 +265,26 @@ impl Default for BroadcasterConfig {
                 write_timeout: Duration::from_secs(10),
                 ping_interval: Duration::from_secs(20),
                 idle_timeout: Duration::from_secs(60),
+                // The contract's defaults.
+                head_interval: Duration::from_secs(5),
+                max_recent: 1000,
+                min_ticker_interval: Duration::from_millis(100),
             },
         }
     }
 }
 
 impl BroadcasterConfig {
+    /// What a client op is checked against.
+    pub fn op_limits(&self) -> crate::protocol::client::Limits {
+        let s = &self.session;
+        crate::protocol::client::Limits {
+            max_subscriptions: s.max_subscriptions,
+            max_recent: s.max_recent,
+            min_interval_ms: s.min_ticker_interval.as_millis().min(u32::MAX as u128) as u32,
+        }
+    }
+
     pub fn new(db: DbConfig) -> Self {
         BroadcasterConfig {
             db,
@@ -293,6 +313,13 @@ impl BroadcasterConfig {
         // NaN fails this too.
         if !(h.notify_queue_warn > 0.0 && h.notify_queue_warn <= 1.0) {
             bail!("--notify-queue-warn must be a fraction in (0, 1]");
+        }
+        if s.max_recent == 0 {
+            bail!("--max-recent must be at least 1");
+        }
+        let min_ticker = s.min_ticker_interval.as_millis();
+        if !(1..=crate::protocol::client::MAX_INTERVAL_MS as u128).contains(&min_ticker) {
+            bail!("--min-ticker-interval must be from 1ms to 60s");
         }
         if s.max_message_bytes < 64 {
             bail!("--max-message-bytes must be at least 64");

@@ -45,6 +45,7 @@
 //!   - [`protocol::handshake`]: the opening handshake's rules (RFC 6455 section 4).
 //!   - [`protocol::doorbell`]: the NOTIFY payload and shard channels.
 //!   - [`protocol::client`]: WebSocket client ops (the `from_seq` rule once) and replies.
+//!   - [`protocol::ticker`]: ticker mode's fold of consecutive trades and its frame.
 //!   - [`protocol::write_api`]: the write API's routes, bearer check, bodies and `ApiError`.
 //! - [`db`]: the pool and error classification; the only module that writes SQL.
 //!   - `db/rows.rs`: the only code that knows column positions.
@@ -56,11 +57,14 @@
 //!   - `writer/batcher.rs`: groups concurrent trades into one transaction.
 //! - [`broadcaster`]: wires the three below behind `GET /ws`.
 //!   - [`broadcaster::listener`]: the dedicated LISTEN connection, reconnect, heartbeat.
-//!   - [`broadcaster::hub`]: per-market state and fan-out; its pure core is [`broadcaster::hub::core`].
+//!   - [`broadcaster::hub`]: per-market state and fan-out; its pure core is [`broadcaster::hub::core`],
+//!     and [`broadcaster::hub::ticker`] (pure) folds a market's trades for one ticker interval.
 //!   - [`broadcaster::session`]: one WebSocket connection's task:
 //!     [`broadcaster::session::subscription`] (pure: the delivery rule),
 //!     `replay.rs` (subscribe and gap fills), `outbound.rs` (vectored writes),
-//!     `inbound.rs` (the cancel-safe frame reader), `rate_limit.rs`.
+//!     `inbound.rs` (the cancel-safe frame reader), `rate_limit.rs`, `live.rs` (a
+//!     subscription's live stream: trades or ticker frames), `ticker.rs` (ticker
+//!     subscriptions), `heads.rs` (heads and the session's timers).
 //! - [`subscribe`]: the reference client, with a typed fatal error.
 //! - [`demo`]: `marketcast demo`: all roles in one process; `demo/flow.rs`
 //!   (synthetic trades), `demo/page/` (the market page).

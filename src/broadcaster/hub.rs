@@ -31,7 +31,8 @@
 //! the previous reads ran (one query for many markets under load). Markets without subscribers
 //! leave the map at the next reconcile tick.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -44,9 +45,16 @@ use crate::backoff::Backoff;
 use crate::config::HubConfig;
 
 use crate::db;
+use crate::protocol::ticker::TickerFrame;
 use crate::protocol::trade::EncodedTrade;
 
 pub mod core;
+pub mod ticker;
+
+/// Frames a ticker group's queue holds per subscriber: at most one frame
+/// per interval goes in, so a subscriber this far behind has stopped
+/// reading; it then lags and fills from the ring or the log.
+const TICKER_QUEUE: usize = 16;
 
 /// The part of a market sessions share with the hub task.
 pub struct MarketShared {
@@ -121,8 +129,41 @@ pub struct Join {
     /// The market's last_seq as the session just read it: the starting head
     /// when the market is new to the hub.
     pub head: i64,
-    /// The market's state and a live receiver subscribed before the reply.
-    pub reply: oneshot::Sender<(Arc<MarketShared>, broadcast::Receiver<EncodedTrade>)>,
+    /// The market's volume in the same row as `head`: the hub keeps each
+    /// market's volume from there on (every published trade carries the
+    /// volume after it, for ticker folds).
+    pub volume: i64,
+    pub want: Want,
+    pub reply: oneshot::Sender<Joined>,
+}
+
+/// What a subscription follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Every trade, on the market's live queue.
+    Trades,
+    /// The market's ticker group for this interval.
+    Ticker { interval_ms: u32 },
+}
+
+/// The hub's answer to a [`Join`]: the market's shared state and a live
+/// receiver subscribed before the reply.
+pub struct Joined {
+    pub shared: Arc<MarketShared>,
+    pub live: LiveRx,
+}
+
+pub enum LiveRx {
+    Trades(broadcast::Receiver<EncodedTrade>),
+    /// The group's frames; every frame sent from now on starts after
+    /// `boundary`, and everything up to `boundary` is published (in the ring).
+    Ticker {
+        rx: broadcast::Receiver<TickerFrame>,
+        boundary: i64,
+    },
+    /// The hub does not know the market's volume right now (trades above
+    /// its head were pruned): a ticker cannot start; retry.
+    VolumeUnknown,
 }
 
 /// Cheap handle for sessions.
@@ -133,17 +174,16 @@ pub struct HubHandle {
 }
 
 impl HubHandle {
-    /// Follow `market`; None if the hub has stopped.
-    pub async fn join(
-        &self,
-        market: &str,
-        head: i64,
-    ) -> Option<(Arc<MarketShared>, broadcast::Receiver<EncodedTrade>)> {
+    /// Follow `market` from its row's `head` and `volume`; None if the hub
+    /// has stopped.
+    pub async fn join(&self, market: &str, head: i64, volume: i64, want: Want) -> Option<Joined> {
         let (reply, rx) = oneshot::channel();
         self.joins
             .send(Join {
                 market: market.to_string(),
                 head,
+                volume,
+                want,
                 reply,
             })
             .await
@@ -162,6 +202,17 @@ struct Market {
     live_queue: usize,
     /// The live queue replaced by a larger one, kept while receivers remain.
     moved_from: Option<broadcast::Sender<EncodedTrade>>,
+    /// The market's volume after `core.head()`; None once trades above the
+    /// head were skipped (pruned), until a join reads the head again.
+    volume: Option<i64>,
+    /// Ticker groups by interval (few per market: clients pick from a handful).
+    tickers: Vec<TickerSlot>,
+}
+
+struct TickerSlot {
+    interval_ms: u32,
+    group: ticker::Group,
+    tx: broadcast::Sender<TickerFrame>,
 }
 
 enum Internal {
@@ -221,6 +272,7 @@ pub fn spawn(
         retry_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
         results_tx,
         queue_warned_at: None,
+        deadlines: BinaryHeap::new(),
     };
     let task = tokio::spawn(hub.run(events, joins_rx, results_rx, shutdown));
     (HubHandle { joins: joins_tx }, task)
@@ -249,6 +301,9 @@ struct Hub {
     results_tx: mpsc::UnboundedSender<Internal>,
     /// When the NOTIFY-queue warning was last logged; None while below the threshold.
     queue_warned_at: Option<tokio::time::Instant>,
+    /// When a ticker group of (market, interval) wants to be looked at.
+    /// Entries may be stale (the group emitted or left): polling is cheap.
+    deadlines: BinaryHeap<Reverse<(tokio::time::Instant, String, u32)>>,
 }
 
 impl Hub {
@@ -262,14 +317,16 @@ impl Hub {
         let mut tick = tokio::time::interval(self.cfg.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Cancel safety: every branch is an mpsc recv, a tick or a token,
-            // all cancel-safe; nothing is lost when another branch wins.
+            let ticker_due = self.deadlines.peek().map(|Reverse((at, _, _))| *at);
+            // Cancel safety: every branch is an mpsc recv, a tick, a sleep or
+            // a token, all cancel-safe; nothing is lost when another branch wins.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 Some(ev) = events.recv() => self.on_event(ev),
                 Some(j) = joins.recv() => self.on_join(j),
                 Some(i) = results_rx.recv() => self.on_internal(i),
                 _ = tick.tick() => self.on_tick(),
+                _ = tokio::time::sleep_until(ticker_due.unwrap_or_else(tokio::time::Instant::now)), if ticker_due.is_some() => self.on_ticker_due(),
             }
         }
     }
@@ -309,9 +366,38 @@ impl Hub {
                 }),
                 live_queue: FIRST_LIVE_QUEUE.min(cfg.live_queue),
                 moved_from: None,
+                volume: Some(j.volume),
+                tickers: Vec::new(),
             }
         });
-        let rx = m.shared.subscribe();
+        if m.volume.is_none() && m.core.head() == j.head {
+            // The row the session read is at our head: its volume is ours.
+            m.volume = Some(j.volume);
+        }
+        let live = match j.want {
+            Want::Trades => LiveRx::Trades(m.shared.subscribe()),
+            Want::Ticker { .. } if m.volume.is_none() => LiveRx::VolumeUnknown,
+            Want::Ticker { interval_ms } => {
+                let at = match m.tickers.iter().position(|t| t.interval_ms == interval_ms) {
+                    Some(at) => at,
+                    None => {
+                        let (tx, _) = broadcast::channel(TICKER_QUEUE);
+                        let interval = Duration::from_millis(interval_ms as u64);
+                        m.tickers.push(TickerSlot {
+                            interval_ms,
+                            group: ticker::Group::new(interval, m.core.head()),
+                            tx,
+                        });
+                        m.tickers.len() - 1
+                    }
+                };
+                let slot = &m.tickers[at];
+                LiveRx::Ticker {
+                    rx: slot.tx.subscribe(),
+                    boundary: slot.group.boundary(),
+                }
+            }
+        };
         let shared = m.shared.clone();
         metrics::gauge!("marketcast_hub_markets").set(self.markets.len() as f64);
         // A doorbell that arrived before this market was followed was dropped;
@@ -319,7 +405,7 @@ impl Hub {
         if created {
             self.poke(&j.market);
         }
-        if j.reply.send((shared, rx)).is_err() {
+        if j.reply.send(Joined { shared, live }).is_err() {
             // The session went away while waiting; its receiver is dropped and
             // the market leaves at the next tick if nobody else follows it.
         }
@@ -467,6 +553,18 @@ impl Hub {
         let applied = m.core.fetched(rows, full);
         if applied.skipped > 0 {
             tracing::warn!(%market, skipped = applied.skipped, head = m.core.head(), "trades above the head were pruned; subscribers still owed them get history_unavailable");
+            // Their quantities are gone with them: the volume is unknown,
+            // and no ticker span can cross the hole. Dropping the groups
+            // ends their subscriptions, which were owed the pruned trades.
+            m.volume = None;
+            m.tickers.clear();
+        }
+        let mut applied = applied;
+        for t in &mut applied.publish {
+            if let Some(v) = &mut m.volume {
+                *v = v.saturating_add(t.qty);
+                t.volume = *v;
+            }
         }
         if applied.repaired > 0 {
             metrics::counter!("marketcast_gaps_repaired_total").increment(applied.repaired as u64);
@@ -495,6 +593,9 @@ impl Hub {
                 m.moved_from = Some(old);
                 m.live_queue = self.cfg.live_queue;
             }
+            // Ticker groups fold each trade once, for all their subscribers.
+            m.tickers
+                .retain_mut(|slot| applied.publish.iter().all(|t| slot.group.add(&t.tick())));
             let tx = m.shared.tx.read().unwrap_or_else(|p| p.into_inner());
             let now = now_micros();
             for t in applied.publish {
@@ -502,9 +603,59 @@ impl Hub {
                 // Err means no receiver right now: nobody to tell.
                 let _ = tx.send(t);
             }
+            drop(tx);
+            self.poll_tickers(&market);
         }
         if let Some(f) = applied.next {
             self.fetch(&market, f);
+        }
+    }
+
+    /// Emit what `market`'s ticker groups have due, and arm a deadline for
+    /// what must wait.
+    fn poll_tickers(&mut self, market: &str) {
+        let Some(m) = self.markets.get_mut(market) else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        for slot in &mut m.tickers {
+            match slot.group.poll(now) {
+                ticker::Next::Emit(fold) => {
+                    let frame = TickerFrame {
+                        frame: fold.encode(market),
+                        fold,
+                        emitted_at: now.into_std(),
+                    };
+                    // Err means no receiver right now: nobody to tell.
+                    let _ = slot.tx.send(frame);
+                }
+                ticker::Next::At(at) => {
+                    self.deadlines
+                        .push(Reverse((at, market.to_string(), slot.interval_ms)));
+                }
+                ticker::Next::Idle => {}
+            }
+        }
+    }
+
+    fn on_ticker_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let mut due = Vec::new();
+        while let Some(Reverse((at, _, _))) = self.deadlines.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, market, _))) = self.deadlines.pop() else {
+                break;
+            };
+            due.push(market);
+        }
+        due.sort();
+        due.dedup();
+        for market in due {
+            // Every group of the market is looked at: a group whose frame is
+            // not due yet arms again (a stale entry costs one poll).
+            self.poll_tickers(&market);
         }
     }
 
@@ -546,7 +697,10 @@ impl Hub {
             if behind == 0 {
                 m.moved_from = None;
             }
-            m.shared.receivers() + behind > 0
+            // A group nobody follows any more leaves, its pending fold too:
+            // the next subscriber starts a group from the head.
+            m.tickers.retain(|t| t.tx.receiver_count() > 0);
+            m.shared.receivers() + behind + m.tickers.len() > 0
         });
         metrics::gauge!("marketcast_hub_markets").set(self.markets.len() as f64);
         if self.reconciling {

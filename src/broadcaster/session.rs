@@ -40,20 +40,23 @@ use tokio_util::sync::CancellationToken;
 
 use super::hub::{HubHandle, MarketShared};
 use crate::config::SessionConfig;
-use crate::protocol::client::{self, parse_op, ErrorReply, Op};
+use crate::protocol::client::{self, parse_op, ErrorReply, Limits, Op};
 use crate::protocol::frame::control_frame;
-use crate::protocol::trade::EncodedTrade;
 
+mod heads;
 mod inbound;
+mod live;
 mod outbound;
 mod rate_limit;
 mod replay;
 pub mod subscription;
+mod ticker;
 
 pub use inbound::{parse_head, FrameReader, Inbound, ReadError};
+use live::{LiveItem, LiveStream};
 use outbound::SentTally;
 use rate_limit::RateLimit;
-use subscription::{Live, Position};
+use subscription::{Live, Position, TickerPosition};
 
 /// Frames queued before the session stops draining and writes. Bounds one
 /// vectored write (the kernel takes at most 1024 slices anyway).
@@ -92,6 +95,28 @@ pub(crate) struct SessionCtx {
     pub shards: BTreeSet<u32>,
     /// Open connections, for the limit (1013) and the gauge.
     pub connections: AtomicU64,
+    /// What ops are checked against (`--max-subscriptions`, `--max-recent`,
+    /// `--min-ticker-interval`).
+    pub limits: Limits,
+    /// Whether the broadcaster is healthy (its /healthz would answer 200):
+    /// heads are sent only then, so their silence means a stale feed.
+    pub health: Health,
+}
+
+/// What /healthz reports, readable without an await.
+#[derive(Clone)]
+pub(crate) struct Health {
+    pub listen_up: Arc<std::sync::atomic::AtomicBool>,
+    pub hub_alive: Arc<std::sync::atomic::AtomicBool>,
+    pub db: crate::db::health::Health,
+}
+
+impl Health {
+    pub fn ok(&self) -> bool {
+        self.listen_up.load(Ordering::Acquire)
+            && self.hub_alive.load(Ordering::Acquire)
+            && self.db.ok_now()
+    }
 }
 
 /// Run one upgraded connection to its end. `initial` is the subscribe from
@@ -124,6 +149,7 @@ pub(crate) async fn run(
         subs: HashMap::new(),
         ids: HashMap::new(),
         live: StreamMap::new(),
+        timers: None,
         next_id: 0,
         conn_id,
         shutdown: shutdown.clone(),
@@ -154,7 +180,35 @@ struct Sub {
     market: String,
     shared: Arc<MarketShared>,
     /// Where the client is in the market's seq, and what it is owed.
-    pos: Position,
+    kind: Kind,
+    /// The highest seq known to exist when it was last looked at (the
+    /// subscribe's head, then the hub's): a `head` never says more.
+    known: i64,
+    /// Some when the subscription asked for heads and they are on.
+    heads: Option<heads::Clock>,
+}
+
+enum Kind {
+    Trades(Position),
+    Ticker { pos: TickerPosition },
+}
+
+impl Sub {
+    /// The client's position: the last seq (or `to_seq`) sent.
+    fn position(&self) -> i64 {
+        match &self.kind {
+            Kind::Trades(p) => p.next() - 1,
+            Kind::Ticker { pos } => pos.sent(),
+        }
+    }
+
+    /// Whether something this subscription is owed waits for a fill.
+    fn owed(&self) -> bool {
+        match &self.kind {
+            Kind::Trades(p) => p.owed(),
+            Kind::Ticker { .. } => false,
+        }
+    }
 }
 
 enum End {
@@ -195,7 +249,10 @@ struct Session {
     subs: HashMap<SubId, Sub>,
     /// Market name -> id, for ops.
     ids: HashMap<String, SubId>,
-    live: StreamMap<SubId, BroadcastStream<EncodedTrade>>,
+    live: StreamMap<SubId, LiveStream>,
+    /// Heads and held ticker folds: Some while a subscription needs it
+    /// (boxed: an idle v1 connection carries no timer).
+    timers: Option<Box<heads::Timers>>,
     next_id: SubId,
     conn_id: u64,
     /// Checked between replay pages, so a long replay never outlives shutdown.
@@ -279,8 +336,11 @@ impl Session {
                         self.on_live(id, item).await?;
                         self.coalesce().await?;
                     }
-                    _ = retry.tick(), if self.subs.values().any(|s| s.pos.owed()) => {
-                        let pending: Vec<SubId> = self.subs.iter().filter(|(_, s)| s.pos.owed()).map(|(k, _)| *k).collect();
+                    fired = heads::Timers::next(self.timers.as_deref_mut()), if self.timers.is_some() => {
+                        self.on_timer(fired).await?;
+                    }
+                    _ = retry.tick(), if self.subs.values().any(Sub::owed) => {
+                        let pending: Vec<SubId> = self.subs.iter().filter(|(_, s)| s.owed()).map(|(k, _)| *k).collect();
                         for id in pending {
                             Box::pin(self.fill(id)).await?;
                         }
@@ -366,7 +426,7 @@ impl Session {
             }
         };
         match self.admit() {
-            Admit::Yes => match parse_op(&payload) {
+            Admit::Yes => match parse_op(&payload, &self.ctx.limits) {
                 // Boxed: an op's future (subscribe, log reads) is large and
                 // rare; inline, every idle connection would carry its state.
                 Ok(op) => Box::pin(self.on_op(op)).await?,
@@ -435,34 +495,56 @@ impl Session {
     async fn on_op(&mut self, op: Op) -> Result<(), End> {
         match op {
             Op::Ping { id } => self.out.push(client::pong(id)),
-            Op::Unsubscribe { market, id } => match self.ids.get(&market) {
-                Some(&sid) => {
-                    self.end_sub(sid);
-                    self.out.push(client::unsubscribed(&market, id));
+            Op::Auth { token, id } => self.on_auth(&token, id),
+            Op::Unsubscribe { markets, id } => {
+                for market in markets {
+                    match self.ids.get(&market) {
+                        Some(&sid) => {
+                            self.end_sub(sid);
+                            self.out.push(client::unsubscribed(&market, id.clone()));
+                        }
+                        None => self.reply_error(
+                            ErrorReply::new(
+                                id.clone(),
+                                "not_subscribed",
+                                format!("not subscribed to {market}"),
+                            )
+                            .with("market", market.into()),
+                        ),
+                    }
                 }
-                None => self.reply_error(ErrorReply::new(
-                    id,
-                    "not_subscribed",
-                    format!("not subscribed to {market}"),
-                )),
-            },
-            Op::Subscribe {
-                market,
-                from_seq,
-                epoch,
-                id,
-            } => match self
-                .subscribe(&market, from_seq, epoch.as_deref(), id.clone())
-                .await
-            {
-                // The replay owed since from_seq. A socket failure here must
-                // end the connection (the frames taken by the failed write are
-                // gone while `next` moved past them), so it propagates.
-                Ok(sid) => self.fill(sid).await?,
-                Err(e) => self.reply_error(e),
-            },
+            }
+            // One entry at a time, each exactly as a single subscribe sent
+            // at that point: one reply per entry, in order, and a market's
+            // `subscribed` before its trades.
+            Op::Subscribe { entries, id } => {
+                for e in &entries {
+                    match self.subscribe(e, id.clone()).await {
+                        // The replay owed since from_seq. A socket failure here
+                        // must end the connection (the frames taken by the failed
+                        // write are gone while `next` moved past them), so it
+                        // propagates.
+                        Ok(sid) => self.fill(sid).await?,
+                        Err(e) => self.reply_error(e),
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Whether this connection may read `market` (its token's `markets`;
+    /// anything without a token).
+    fn may_read(&self, _market: &str) -> bool {
+        true
+    }
+
+    fn on_auth(&mut self, _token: &str, id: Option<serde_json::Value>) {
+        self.reply_error(ErrorReply::new(
+            id,
+            "invalid_token",
+            "this broadcaster has no token keys",
+        ));
     }
 
     /// Queue an `error` reply, counted by code.
@@ -479,12 +561,15 @@ impl Session {
         }
     }
 
-    async fn on_live(
-        &mut self,
-        sid: SubId,
-        item: Result<EncodedTrade, tokio_stream::wrappers::errors::BroadcastStreamRecvError>,
-    ) -> Result<(), End> {
+    async fn on_live(&mut self, sid: SubId, item: LiveItem) -> Result<(), End> {
+        let item = match item {
+            LiveItem::Trade(t) => t,
+            LiveItem::Ticker(f) => return self.on_ticker(sid, f).await,
+        };
         let Some(sub) = self.subs.get_mut(&sid) else {
+            return Ok(());
+        };
+        let Kind::Trades(pos) = &mut sub.kind else {
             return Ok(());
         };
         match item {
@@ -493,11 +578,12 @@ impl Session {
                 // follow the new one, then fill what was published on it
                 // before this receiver existed.
                 let rx = sub.shared.subscribe();
-                sub.pos.owe(sub.shared.head());
-                self.live.insert(sid, BroadcastStream::new(rx));
+                pos.owe(sub.shared.head());
+                self.live
+                    .insert(sid, LiveStream::Trades(BroadcastStream::new(rx)));
                 Box::pin(self.fill(sid)).await
             }
-            Ok(t) => match sub.pos.live(t.seq) {
+            Ok(t) => match pos.live(t.seq) {
                 Live::Send => {
                     self.out.push(t.frame);
                     Ok(())

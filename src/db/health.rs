@@ -22,6 +22,11 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Health(watch::Receiver<Option<Result<(), String>>>);
 
 impl Health {
+    /// The last probe's answer without waiting: false before the first.
+    pub fn ok_now(&self) -> bool {
+        matches!(*self.0.borrow(), Some(Ok(())))
+    }
+
     /// The last probe's answer. Before the first probe has answered, waits
     /// for it (at most [`PROBE_TIMEOUT`]): a server just started is not
     /// reported down for want of a probe.

@@ -95,6 +95,31 @@ pub async fn trade_frames_after_many(
     Ok(out)
 }
 
+/// The fold of trades `after < seq <= upto` (ticker mode), in one
+/// statement, so the market's volume and the trades are one snapshot. None
+/// when the log does not hold every one of them (pruned).
+pub async fn fold(
+    client: &tokio_postgres::Client,
+    market: &str,
+    after: i64,
+    upto: i64,
+) -> Result<Option<crate::protocol::ticker::Fold>, DbError> {
+    const SQL: &str = "WITH r AS ( \
+           SELECT seq, qty, created_at, \
+                  CASE WHEN side = 'no' THEN 1 - price ELSE price END AS yes \
+           FROM trades WHERE market_id = $1 AND seq > $2 AND seq <= $3) \
+         SELECT count(*), coalesce(sum(qty), 0)::bigint, \
+           (SELECT yes::text FROM r ORDER BY seq LIMIT 1), \
+           max(yes)::text, min(yes)::text, \
+           (SELECT yes::text FROM r ORDER BY seq DESC LIMIT 1), \
+           (SELECT created_at FROM r ORDER BY seq DESC LIMIT 1), \
+           (SELECT volume FROM markets WHERE id = $1) \
+             - coalesce((SELECT sum(qty) FROM trades WHERE market_id = $1 AND seq > $3), 0)::bigint \
+         FROM r";
+    let row = client.query_one(SQL, &[&market, &after, &upto]).await?;
+    Ok(rows::fold(&row, after, upto))
+}
+
 /// The lowest seq still in the log for a market (None: no trade at all).
 pub async fn earliest_seq(
     client: &tokio_postgres::Client,

@@ -50,6 +50,30 @@ pub fn market(r: &Row) -> Market {
     }
 }
 
+/// A fold of `after < seq <= upto` from the row of [`super::log::fold`]:
+/// count, qty, open, high, low, last, ts of the last, volume after it. None
+/// unless the log held every trade of the range.
+pub fn fold(r: &Row, after: i64, upto: i64) -> Option<crate::protocol::ticker::Fold> {
+    use crate::protocol::ticker::parse_bp;
+    let count: i64 = r.get(0);
+    if count != upto - after || count == 0 {
+        return None;
+    }
+    let bp = |i: usize| r.get::<_, Option<&str>>(i).and_then(parse_bp);
+    let ts: Option<PgTimestamp> = r.get(6);
+    Some(crate::protocol::ticker::Fold {
+        from_seq: after + 1,
+        to_seq: upto,
+        qty: r.get(1),
+        volume: r.get::<_, Option<i64>>(7)?,
+        open: bp(2)?,
+        high: bp(3)?,
+        low: bp(4)?,
+        last: bp(5)?,
+        ts_micros: ts?.unix_micros(),
+    })
+}
+
 /// A `timestamptz` in Postgres's binary form: microseconds since 2000-01-01 UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PgTimestamp(pub i64);

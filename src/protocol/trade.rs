@@ -7,6 +7,8 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, Payload};
 use serde::Serialize;
 
+use super::ticker::{parse_bp, yes_bp, Bp, Tick};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trade {
     pub trade_id: i64,
@@ -36,7 +38,7 @@ struct TradeJson<'a> {
 }
 
 /// Serialised by formatting straight into the output: no String per trade.
-struct Rfc3339(i64);
+pub(crate) struct Rfc3339(pub(crate) i64);
 
 impl Serialize for Rfc3339 {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -101,6 +103,9 @@ impl<'a> TradeRef<'a> {
         EncodedTrade {
             seq: self.seq,
             ts_micros: self.ts_micros,
+            yes: yes_bp(self.side, parse_bp(self.price).unwrap_or(0)),
+            qty: self.qty,
+            volume: 0,
             frame: Bytes::from(buf).slice(ROOM - n..),
         }
     }
@@ -150,10 +155,28 @@ pub struct EncodedTrade {
     pub seq: i64,
     /// The row's `created_at`, for the commit-to-send lag metric.
     pub ts_micros: i64,
+    /// The YES price and the quantity, for ticker folds.
+    pub yes: Bp,
+    pub qty: i64,
+    /// The market's volume after this trade. Known only for the trades the
+    /// hub publishes (it keeps each market's volume: the ring and live
+    /// queues); 0 on a trade a replay read from the log.
+    pub volume: i64,
     pub frame: Bytes,
 }
 
 impl EncodedTrade {
+    /// What a ticker fold needs of this trade.
+    pub fn tick(&self) -> Tick {
+        Tick {
+            seq: self.seq,
+            yes: self.yes,
+            qty: self.qty,
+            volume: self.volume,
+            ts_micros: self.ts_micros,
+        }
+    }
+
     /// Not a trade: the broadcaster's notice, on a market's live queue,
     /// that the queue was replaced and its receivers must move to the new
     /// one (`broadcaster::hub::MarketShared`). Never sent to a client.
@@ -161,6 +184,9 @@ impl EncodedTrade {
         EncodedTrade {
             seq: MOVED,
             ts_micros: 0,
+            yes: 0,
+            qty: 0,
+            volume: 0,
             frame: Bytes::new(),
         }
     }

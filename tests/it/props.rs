@@ -20,7 +20,7 @@ use std::time::Duration;
 use futures_util::SinkExt;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use hyper::StatusCode;
-use marketcast::protocol::client::{initial_op, parse_op, Op};
+use marketcast::protocol::client::{initial_op, parse_op, Entry, Limits, Mode, Op, Start};
 use marketcast::protocol::doorbell::{parse_doorbell, Doorbell};
 use marketcast::protocol::market::is_market_id;
 use marketcast::protocol::write_api::{
@@ -105,7 +105,8 @@ fn key() -> impl Strategy<Value = String> {
     prop_oneof![
         3 => prop::sample::select(vec![
             "op", "market", "from_seq", "epoch", "id", "m", "s", "side", "price", "qty",
-            "trader", "client_order_id", "title",
+            "trader", "client_order_id", "title", "markets", "recent", "mode", "interval_ms",
+            "heads", "token",
         ])
         .prop_map(String::from),
         1 => "[a-z_]{1,8}",
@@ -142,9 +143,77 @@ fn object(fields: Vec<(&'static str, Option<Value>)>, extra: Vec<(String, Value)
 
 // ------------------------------------------------------------------ client ops
 
-/// What PROTOCOL.md section 2 says a message means: the op, or the error
-/// code with the id echoed (an id is echoed only when it is an integer or a
-/// string; a message whose id is anything else has no usable id).
+/// The limits the op properties run with (small, so the bounds are hit).
+const LIMITS: Limits = Limits {
+    max_subscriptions: 3,
+    max_recent: 50,
+    min_interval_ms: 100,
+};
+
+/// One market's subscribe fields, read literally from PROTOCOL.md and
+/// PROTOCOL-1.1 section 2.3: `Err(())` is `bad_request`.
+fn entry_model(o: &Map<String, Value>) -> Result<Entry, ()> {
+    let market = o
+        .get("market")
+        .and_then(Value::as_str)
+        .ok_or(())?
+        .to_string();
+    let present = |k: &str| o.get(k).filter(|v| !v.is_null());
+    let int = |k: &str| match present(k) {
+        None => Ok(None),
+        Some(v) => v.as_i64().map(Some).ok_or(()),
+    };
+    // An integer >= 0; i64::MAX too is refused, so that the first seq owed,
+    // from_seq + 1, exists (the contract's seqs are bigint).
+    let from_seq = int("from_seq")?;
+    if from_seq.is_some_and(|n| !(0..i64::MAX).contains(&n)) {
+        return Err(());
+    }
+    let recent = int("recent")?;
+    let interval = int("interval_ms")?;
+    let epoch = match present("epoch") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(()),
+    };
+    let mode = match present("mode") {
+        None => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(_) => return Err(()),
+    };
+    let heads = match present("heads") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(()),
+    };
+    let start = match (from_seq, recent) {
+        (Some(_), Some(_)) => return Err(()),
+        (Some(f), None) => Start::After(f),
+        (None, Some(n)) if (1..=50).contains(&n) => Start::Recent(n as u32),
+        (None, Some(_)) => return Err(()),
+        (None, None) => Start::Head,
+    };
+    let mode = match (mode, interval) {
+        (None | Some("trades"), None) => Mode::Trades,
+        (Some("ticker"), None) => Mode::Ticker { interval_ms: 1000 },
+        (Some("ticker"), Some(ms)) if (100..=60_000).contains(&ms) => Mode::Ticker {
+            interval_ms: ms as u32,
+        },
+        _ => return Err(()),
+    };
+    Ok(Entry {
+        market,
+        start,
+        epoch,
+        mode,
+        heads,
+    })
+}
+
+/// What PROTOCOL.md section 2 (and 1.1's section 2) says a message means:
+/// the op, or the error code with the id echoed (an id is echoed only when
+/// it is an integer or a string; a message whose id is anything else has no
+/// usable id).
 fn op_model(v: &Value) -> Result<Op, (&'static str, Option<Value>)> {
     let bad = |id: &Option<Value>| ("bad_request", id.clone());
     let Value::Object(o) = v else {
@@ -158,41 +227,80 @@ fn op_model(v: &Value) -> Result<Op, (&'static str, Option<Value>)> {
         }
         Some(_) => return Err(("bad_request", None)),
     };
-    let string = |k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
-    let optional_string = |k: &str| match o.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(()),
+    let markets = match o.get("markets") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) if !a.is_empty() => Some(a),
+        Some(_) => Some(&EMPTY),
     };
     match o.get("op") {
         Some(Value::String(op)) if op == "subscribe" => {
-            let market = string("market").ok_or_else(|| bad(&id))?;
-            // An integer >= 0; i64::MAX too is refused, so that the first
-            // seq owed, from_seq + 1, exists (the contract's seqs are bigint).
-            let from_seq = match o.get("from_seq") {
-                None | Some(Value::Null) => None,
-                Some(v) => match v.as_i64() {
-                    Some(n) if (0..i64::MAX).contains(&n) => Some(n),
-                    _ => return Err(bad(&id)),
-                },
+            let Some(list) = markets else {
+                let e = entry_model(o).map_err(|()| bad(&id))?;
+                return Ok(Op::Subscribe {
+                    entries: vec![e],
+                    id,
+                });
             };
-            let epoch = optional_string("epoch").map_err(|()| bad(&id))?;
-            Ok(Op::Subscribe {
-                market,
-                from_seq,
-                epoch,
-                id,
-            })
+            let top = [
+                "market",
+                "from_seq",
+                "recent",
+                "epoch",
+                "mode",
+                "interval_ms",
+                "heads",
+            ];
+            if list.is_empty() || top.iter().any(|k| o.get(*k).is_some_and(|v| !v.is_null())) {
+                return Err(bad(&id));
+            }
+            let entries = list
+                .iter()
+                .map(|e| e.as_object().ok_or(()).and_then(entry_model))
+                .collect::<Result<Vec<_>, ()>>()
+                .map_err(|()| bad(&id))?;
+            if entries.len() > LIMITS.max_subscriptions {
+                return Err(("too_many_subscriptions", id));
+            }
+            Ok(Op::Subscribe { entries, id })
         }
-        Some(Value::String(op)) if op == "unsubscribe" => Ok(Op::Unsubscribe {
-            market: string("market").ok_or_else(|| bad(&id))?,
-            id,
-        }),
+        Some(Value::String(op)) if op == "unsubscribe" => {
+            let Some(list) = markets else {
+                let market = o
+                    .get("market")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad(&id))?;
+                return Ok(Op::Unsubscribe {
+                    markets: vec![market.to_string()],
+                    id,
+                });
+            };
+            let market = o.get("market").is_some_and(|v| !v.is_null());
+            if list.is_empty() || list.len() > LIMITS.max_subscriptions || market {
+                return Err(bad(&id));
+            }
+            let markets = list
+                .iter()
+                .map(|m| m.as_str().map(str::to_string).ok_or(()))
+                .collect::<Result<Vec<_>, ()>>()
+                .map_err(|()| bad(&id))?;
+            Ok(Op::Unsubscribe { markets, id })
+        }
+        Some(Value::String(op)) if op == "auth" => match o.get("token") {
+            Some(Value::String(t)) => Ok(Op::Auth {
+                token: t.clone(),
+                id,
+            }),
+            _ => Err(bad(&id)),
+        },
         Some(Value::String(op)) if op == "ping" => Ok(Op::Ping { id }),
         Some(Value::String(_)) => Err(("unknown_op", id)),
         _ => Err(bad(&id)),
     }
 }
+
+/// `markets` that is present but not a non-empty array: the model treats it
+/// as an empty list, which every op refuses.
+static EMPTY: Vec<Value> = Vec::new();
 
 /// Op-shaped objects: each field of the contract absent, valid or anything.
 fn op_message() -> impl Strategy<Value = Value> {
@@ -213,15 +321,53 @@ fn op_message() -> impl Strategy<Value = Value> {
     let from_seq = nasty_number().boxed();
     let epoch = nasty_string().prop_map(Value::from).boxed();
     let id = prop_oneof![nasty_number(), nasty_string().prop_map(Value::from)].boxed();
-    (
+    let small = prop_oneof![(-2i64..70).prop_map(Value::from), nasty_number()].boxed();
+    let mode = prop::sample::select(vec!["trades", "ticker", "Ticker", ""])
+        .prop_map(Value::from)
+        .boxed();
+    let interval = prop_oneof![(0i64..70_000).prop_map(Value::from), nasty_number()].boxed();
+    let heads = any::<bool>().prop_map(Value::from).boxed();
+    let entry = (
+        field(nasty_string().prop_map(Value::from).boxed()),
+        field(small.clone()),
+        field(mode.clone()),
+        field(interval.clone()),
+    )
+        .prop_map(|(market, recent, mode, interval)| {
+            object(
+                vec![
+                    ("market", market),
+                    ("recent", recent),
+                    ("mode", mode),
+                    ("interval_ms", interval),
+                ],
+                vec![],
+            )
+        });
+    let markets = prop::collection::vec(entry, 0..5)
+        .prop_map(Value::from)
+        .boxed();
+    let v1 = (
         field(op),
         field(market),
         field(from_seq),
         field(epoch),
         field(id),
         prop::collection::vec((key(), any_json()), 0..3),
-    )
-        .prop_map(|(op, market, from_seq, epoch, id, extra)| {
+    );
+    let v11 = (
+        prop_oneof![3 => Just(None), 1 => field(markets)],
+        prop_oneof![2 => Just(None), 1 => field(small)],
+        prop_oneof![2 => Just(None), 1 => field(mode)],
+        prop_oneof![2 => Just(None), 1 => field(interval)],
+        prop_oneof![2 => Just(None), 1 => field(heads)],
+        prop_oneof![2 => Just(None), 1 => field(nasty_string().prop_map(Value::from).boxed())],
+    );
+    (v1, v11).prop_map(
+        |(
+            (op, market, from_seq, epoch, id, extra),
+            (markets, recent, mode, interval, heads, token),
+        )| {
             object(
                 vec![
                     ("op", op),
@@ -229,17 +375,24 @@ fn op_message() -> impl Strategy<Value = Value> {
                     ("from_seq", from_seq),
                     ("epoch", epoch),
                     ("id", id),
+                    ("markets", markets),
+                    ("recent", recent),
+                    ("mode", mode),
+                    ("interval_ms", interval),
+                    ("heads", heads),
+                    ("token", token),
                 ],
                 extra,
             )
-        })
+        },
+    )
 }
 
 #[test]
 fn parse_op_never_panics_on_bytes() {
     let mut r = TestRunner::new(config(2000));
     r.run(&prop::collection::vec(any::<u8>(), 0..256), |b| {
-        let _ = parse_op(&b);
+        let _ = parse_op(&b, &LIMITS);
         Ok(())
     })
     .unwrap();
@@ -251,7 +404,7 @@ fn parse_op_matches_the_protocol_on_any_json() {
     let msg = prop_oneof![3 => op_message(), 1 => any_json()];
     r.run(&msg, |v| {
         let bytes = serde_json::to_vec(&v).unwrap();
-        match (parse_op(&bytes), op_model(&v)) {
+        match (parse_op(&bytes, &LIMITS), op_model(&v)) {
             (Ok(got), Ok(want)) => prop_assert_eq!(got, want, "{}", v),
             (Err(e), Err((code, id))) => {
                 prop_assert_eq!(e.code, code, "{}", v);
@@ -275,49 +428,86 @@ fn accepted_ops_round_trip_their_fields() {
         any::<u64>().prop_map(|n| Some(json!(n))),
         any::<String>().prop_map(|s| Some(json!(s))),
     ];
+    let start = prop_oneof![
+        Just(Start::Head),
+        (0..i64::MAX).prop_map(Start::After),
+        (1..=LIMITS.max_recent).prop_map(Start::Recent),
+    ];
+    let mode = prop_oneof![
+        Just(Mode::Trades),
+        (LIMITS.min_interval_ms..=60_000).prop_map(|interval_ms| Mode::Ticker { interval_ms }),
+    ];
+    let entry = (
+        any::<String>(),
+        start,
+        prop::option::of(any::<String>()),
+        mode,
+        any::<bool>(),
+    )
+        .prop_map(|(market, start, epoch, mode, heads)| Entry {
+            market,
+            start,
+            epoch,
+            mode,
+            heads,
+        });
     let op = prop_oneof![
         (
-            any::<String>(),
-            prop::option::of(0..i64::MAX),
-            prop::option::of(any::<String>()),
+            prop::collection::vec(entry, 1..=LIMITS.max_subscriptions),
             id.clone()
         )
-            .prop_map(|(market, from_seq, epoch, id)| Op::Subscribe {
-                market,
-                from_seq,
-                epoch,
-                id
-            }),
-        (any::<String>(), id.clone()).prop_map(|(market, id)| Op::Unsubscribe { market, id }),
+            .prop_map(|(entries, id)| Op::Subscribe { entries, id }),
+        (
+            prop::collection::vec(any::<String>(), 1..=LIMITS.max_subscriptions),
+            id.clone()
+        )
+            .prop_map(|(markets, id)| Op::Unsubscribe { markets, id }),
+        (any::<String>(), id.clone()).prop_map(|(token, id)| Op::Auth { token, id }),
         id.prop_map(|id| Op::Ping { id }),
     ];
+    let entry_json = |e: &Entry| {
+        let mut v = json!({"market": e.market, "heads": e.heads});
+        match e.start {
+            Start::Head => {}
+            Start::After(f) => v["from_seq"] = json!(f),
+            Start::Recent(n) => v["recent"] = json!(n),
+        }
+        if let Some(ep) = &e.epoch {
+            v["epoch"] = json!(ep);
+        }
+        if let Mode::Ticker { interval_ms } = e.mode {
+            v["mode"] = json!("ticker");
+            v["interval_ms"] = json!(interval_ms);
+        }
+        v
+    };
     let mut r = TestRunner::new(config(1000));
     r.run(&op, |op| {
-        let v = match &op {
-            Op::Subscribe {
-                market,
-                from_seq,
-                epoch,
-                id,
-            } => {
-                let mut v = json!({"op": "subscribe", "market": market});
-                if let Some(f) = from_seq {
-                    v["from_seq"] = json!(f);
-                }
-                if let Some(e) = epoch {
-                    v["epoch"] = json!(e);
-                }
-                if let Some(id) = id {
-                    v["id"] = id.clone();
-                }
+        let mut v = match &op {
+            // One entry goes in the single form, several in `markets`.
+            Op::Subscribe { entries, .. } if entries.len() == 1 => {
+                let mut v = entry_json(&entries[0]);
+                v["op"] = json!("subscribe");
                 v
             }
-            Op::Unsubscribe { market, id } => {
-                json!({"op": "unsubscribe", "market": market, "id": id})
+            Op::Subscribe { entries, .. } => {
+                json!({"op": "subscribe", "markets": entries.iter().map(entry_json).collect::<Vec<_>>()})
             }
-            Op::Ping { id } => json!({"id": id, "op": "ping"}),
+            Op::Unsubscribe { markets, .. } if markets.len() == 1 => {
+                json!({"op": "unsubscribe", "market": markets[0]})
+            }
+            Op::Unsubscribe { markets, .. } => json!({"op": "unsubscribe", "markets": markets}),
+            Op::Auth { token, .. } => json!({"op": "auth", "token": token}),
+            Op::Ping { .. } => json!({"op": "ping"}),
         };
-        prop_assert_eq!(parse_op(v.to_string().as_bytes()), Ok(op));
+        let (Op::Subscribe { id, .. }
+        | Op::Unsubscribe { id, .. }
+        | Op::Auth { id, .. }
+        | Op::Ping { id }) = &op;
+        if let Some(id) = id {
+            v["id"] = id.clone();
+        }
+        prop_assert_eq!(parse_op(v.to_string().as_bytes(), &LIMITS), Ok(op));
         Ok(())
     })
     .unwrap();
@@ -362,7 +552,7 @@ fn the_query_subscription_is_a_subscribe_op() {
             .filter(|(k, _)| k == "from_seq")
             .map(|(_, v)| v.parse::<i64>().ok().filter(|n| (0..i64::MAX).contains(n)))
             .collect();
-        match initial_op(&query) {
+        match initial_op(&query, &LIMITS) {
             Some(Err(e)) => {
                 prop_assert!(from_seqs.contains(&None), "{query}");
                 prop_assert_eq!((e.code, e.id), ("bad_request", None));
@@ -373,9 +563,13 @@ fn the_query_subscription_is_a_subscribe_op() {
                 prop_assert_eq!(
                     op,
                     Op::Subscribe {
-                        market: last("market").unwrap(),
-                        from_seq: from_seqs.last().copied().flatten(),
-                        epoch: last("epoch"),
+                        entries: vec![Entry {
+                            epoch: last("epoch"),
+                            ..Entry::v1(
+                                last("market").unwrap(),
+                                from_seqs.last().copied().flatten()
+                            )
+                        }],
                         id: None,
                     }
                 );

@@ -172,6 +172,23 @@ impl Ring {
         self.items.front().map(|t| t.seq)
     }
 
+    /// The fold of trades `after < seq <= upto` (ticker mode), if the ring
+    /// holds every one of them.
+    pub fn fold(&self, after: i64, upto: i64) -> Option<crate::protocol::ticker::Fold> {
+        let first = self.first_seq()?;
+        if after + 1 < first || upto > self.items.back()?.seq || upto <= after {
+            return None;
+        }
+        let mut trades = self.items.iter().skip((after + 1 - first) as usize);
+        let mut fold = crate::protocol::ticker::Fold::of(&trades.next()?.tick());
+        for t in trades.take_while(|t| t.seq <= upto) {
+            if !fold.add(&t.tick()) {
+                return None;
+            }
+        }
+        (fold.from_seq == after + 1 && fold.to_seq == upto).then_some(fold)
+    }
+
     /// Trades with `after < seq <= upto`, if the ring holds `after + 1`.
     /// None means the range starts outside the ring: before it (evicted),
     /// or after it (committed, and known to a session that read the head
@@ -202,9 +219,25 @@ mod tests {
     fn t(seq: i64) -> EncodedTrade {
         EncodedTrade {
             seq,
-            ts_micros: 0,
+            ts_micros: seq,
+            yes: (seq as u16 * 37) % 9999 + 1,
+            qty: seq,
+            volume: seq * (seq + 1) / 2,
             frame: Bytes::from(format!("t{seq}")),
         }
+    }
+
+    #[test]
+    fn the_ring_folds_only_ranges_it_holds_whole() {
+        let mut r = Ring::new(4);
+        for s in 1..=6 {
+            r.push(t(s));
+        }
+        let f = r.fold(3, 6).expect("3..=6 is held");
+        assert_eq!((f.from_seq, f.to_seq, f.qty, f.volume), (4, 6, 15, 21));
+        assert_eq!(r.fold(1, 6), None, "2 fell out");
+        assert_eq!(r.fold(5, 7), None, "7 is not here yet");
+        assert_eq!(r.fold(6, 6), None, "an empty range is no fold");
     }
     fn seqs(v: &[EncodedTrade]) -> Vec<i64> {
         v.iter().map(|t| t.seq).collect()

@@ -10,22 +10,27 @@
 use serde_json::Value;
 use tokio_stream::wrappers::BroadcastStream;
 
+use super::live::LiveStream;
 use super::subscription::{Position, Pruned};
-use super::{End, Session, Sub, SubId};
+use super::{End, Kind, Session, Sub, SubId};
+use crate::broadcaster::hub::{Joined, LiveRx, Want};
 use crate::db::{self, DbError};
-use crate::protocol::client::{self, ErrorReply};
+use crate::protocol::client::{self, Entry, ErrorReply, Mode, Start};
 
 impl Session {
-    /// Check a subscribe op and start following the market. Err is the
-    /// error reply; nothing was started.
+    /// Check a subscribe for one market, in the contract's order, and start
+    /// following it: `subscribed` is queued, and for a ticker its backlog
+    /// frame. Err is the error reply (with `market`); nothing was started.
+    /// A trades subscription's replay is the caller's [`Session::fill`].
     pub(super) async fn subscribe(
         &mut self,
-        market: &str,
-        from_seq: Option<i64>,
-        epoch: Option<&str>,
+        e: &Entry,
         id: Option<Value>,
     ) -> Result<SubId, ErrorReply> {
-        let err = |code, msg: String| ErrorReply::new(id.clone(), code, msg);
+        let market = e.market.as_str();
+        let err = |code, msg: String| {
+            ErrorReply::new(id.clone(), code, msg).with("market", market.into())
+        };
         if self.ids.contains_key(market) {
             return Err(err(
                 "already_subscribed",
@@ -37,6 +42,13 @@ impl Session {
             return Err(err(
                 "too_many_subscriptions",
                 format!("at most {max} subscriptions per connection"),
+            ));
+        }
+        // Before any lookup: a token learns nothing of markets it may not read.
+        if !self.may_read(market) {
+            return Err(err(
+                "forbidden",
+                format!("this connection's token does not grant {market}"),
             ));
         }
         let unavailable =
@@ -61,8 +73,8 @@ impl Session {
             }
             return Err(e);
         }
-        if let Some(ep) = epoch {
-            if ep != m.epoch {
+        if let Some(ep) = &e.epoch {
+            if *ep != m.epoch {
                 return Err(err(
                     "epoch_mismatch",
                     format!("market {market} is at epoch {}, not {ep}", m.epoch),
@@ -71,35 +83,80 @@ impl Session {
             }
         }
         let head = m.head_seq;
-        let (shared, rx) = self
+        let want = match e.mode {
+            Mode::Trades => Want::Trades,
+            Mode::Ticker { interval_ms } => Want::Ticker { interval_ms },
+        };
+        let Joined { shared, live } = self
             .ctx
             .hub
-            .join(market, head)
+            .join(market, head, m.volume, want)
             .await
             .ok_or_else(|| err("unavailable", "broadcaster shutting down".into()))?;
-        // Everything the hub publishes from now on reaches `rx`; everything it
-        // published before is at most shared.head() and is filled.
-        let pos = Position::new(from_seq, head, shared.head());
-        let next = pos.next();
-        if next <= head
-            && shared
-                .ring
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .first_seq()
-                .is_none_or(|f| f > next)
-        {
-            let earliest = db::with_connection(pool, timeout, async |c| {
+        let ring_from = |seq: i64| {
+            let ring = shared.ring.read().unwrap_or_else(|p| p.into_inner());
+            ring.first_seq().is_some_and(|f| f <= seq)
+        };
+        let earliest = async || {
+            db::with_connection(pool, timeout, async |c| {
                 db::log::earliest_seq(c, market).await
             })
             .await
-            .map_err(unavailable)?;
-            let earliest = earliest.unwrap_or(head + 1);
-            if earliest > next {
+            .map_err(unavailable)
+        };
+        // Where the client is: the first trade owed is `after + 1`.
+        let after = match e.start {
+            Start::Head => head,
+            Start::After(f) => f,
+            // As if from_seq were max(head - N, P), P the newest pruned seq
+            // (every retained trade, if fewer than N): never
+            // history_unavailable.
+            Start::Recent(n) => {
+                let want = (head - n as i64).max(0);
+                match ring_from(want + 1) {
+                    true => want,
+                    false => want.max(earliest().await?.map_or(head, |e| e - 1)),
+                }
+            }
+        };
+        if after < head && !ring_from(after + 1) {
+            let earliest = earliest().await?.unwrap_or(head + 1);
+            if earliest > after + 1 {
                 return Err(err("history_unavailable", format!("trades before seq {earliest} of {market} were pruned; subscribe with from_seq >= {}", earliest - 1)).with("earliest_seq", earliest.into()));
             }
         }
-        self.out.push(client::subscribed(&m, id));
+        // Everything the hub publishes from now on reaches `live`; everything
+        // it published before is at most shared.head() (or the group's
+        // boundary) and is filled.
+        let (kind, stream, boundary) = match live {
+            LiveRx::Trades(rx) => (
+                Kind::Trades(Position::new(Some(after), head, shared.head())),
+                LiveStream::Trades(BroadcastStream::new(rx)),
+                None,
+            ),
+            LiveRx::Ticker { rx, boundary } => {
+                let Mode::Ticker { interval_ms } = e.mode else {
+                    unreachable!("a ticker group answers a ticker join")
+                };
+                (
+                    Kind::Ticker {
+                        pos: super::ticker::position(after, interval_ms),
+                    },
+                    LiveStream::Ticker(BroadcastStream::new(rx)),
+                    Some(boundary),
+                )
+            }
+            LiveRx::VolumeUnknown => {
+                return Err(err(
+                    "unavailable",
+                    format!("the ticker of {market} is not available right now, retry"),
+                ))
+            }
+        };
+        let heads = self.ctx.cfg.head_interval;
+        let heads = (e.heads && !heads.is_zero()).then_some(heads.as_millis() as u64);
+        self.out
+            .push(client::subscribed(&m, id.clone(), after, e.mode, heads));
         let sid = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         self.subs.insert(
@@ -107,13 +164,29 @@ impl Session {
             Sub {
                 market: market.to_string(),
                 shared,
-                pos,
+                kind,
+                known: head,
+                heads: heads.map(|_| super::heads::Clock::new(after)),
             },
         );
         self.ids.insert(market.to_string(), sid);
-        self.live.insert(sid, BroadcastStream::new(rx));
+        self.live.insert(sid, stream);
+        if heads.is_some() {
+            self.start_heads();
+        }
         metrics::gauge!("marketcast_subscriptions").increment(1.0);
-        tracing::debug!(conn = self.conn_id, market, next, head, "subscribed");
+        tracing::debug!(conn = self.conn_id, market, after, head, "subscribed");
+        if let Some(boundary) = boundary {
+            // The backlog frame, exactly after + 1 ..= head, at once; then
+            // what the group had published before this subscription joined.
+            if head > after {
+                self.ticker_fill(sid, after, head, None).await;
+            }
+            if boundary > after.max(head) {
+                self.ticker_fill(sid, after.max(head), boundary, None).await;
+            }
+            self.rearm_flush();
+        }
         Ok(sid)
     }
 
@@ -127,7 +200,10 @@ impl Session {
             let Some(sub) = self.subs.get(&sid) else {
                 return Ok(());
             };
-            let Some((after, upto)) = sub.pos.gap() else {
+            let Kind::Trades(pos) = &sub.kind else {
+                return Ok(());
+            };
+            let Some((after, upto)) = pos.gap() else {
                 return Ok(());
             };
             let market = sub.market.clone();
@@ -156,7 +232,7 @@ impl Session {
                 }
             };
             if let Err(Pruned { after, earliest }) =
-                sub.pos.check_page(page.first().map(|t| t.seq), upto)
+                pos.check_page(page.first().map(|t| t.seq), upto)
             {
                 self.end_sub(sid);
                 self.reply_error(
@@ -174,9 +250,11 @@ impl Session {
             }
             metrics::counter!("marketcast_replayed_trades_total", "source" => source)
                 .increment(page.len() as u64);
-            let sub = self.subs.get_mut(&sid).expect("checked above");
+            let Some(Kind::Trades(pos)) = self.subs.get_mut(&sid).map(|s| &mut s.kind) else {
+                return Ok(());
+            };
             for t in page {
-                if !sub.pos.take(t.seq) {
+                if !pos.take(t.seq) {
                     break; // contiguity checked per page start; defensive
                 }
                 self.out.push(t.frame);
