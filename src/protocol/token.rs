@@ -339,6 +339,20 @@ impl Patterns {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The exact ids, and the prefixes of the `*` patterns (`""` for `*`):
+    /// for a query that filters as [`Patterns::matches`] does.
+    pub fn ids_and_prefixes(&self) -> (Vec<&str>, Vec<&str>) {
+        let mut ids = Vec::new();
+        let mut prefixes = Vec::new();
+        for p in &self.0 {
+            match p.strip_suffix('*') {
+                Some(prefix) => prefixes.push(prefix),
+                None => ids.push(p.as_str()),
+            }
+        }
+        (ids, prefixes)
+    }
 }
 
 /// Why a presented token was refused. The message never holds the token or
@@ -607,6 +621,11 @@ mod tests {
         assert!(all.matches("ANY") && all.matches("x"));
         let none = Patterns::parse(&json!([])).unwrap();
         assert!(none.is_empty() && !none.matches("ANY"));
+        assert_eq!(
+            p.ids_and_prefixes(),
+            (vec!["FED-2027-03"], vec!["ELECTION-"])
+        );
+        assert_eq!(all.ids_and_prefixes(), (vec![], vec![""]));
     }
 
     #[test]
