@@ -12,6 +12,8 @@ use crate::config::{
     self, format_duration, BroadcasterConfig, DbConfig, DemoConfig, HttpConfig, HubConfig,
     ListenerConfig, SessionConfig, SubscribeConfig, WriterConfig, DEFAULT_SHARD_COUNT,
 };
+use crate::config::{TokenConfig, DEFAULT_JWT_LEEWAY};
+use crate::protocol::token::Verifier;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -150,6 +152,9 @@ pub struct WriterArgs {
     /// 7.0k trades/s against 7.8k with 1 (docs/BENCHMARKS.md).
     #[arg(long, env = "MARKETCAST_BATCH_WORKERS", default_value_t = WriterConfig::default().batch_workers)]
     pub batch_workers: usize,
+
+    #[command(flatten)]
+    pub tokens: TokenArgs,
 }
 
 #[derive(Debug, Args)]
@@ -285,6 +290,52 @@ pub struct BroadcasterArgs {
     /// frame per interval per market.
     #[arg(long, env = "MARKETCAST_MIN_TICKER_INTERVAL", default_value_t = format_duration(BroadcasterConfig::default().session.min_ticker_interval))]
     pub min_ticker_interval: String,
+
+    #[command(flatten)]
+    pub tokens: TokenArgs,
+}
+
+/// Token verification (contract 1.1 section 1), for both server roles: one
+/// set of keys serves the writer and the broadcaster.
+#[derive(Args, Clone)]
+pub struct TokenArgs {
+    /// Verify HS256 tokens with this secret, at least 32 bytes. A secret:
+    /// pass it through the environment variable (a command line is visible
+    /// to every local user); never logged, its value hidden from --help.
+    #[arg(long, env = "MARKETCAST_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<String>,
+
+    /// A PEM file of one or more PUBLIC KEY blocks: RSA keys (at least 2048
+    /// bits) verify RS256 tokens, Ed25519 keys EdDSA tokens. List several to
+    /// rotate keys. Read once at start.
+    #[arg(long, env = "MARKETCAST_JWT_PUBLIC_KEY", value_name = "FILE")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+
+    /// Clock skew allowed on a token's `exp` and `nbf`.
+    #[arg(long, env = "MARKETCAST_JWT_LEEWAY", default_value_t = format_duration(DEFAULT_JWT_LEEWAY))]
+    pub jwt_leeway: String,
+
+    /// Refuse requests without a token (401 `unauthorized`): the writer's
+    /// GETs, the broadcaster's upgrades and reads. Needs token keys. Off by
+    /// default: v1 clients keep working.
+    #[arg(long, env = "MARKETCAST_REQUIRE_TOKEN", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub require_token: bool,
+}
+
+/// Written by hand: the secret must not reach a `{:?}`.
+impl std::fmt::Debug for TokenArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenArgs")
+            .field(
+                "jwt_hs256_secret",
+                &self.jwt_hs256_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_public_key", &self.jwt_public_key)
+            .field("jwt_leeway", &self.jwt_leeway)
+            .field("require_token", &self.require_token)
+            .finish()
+    }
 }
 
 #[derive(Debug, Args)]
@@ -370,6 +421,29 @@ impl HttpArgs {
     }
 }
 
+impl TokenArgs {
+    /// The validated [`TokenConfig`]; reads the `--jwt-public-key` file. An
+    /// empty secret counts as unset (as an empty `--write-token` does).
+    pub fn config(&self) -> Result<TokenConfig> {
+        let leeway = config::duration("--jwt-leeway", &self.jwt_leeway)?;
+        let pem = self
+            .jwt_public_key
+            .as_ref()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("--jwt-public-key: cannot read {}", path.display()))
+            })
+            .transpose()?;
+        let secret = self.jwt_hs256_secret.as_deref().filter(|s| !s.is_empty());
+        let c = TokenConfig {
+            verifier: Verifier::new(secret, pem.as_deref(), leeway)?,
+            require_token: self.require_token,
+        };
+        c.check()?;
+        Ok(c)
+    }
+}
+
 impl WriterArgs {
     /// The validated [`WriterConfig`].
     pub fn config(&self) -> Result<WriterConfig> {
@@ -394,6 +468,7 @@ impl WriterArgs {
             max_body_bytes: self.max_body_bytes,
             max_concurrent_requests: self.max_concurrent_requests,
             body_timeout,
+            tokens: self.tokens.config()?,
         })
     }
 }
@@ -419,6 +494,7 @@ impl BroadcasterArgs {
                 .map(config::parse_origins)
                 .transpose()?,
             require_origin: self.require_origin,
+            tokens: self.tokens.config()?,
             listener: ListenerConfig {
                 heartbeat: config::duration("--listen-heartbeat", &self.listen_heartbeat)?,
                 reconnect_max: config::duration("--reconnect-max", &self.reconnect_max)?,
@@ -545,6 +621,77 @@ mod tests {
             missing.is_empty(),
             "undocumented in docs/OPERATIONS.md: {missing:?}"
         );
+    }
+
+    /// The token options are checked before a server starts, for both
+    /// roles, with messages that name the option and never the secret.
+    #[test]
+    fn token_options_are_checked_at_start() {
+        use super::{Cli, Command};
+        use clap::Parser;
+        let key = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/keys/test-only-ed25519-a.pub.pem"
+        );
+        let secret = "a-secret-of-more-than-32-bytes-0123456789";
+        for role in ["writer", "broadcaster"] {
+            let tokens = |args: &[&str]| {
+                let argv = ["marketcast", role, "--database-url", "postgres://u@h/db"];
+                let cli = Cli::try_parse_from(argv.iter().chain(args)).unwrap();
+                match cli.command {
+                    Command::Writer(w) => w.config().map(|c| c.tokens),
+                    Command::Broadcaster(b) => b.config().map(|c| c.tokens),
+                    _ => unreachable!(),
+                }
+            };
+            let refused = |args: &[&str], option: &str| {
+                let e = format!("{:#}", tokens(args).unwrap_err());
+                assert!(e.contains(option), "{role} {args:?}: {e}");
+                e
+            };
+            let none = tokens(&[]).unwrap();
+            assert!(none.verifier.is_none() && !none.require_token);
+            refused(&["--require-token"], "--require-token");
+            let short = refused(
+                &["--jwt-hs256-secret", "short-s3cret"],
+                "--jwt-hs256-secret",
+            );
+            assert!(!short.contains("short-s3cret"), "{short}");
+            refused(
+                &["--jwt-public-key", "/nonexistent/keys.pem"],
+                "--jwt-public-key",
+            );
+            refused(&["--jwt-public-key", file!()], "--jwt-public-key");
+            refused(
+                &["--jwt-hs256-secret", secret, "--jwt-leeway", "soon"],
+                "--jwt-leeway",
+            );
+            let set = tokens(&[
+                "--jwt-public-key",
+                key,
+                "--require-token",
+                "--jwt-leeway",
+                "5s",
+            ])
+            .unwrap();
+            let verifier = set.verifier.expect("token keys");
+            assert!(set.require_token);
+            assert_eq!(verifier.leeway(), std::time::Duration::from_secs(5));
+            let argv = [
+                "marketcast",
+                role,
+                "--database-url",
+                "postgres://u@h/db",
+                "--jwt-hs256-secret",
+                secret,
+            ];
+            let debug = format!("{:?}", Cli::try_parse_from(argv).unwrap());
+            assert!(!debug.contains(secret), "{debug}");
+            assert!(tokens(&["--jwt-hs256-secret", secret])
+                .unwrap()
+                .verifier
+                .is_some());
+        }
     }
 
     /// Whether some place that names `flag` also says `default`: its table

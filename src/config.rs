@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::protocol::token::Verifier;
+
 /// Database access shared by every role.
 ///
 /// `Debug` is written by hand (as for [`WriterConfig`]): the URL may carry the
@@ -118,6 +120,8 @@ pub struct WriterConfig {
     pub max_concurrent_requests: usize,
     /// Longest wait for a request body; 408 after it.
     pub body_timeout: Duration,
+    /// Token keys and `--require-token` (contract 1.1 sections 1 and 4.1).
+    pub tokens: TokenConfig,
 }
 
 impl std::fmt::Debug for WriterConfig {
@@ -136,6 +140,7 @@ impl std::fmt::Debug for WriterConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("body_timeout", &self.body_timeout)
+            .field("tokens", &self.tokens)
             .finish()
     }
 }
@@ -156,6 +161,7 @@ impl Default for WriterConfig {
             max_body_bytes: 16 * 1024,
             max_concurrent_requests: 1024,
             body_timeout: Duration::from_secs(10),
+            tokens: TokenConfig::default(),
         }
     }
 }
@@ -188,6 +194,8 @@ pub struct BroadcasterConfig {
     /// With an allowlist, also refuse upgrades that carry no `Origin` at all
     /// (non-browser clients). Ignored without an allowlist.
     pub require_origin: bool,
+    /// Token keys and `--require-token` (contract 1.1 sections 1 and 2.1).
+    pub tokens: TokenConfig,
     pub listener: ListenerConfig,
     pub hub: HubConfig,
     pub session: SessionConfig,
@@ -245,6 +253,7 @@ impl Default for BroadcasterConfig {
             hub_pool_size: 4,
             allowed_origins: None,
             require_origin: false,
+            tokens: TokenConfig::default(),
             listener: ListenerConfig {
                 heartbeat: Duration::from_secs(5),
                 reconnect_max: Duration::from_secs(5),
@@ -295,6 +304,7 @@ impl BroadcasterConfig {
     /// Cross-field rules; also run by `broadcaster::run` for configs built in code.
     pub fn check(&self) -> Result<()> {
         self.http.check()?;
+        self.tokens.check()?;
         let (s, h, l) = (&self.session, &self.hub, &self.listener);
         for (name, v) in [
             ("--max-connections", s.max_connections),
@@ -333,6 +343,33 @@ impl BroadcasterConfig {
             || s.write_timeout.is_zero()
         {
             bail!("--listen-heartbeat, --reconcile-interval, --ping-interval and --write-timeout must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Token verification (contract 1.1 section 1), the same for the writer and
+/// the broadcaster: one set of keys serves both.
+///
+/// `Debug` is derived: [`Verifier`]'s own prints no key material.
+#[derive(Debug, Clone, Default)]
+pub struct TokenConfig {
+    /// None: token keys are not configured, tokens are not read (v1).
+    pub verifier: Option<Verifier>,
+    /// Refuse requests (broadcaster: upgrades) that carry no token; needs
+    /// token keys.
+    pub require_token: bool,
+}
+
+/// `--jwt-leeway`'s default: the clock skew allowed on `exp` and `nbf`,
+/// generous for servers kept in sync by NTP, short beside a token's life.
+pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+
+impl TokenConfig {
+    /// Cross-field rules; also run by the roles for configs built in code.
+    pub fn check(&self) -> Result<()> {
+        if self.require_token && self.verifier.is_none() {
+            bail!("--require-token needs token keys: --jwt-hs256-secret or --jwt-public-key");
         }
         Ok(())
     }
@@ -534,7 +571,10 @@ mod tests {
     fn secrets_stay_out_of_debug() {
         let mut w = WriterConfig::new(DbConfig::new("postgres://me:hunter2-pw@127.0.0.1:5432/db"));
         w.write_token = Some("tok-abcdef".into());
+        let jwt_secret = "jwt-secret-value-of-at-least-32-bytes";
+        w.tokens.verifier = Verifier::new(Some(jwt_secret), None, DEFAULT_JWT_LEEWAY).unwrap();
         let s = format!("{w:?}");
+        assert!(!s.contains(jwt_secret) && s.contains("hs256: true"), "{s}");
         assert!(
             !s.contains("hunter2-pw") && !s.contains("tok-abcdef"),
             "{s}"

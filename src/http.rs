@@ -201,12 +201,30 @@ pub fn bytes_response(
         .expect("static headers are valid")
 }
 
-/// `{"error":{"code":...,"message":...}}`, the writer's error shape.
+/// `{"error":{"code":...,"message":...}}`, the writer's error shape. A 401
+/// carries `WWW-Authenticate: Bearer` (RFC 6750; contract 1.1 sections 2.1
+/// and 4.1), whichever role answers it.
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
-    json(
+    let mut r = json(
         status,
         &serde_json::json!({"error": {"code": code, "message": message.into()}}),
-    )
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    r
+}
+
+/// Count a request, upgrade or op refused by a token check
+/// (`marketcast_auth_failures_total`, contract 1.1 section 7.4), in either
+/// role. `reason`: `missing` (a required token is absent), `expired` or
+/// `invalid` ([`crate::protocol::token::TokenError::reason`]), `forbidden`
+/// (a valid token that does not grant the market).
+pub fn count_auth_failure(reason: &'static str) {
+    metrics::counter!("marketcast_auth_failures_total", "reason" => reason).increment(1);
 }
 
 pub fn metrics() -> Response<Body> {

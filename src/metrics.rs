@@ -69,6 +69,7 @@ const METRICS: &[(Kind, &str, &str)] = &[
     (Gauge, "marketcast_open_connections", "Open TCP connections of the HTTP servers (WebSockets included), counted against --max-open-connections."),
     (Counter, "marketcast_connections_refused_total", "Connections closed at accept because --max-open-connections were open."),
     (Counter, "marketcast_ws_origin_refused_total", "WebSocket upgrades refused with 403 by --allowed-origins / --require-origin."),
+    (Counter, "marketcast_auth_failures_total", "Requests, upgrades and ops refused by a token check, by reason: missing (a required token is absent), expired (outside nbf/exp with leeway), invalid (any other refusal of a presented token), forbidden (a valid token that does not grant the market)."),
 ];
 
 #[derive(Debug, Clone, Copy)]

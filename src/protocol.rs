@@ -13,5 +13,6 @@ pub mod frame;
 pub mod handshake;
 pub mod market;
 pub mod ticker;
+pub mod token;
 pub mod trade;
 pub mod write_api;

@@ -7,6 +7,14 @@
 //! the [`batcher`] -> [`crate::db::write`]. The database has the last word
 //! (unknown market 404, not open 409, duplicate client_order_id 200 with the
 //! original trade), and this module alone turns its decisions into HTTP.
+//!
+//! Tokens (contract 1.1 section 4.1) split the bearer check in two. Who is
+//! asking is settled first, before the body is read ([`Writer::authenticate`]:
+//! 401 `unauthorized` without a token where one is needed, 401
+//! `invalid_token` for a token that does not verify); what a valid token
+//! grants is checked once the request names its market, after the body's
+//! 400 and 422 and before the database's 404 ([`Access::permits`]: 403
+//! `forbidden`). The v1 write token grants every market, as before.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,10 +29,11 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::WriterConfig;
+use crate::config::{TokenConfig, WriterConfig};
 use crate::db::write::{WriteError, Written};
 use crate::db::{self, DbError};
 use crate::http::{self, Body};
+use crate::protocol::token::{bearer, Grant};
 use crate::protocol::trade::Trade;
 use crate::protocol::write_api::{
     authorized, parse_json_object, parse_markets_query, parse_trades_query, route_path,
@@ -45,6 +54,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::metrics::install();
+    cfg.tokens.check()?;
     let pool = db::pool(
         &cfg.db.url,
         cfg.db.pool_size,
@@ -76,7 +86,8 @@ pub async fn run(
     let state = Arc::new(Writer {
         db_health,
         pool,
-        token: cfg.write_token.clone(),
+        write_token: cfg.write_token.clone(),
+        tokens: cfg.tokens.clone(),
         trades: tx,
         timeout: cfg.db.timeout,
         in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_requests)),
@@ -105,11 +116,67 @@ pub async fn run(
     Ok(())
 }
 
+/// The contract version `/healthz` reports (contract 1.1 section 0).
+const PROTOCOL_VERSION: &str = "1.1";
+
+/// What a request asks for, which decides whether it needs a token and
+/// which claim must grant its market.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// GETs: the token's `markets`.
+    Read,
+    /// POSTs: the token's `write`.
+    Write,
+}
+
+/// What the request's credentials grant, once [`Writer::authenticate`] has
+/// admitted it.
+#[derive(Debug)]
+enum Access {
+    /// Every market: nothing is checked, the v1 write token was presented,
+    /// or a read came without a token where none is required.
+    Unbounded,
+    /// A valid token: the markets its claims match.
+    Token(Grant),
+}
+
+impl Access {
+    /// 403 `forbidden` unless the claim `need` reads grants `market`.
+    fn permits(&self, market: &str, need: Need) -> Result<(), ApiError> {
+        let Access::Token(grant) = self else {
+            return Ok(());
+        };
+        let (patterns, what) = match need {
+            Need::Read => (&grant.markets, "reading"),
+            Need::Write => (&grant.write, "writing"),
+        };
+        if patterns.matches(market) {
+            return Ok(());
+        }
+        http::count_auth_failure("forbidden");
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("the token does not grant {what} market {market}"),
+        ))
+    }
+}
+
+/// The clock tokens are checked against: Unix seconds.
+fn unix_now() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    // Before 1970 only on a broken clock: every token then looks not yet valid.
+    since_epoch.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 struct Writer {
     /// The database probe /healthz answers from.
     db_health: db::health::Health,
     pool: Pool,
-    token: Option<String>,
+    /// `--write-token`: grants every market (v1).
+    write_token: Option<String>,
+    /// Token keys and `--require-token` (contract 1.1 section 4.1).
+    tokens: TokenConfig,
     /// Trade requests to the batcher. Bounded: when full the request is
     /// answered 503 at once rather than queued without limit.
     trades: mpsc::Sender<Job>,
@@ -248,19 +315,26 @@ impl Writer {
             (Route::Healthz, _) => Ok(self.healthz().await),
             (Route::Metrics, _) => Ok(http::metrics()),
             (Route::Markets, &Method::GET) => {
-                self.list_markets(req.uri().query().unwrap_or("")).await
+                let access = self.authenticate(&req, Need::Read)?;
+                self.list_markets(req.uri().query().unwrap_or(""), &access)
+                    .await
             }
             (Route::Markets, &Method::POST) => {
-                self.authorize(&req)?;
-                self.create_market(req).await
+                let access = self.authenticate(&req, Need::Write)?;
+                self.create_market(req, &access).await
             }
-            (Route::Market(id), &Method::GET) => self.get_market(id).await,
+            (Route::Market(id), &Method::GET) => {
+                let access = self.authenticate(&req, Need::Read)?;
+                self.get_market(id, &access).await
+            }
             (Route::Trades(id), &Method::GET) => {
-                self.list_trades(id, req.uri().query().unwrap_or("")).await
+                let access = self.authenticate(&req, Need::Read)?;
+                self.list_trades(id, req.uri().query().unwrap_or(""), &access)
+                    .await
             }
             (Route::Trades(id), &Method::POST) => {
-                self.authorize(&req)?;
-                self.post_trade(id, req).await
+                let access = self.authenticate(&req, Need::Write)?;
+                self.post_trade(id, req, &access).await
             }
             (Route::NotFound, _) => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -278,24 +352,68 @@ impl Writer {
     /// From the probe's last answer: no query per request.
     async fn healthz(&self) -> Response<Body> {
         match self.db_health.status().await {
-            Ok(()) => http::json(StatusCode::OK, &json!({"status": "ok"})),
+            Ok(()) => http::json(
+                StatusCode::OK,
+                &json!({"status": "ok", "protocol": PROTOCOL_VERSION}),
+            ),
             Err(e) => http::json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "unavailable", "error": e}),
+                &json!({"status": "unavailable", "error": e, "protocol": PROTOCOL_VERSION}),
             ),
         }
     }
 
-    /// The bearer token, when one is configured: the first step of every
-    /// POST, before its body is read.
-    fn authorize<B>(&self, req: &Request<B>) -> Result<(), ApiError> {
-        match &self.token {
-            Some(token) if !authorized(req.headers(), token) => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing or wrong bearer token",
-            )),
-            _ => Ok(()),
+    /// Who is asking, from the `Authorization` header alone: the first step
+    /// of every API request, before its body or query is read. The table of
+    /// contract 1.1 section 4.1; each refusal is counted by its reason.
+    fn authenticate<B>(&self, req: &Request<B>, need: Need) -> Result<Access, ApiError> {
+        let headers = req.headers();
+        let Some(verifier) = &self.tokens.verifier else {
+            // v1: reads are open; writes need the write token when one is set.
+            return match (&self.write_token, need) {
+                (Some(token), Need::Write) if !authorized(headers, token) => {
+                    let given = headers.contains_key(header::AUTHORIZATION);
+                    http::count_auth_failure(if given { "invalid" } else { "missing" });
+                    Err(ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "missing or wrong bearer token",
+                    ))
+                }
+                _ => Ok(Access::Unbounded),
+            };
+        };
+        if let Some(token) = &self.write_token {
+            if authorized(headers, token) {
+                return Ok(Access::Unbounded);
+            }
+        }
+        // Another scheme (a proxy's Basic) is no token at all.
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| bearer(v.as_bytes()));
+        let Some(token) = presented else {
+            if need == Need::Write || self.tokens.require_token {
+                http::count_auth_failure("missing");
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this request needs Authorization: Bearer <token>",
+                ));
+            }
+            return Ok(Access::Unbounded);
+        };
+        match verifier.verify(token, unix_now()) {
+            Ok(grant) => Ok(Access::Token(grant)),
+            Err(e) => {
+                http::count_auth_failure(e.reason());
+                // The message names the rule broken, never the token.
+                Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_token",
+                    e.to_string(),
+                ))
+            }
         }
     }
 
@@ -371,10 +489,18 @@ impl Writer {
     /// One page of markets in id order; `next_after` names the last one
     /// when the page is full (ask again with `?after=` it for the rest), and
     /// is absent otherwise, so a v1 client sees the body it always saw.
-    async fn list_markets(&self, query: &str) -> Result<Response<Body>, ApiError> {
+    ///
+    /// A token lists only the markets its `markets` claim matches: the
+    /// database filters before it pages, so a page holds up to `limit`
+    /// granted markets and `next_after` is always one of them (never the id
+    /// of a market the token may not see).
+    async fn list_markets(&self, query: &str, access: &Access) -> Result<Response<Body>, ApiError> {
         let (after, limit) = parse_markets_query(query)?;
-        let markets = db::with_connection(&self.pool, self.timeout, async |c| {
-            db::log::markets(c, after.as_deref(), limit).await
+        let markets = db::with_connection(&self.pool, self.timeout, async |c| match access {
+            Access::Unbounded => db::log::markets(c, after.as_deref(), limit).await,
+            Access::Token(grant) => {
+                db::log::markets_matching(c, after.as_deref(), limit, &grant.markets).await
+            }
         })
         .await?;
         let full = markets.len() as i64 == limit;
@@ -386,7 +512,8 @@ impl Writer {
         Ok(http::json(StatusCode::OK, &body))
     }
 
-    async fn get_market(&self, id: &str) -> Result<Response<Body>, ApiError> {
+    async fn get_market(&self, id: &str, access: &Access) -> Result<Response<Body>, ApiError> {
+        access.permits(id, Need::Read)?;
         let found = db::with_connection(&self.pool, self.timeout, async |c| {
             db::log::market(c, id).await
         });
@@ -396,9 +523,14 @@ impl Writer {
         }
     }
 
-    async fn create_market(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    async fn create_market(
+        &self,
+        req: Request<Incoming>,
+        access: &Access,
+    ) -> Result<Response<Body>, ApiError> {
         let body = self.read_json(req).await?;
         let NewMarket { id, title } = NewMarket::parse(&body)?;
+        access.permits(&id, Need::Write)?;
         let created = db::with_connection(&self.pool, self.timeout, async |c| {
             db::write::create_market(c, &id, &title).await
         });
@@ -413,8 +545,14 @@ impl Writer {
         }
     }
 
-    async fn list_trades(&self, id: &str, query: &str) -> Result<Response<Body>, ApiError> {
+    async fn list_trades(
+        &self,
+        id: &str,
+        query: &str,
+        access: &Access,
+    ) -> Result<Response<Body>, ApiError> {
         let (after, limit) = parse_trades_query(query)?;
+        access.permits(id, Need::Read)?;
         let page = db::with_connection(&self.pool, self.timeout, async |c| {
             if db::log::market(c, id).await?.is_none() {
                 return Ok(None);
@@ -445,10 +583,12 @@ impl Writer {
         &self,
         id: &str,
         req: Request<Incoming>,
+        access: &Access,
     ) -> Result<Response<Body>, ApiError> {
         let body = self.read_json(req).await?;
         validate_market_id(id)?;
         let trade = NewTrade::parse(id, &body)?;
+        access.permits(id, Need::Write)?;
         let (tx, rx) = oneshot::channel();
         let job = Job {
             trade,

@@ -5,6 +5,7 @@
 use super::rows::{self, MARKET_COLUMNS, TRADE_COLUMNS};
 use super::DbError;
 use crate::protocol::market::Market;
+use crate::protocol::token::Patterns;
 use crate::protocol::trade::{EncodedTrade, Trade};
 
 pub async fn market(client: &tokio_postgres::Client, id: &str) -> Result<Option<Market>, DbError> {
@@ -146,6 +147,32 @@ pub async fn markets(
     );
     Ok(client
         .query(&sql, &[&after, &limit])
+        .await?
+        .iter()
+        .map(rows::market)
+        .collect())
+}
+
+/// As [`markets`], but only the markets `granted` matches (a token's
+/// `markets` claim, contract 1.1 section 4.1): filtered before the `LIMIT`,
+/// so paging by `after` works as it does without a token.
+pub async fn markets_matching(
+    client: &tokio_postgres::Client,
+    after: Option<&str>,
+    limit: i64,
+    granted: &Patterns,
+) -> Result<Vec<Market>, DbError> {
+    let (ids, prefixes) = granted.ids_and_prefixes();
+    // starts_with, not LIKE: `_` and `%` are market id characters.
+    let sql = format!(
+        "SELECT {MARKET_COLUMNS} FROM markets
+         WHERE ($1::text IS NULL OR id > $1)
+           AND (id = ANY($3) OR EXISTS (SELECT 1 FROM unnest($4::text[]) AS p(prefix)
+                                        WHERE starts_with(id, p.prefix)))
+         ORDER BY id LIMIT $2"
+    );
+    Ok(client
+        .query(&sql, &[&after, &limit, &ids, &prefixes])
         .await?
         .iter()
         .map(rows::market)
