@@ -26,6 +26,7 @@ use crate::config::BroadcasterConfig;
 use crate::http::{self, Body};
 use crate::protocol::client::initial_op;
 use crate::protocol::handshake::{self, Refusal};
+use crate::protocol::token::{bearer, Grant};
 use crate::{db, shutdown};
 
 pub mod hub;
@@ -102,6 +103,7 @@ pub async fn run(
         shards,
         connections: AtomicU64::new(0),
         limits: cfg.op_limits(),
+        tokens: cfg.tokens.clone(),
         health: session::Health {
             listen_up: listen_up.clone(),
             hub_alive: hub_alive.clone(),
@@ -286,6 +288,10 @@ impl State {
                 return http::error(StatusCode::BAD_REQUEST, "bad_request", why);
             }
         }
+        let grant = match self.admit(&req) {
+            Ok(grant) => grant,
+            Err(refusal) => return refusal,
+        };
         let initial = initial_op(req.uri().query().unwrap_or(""), &self.ctx.limits);
         let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
             Ok(x) => x,
@@ -309,7 +315,7 @@ impl State {
         let task = async move {
             let _slot = slot;
             match fut.await {
-                Ok(ws) => session::run(ws, ctx, initial, shutdown, conn_id).await,
+                Ok(ws) => session::run(ws, ctx, grant, initial, shutdown, conn_id).await,
                 Err(e) => {
                     tracing::debug!(conn = conn_id, %peer, error = %e, "WebSocket upgrade failed")
                 }
@@ -317,6 +323,57 @@ impl State {
         };
         self.sessions.spawn(task);
         resp.map(|_| Full::new(Bytes::new()))
+    }
+}
+
+impl State {
+    /// Admission by token (docs/PROTOCOL.md, "Tokens"): the token from
+    /// `Authorization: Bearer` or `?token=` (both: 400), checked now.
+    /// Without token keys, tokens are ignored (v1). Ok(Some): the
+    /// connection is bound by that token; Err: the HTTP refusal, before any
+    /// WebSocket exists.
+    fn admit<B>(&self, req: &Request<B>) -> Result<Option<Box<Grant>>, Response<Body>> {
+        let tokens = &self.ctx.tokens;
+        let Some(verifier) = &tokens.verifier else {
+            return Ok(None);
+        };
+        let header = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| bearer(v.as_bytes()));
+        let query = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned());
+        let token = match (header, query.as_deref()) {
+            (Some(_), Some(_)) => {
+                return Err(http::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "a token in both the Authorization header and ?token=; send one",
+                ))
+            }
+            (Some(t), None) | (None, Some(t)) => t,
+            (None, None) if tokens.require_token => {
+                http::count_auth_failure("missing");
+                return Err(http::error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this broadcaster needs a token: Authorization: Bearer or ?token=",
+                ));
+            }
+            (None, None) => return Ok(None),
+        };
+        match verifier.verify(token, session::unix_now()) {
+            Ok(grant) => Ok(Some(Box::new(grant))),
+            Err(e) => {
+                http::count_auth_failure(e.reason());
+                Err(http::error(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_token",
+                    e.to_string(),
+                ))
+            }
+        }
     }
 }
 

@@ -49,6 +49,7 @@ const METRICS: &[(Kind, &str, &str)] = &[
     (Gauge, "marketcast_ws_connections", "Open WebSocket connections."),
     (Gauge, "marketcast_subscriptions", "Active market subscriptions over all connections."),
     (Gauge, "marketcast_hub_markets", "Markets with at least one subscriber in this broadcaster."),
+    (Counter, "marketcast_token_expired_closes_total", "WebSocket connections closed with 4001 because their token expired without a refresh."),
     (Counter, "marketcast_heads_sent_total", "head messages sent to subscriptions that asked for heads."),
     (Counter, "marketcast_ticker_frames_sent_total", "ticker frames sent (shared group frames and per-connection folds)."),
     (Counter, "marketcast_ws_frames_sent_total", "WebSocket frames written to clients."),

@@ -42,6 +42,7 @@ use super::hub::{HubHandle, MarketShared};
 use crate::config::SessionConfig;
 use crate::protocol::client::{self, parse_op, ErrorReply, Limits, Op};
 use crate::protocol::frame::control_frame;
+use crate::protocol::token::Grant;
 
 mod heads;
 mod inbound;
@@ -98,6 +99,8 @@ pub(crate) struct SessionCtx {
     /// What ops are checked against (`--max-subscriptions`, `--max-recent`,
     /// `--min-ticker-interval`).
     pub limits: Limits,
+    /// Token keys and `--require-token`: the `auth` op verifies with them.
+    pub tokens: crate::config::TokenConfig,
     /// Whether the broadcaster is healthy (its /healthz would answer 200):
     /// heads are sent only then, so their silence means a stale feed.
     pub health: Health,
@@ -119,11 +122,24 @@ impl Health {
     }
 }
 
+/// Unix time in whole seconds, for token checks.
+pub(crate) fn unix_now() -> i64 {
+    unix_now_f64().floor() as i64
+}
+
+fn unix_now_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 /// Run one upgraded connection to its end. `initial` is the subscribe from
 /// the URL's query, handled as if it were the first op.
 pub(crate) async fn run(
     ws: WebSocket<TokioIo<Upgraded>>,
     ctx: Arc<SessionCtx>,
+    grant: Option<Box<Grant>>,
     initial: Option<Result<Op, ErrorReply>>,
     shutdown: CancellationToken,
     conn_id: u64,
@@ -150,10 +166,12 @@ pub(crate) async fn run(
         ids: HashMap::new(),
         live: StreamMap::new(),
         timers: None,
+        grant: None,
         next_id: 0,
         conn_id,
         shutdown: shutdown.clone(),
     };
+    s.bind(grant);
     if over_limit {
         s.close_now(1013, "server overloaded: connection limit reached")
             .await;
@@ -218,6 +236,8 @@ enum End {
     Slow,
     /// The server is shutting down (noticed between replay pages).
     Shutdown,
+    /// The connection's token expired without a refresh: close 4001.
+    TokenExpired,
 }
 
 /// One connection: a single task owns the socket, reads client frames and
@@ -250,9 +270,13 @@ struct Session {
     /// Market name -> id, for ops.
     ids: HashMap<String, SubId>,
     live: StreamMap<SubId, LiveStream>,
-    /// Heads and held ticker folds: Some while a subscription needs it
-    /// (boxed: an idle v1 connection carries no timer).
+    /// Heads, held ticker folds and the token's expiry: Some while
+    /// something needs them (boxed: an idle v1 connection carries no timer).
     timers: Option<Box<heads::Timers>>,
+    /// The connection's token: it binds subscribes to its `markets` and
+    /// closes the connection with 4001 when it expires. None: no token (any
+    /// market, never 4001).
+    grant: Option<Box<Grant>>,
     next_id: SubId,
     conn_id: u64,
     /// Checked between replay pages, so a long replay never outlives shutdown.
@@ -366,6 +390,7 @@ impl Session {
                     .await;
             }
             Err(End::Shutdown) => self.close_now(1001, "server shutting down").await,
+            Err(End::TokenExpired) => self.close_now(4001, "token expired").await,
             Ok(()) | Err(End::Gone) => {}
         }
     }
@@ -535,16 +560,61 @@ impl Session {
 
     /// Whether this connection may read `market` (its token's `markets`;
     /// anything without a token).
-    fn may_read(&self, _market: &str) -> bool {
-        true
+    fn may_read(&self, market: &str) -> bool {
+        self.grant
+            .as_ref()
+            .is_none_or(|g| g.markets.matches(market))
     }
 
-    fn on_auth(&mut self, _token: &str, id: Option<serde_json::Value>) {
-        self.reply_error(ErrorReply::new(
-            id,
-            "invalid_token",
-            "this broadcaster has no token keys",
-        ));
+    /// Bind the connection to a token: its markets from now on, and its
+    /// expiry (4001 once `exp + leeway` has passed).
+    fn bind(&mut self, grant: Option<Box<Grant>>) {
+        let Some(grant) = grant else { return };
+        let left = grant.valid_until as f64 - unix_now_f64();
+        let at = Instant::now() + Duration::from_secs_f64(left.clamp(0.0, 1e9));
+        self.timers().arm_expiry(at);
+        self.grant = Some(grant);
+    }
+
+    /// `auth`: a valid token replaces the connection's; subscriptions it
+    /// does not grant end with an unsolicited `forbidden`, the others go on
+    /// untouched. An invalid one changes nothing.
+    fn on_auth(&mut self, token: &str, id: Option<serde_json::Value>) {
+        let Some(verifier) = &self.ctx.tokens.verifier else {
+            return self.reply_error(ErrorReply::new(
+                id,
+                "invalid_token",
+                "this broadcaster has no token keys",
+            ));
+        };
+        let grant = match verifier.verify(token, unix_now()) {
+            Ok(g) => g,
+            Err(e) => {
+                crate::http::count_auth_failure(e.reason());
+                return self.reply_error(ErrorReply::new(id, "invalid_token", e.to_string()));
+            }
+        };
+        self.out
+            .push(client::authed(id, grant.exp, grant.sub.as_deref()));
+        self.bind(Some(Box::new(grant)));
+        let dropped: Vec<(String, SubId)> = self
+            .ids
+            .iter()
+            .filter(|(m, _)| !self.may_read(m))
+            .map(|(m, sid)| (m.clone(), *sid))
+            .collect();
+        for (market, sid) in dropped {
+            self.end_sub(sid);
+            crate::http::count_auth_failure("forbidden");
+            self.reply_error(
+                ErrorReply::new(
+                    None,
+                    "forbidden",
+                    format!("the new token does not grant {market}; subscription ended"),
+                )
+                .with("market", market.into()),
+            );
+        }
     }
 
     /// Queue an `error` reply, counted by code.

@@ -50,11 +50,14 @@ pub(super) struct Timers {
     /// When the earliest held ticker fold goes out alone.
     flush: Pin<Box<Sleep>>,
     flush_armed: bool,
+    /// When the connection's token stops being valid.
+    expiry: Option<Pin<Box<Sleep>>>,
 }
 
 pub(super) enum Fired {
     Heads,
     Flush,
+    Expired,
 }
 
 impl Timers {
@@ -63,6 +66,7 @@ impl Timers {
             heads: None,
             flush: Box::pin(tokio::time::sleep(Duration::ZERO)),
             flush_armed: false,
+            expiry: None,
         }
     }
 
@@ -79,10 +83,22 @@ impl Timers {
     async fn fire(&mut self) -> Fired {
         let heads = self.heads.as_mut();
         let has_heads = heads.is_some();
+        let expiry = self.expiry.as_mut();
+        let has_expiry = expiry.is_some();
         tokio::select! {
             _ = async { heads.expect("guarded").tick().await }, if has_heads => Fired::Heads,
             _ = &mut self.flush, if self.flush_armed => Fired::Flush,
+            _ = async { expiry.expect("guarded").await }, if has_expiry => Fired::Expired,
             else => std::future::pending().await,
+        }
+    }
+
+    /// The token's deadline (a new token replaces the old one's).
+    pub(super) fn arm_expiry(&mut self, at: Instant) {
+        let at = tokio::time::Instant::from_std(at);
+        match &mut self.expiry {
+            Some(s) => s.as_mut().reset(at),
+            None => self.expiry = Some(Box::pin(tokio::time::sleep_until(at))),
         }
     }
 
@@ -119,6 +135,12 @@ impl Session {
         match fired {
             Fired::Heads => self.check_heads(),
             Fired::Flush => self.flush_tickers(),
+            // Every trade sent so far kept the guarantee; a client that
+            // reconnects with a fresh token and from_seq loses nothing.
+            Fired::Expired => {
+                metrics::counter!("marketcast_token_expired_closes_total").increment(1);
+                return Err(End::TokenExpired);
+            }
         }
         Ok(())
     }

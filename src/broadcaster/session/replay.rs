@@ -46,6 +46,7 @@ impl Session {
         }
         // Before any lookup: a token learns nothing of markets it may not read.
         if !self.may_read(market) {
+            crate::http::count_auth_failure("forbidden");
             return Err(err(
                 "forbidden",
                 format!("this connection's token does not grant {market}"),
