@@ -290,7 +290,7 @@ impl State {
         }
         let grant = match self.admit(&req) {
             Ok(grant) => grant,
-            Err(refusal) => return refusal,
+            Err(refusal) => return *refusal,
         };
         let initial = initial_op(req.uri().query().unwrap_or(""), &self.ctx.limits);
         let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -332,7 +332,7 @@ impl State {
     /// Without token keys, tokens are ignored (v1). Ok(Some): the
     /// connection is bound by that token; Err: the HTTP refusal, before any
     /// WebSocket exists.
-    fn admit<B>(&self, req: &Request<B>) -> Result<Option<Box<Grant>>, Response<Body>> {
+    fn admit<B>(&self, req: &Request<B>) -> Result<Option<Box<Grant>>, Box<Response<Body>>> {
         let tokens = &self.ctx.tokens;
         let Some(verifier) = &tokens.verifier else {
             return Ok(None);
@@ -346,20 +346,20 @@ impl State {
             .map(|(_, v)| v.into_owned());
         let token = match (header, query.as_deref()) {
             (Some(_), Some(_)) => {
-                return Err(http::error(
+                return Err(Box::new(http::error(
                     StatusCode::BAD_REQUEST,
                     "bad_request",
                     "a token in both the Authorization header and ?token=; send one",
-                ))
+                )))
             }
             (Some(t), None) | (None, Some(t)) => t,
             (None, None) if tokens.require_token => {
                 http::count_auth_failure("missing");
-                return Err(http::error(
+                return Err(Box::new(http::error(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
                     "this broadcaster needs a token: Authorization: Bearer or ?token=",
-                ));
+                )));
             }
             (None, None) => return Ok(None),
         };
@@ -367,11 +367,11 @@ impl State {
             Ok(grant) => Ok(Some(Box::new(grant))),
             Err(e) => {
                 http::count_auth_failure(e.reason());
-                Err(http::error(
+                Err(Box::new(http::error(
                     StatusCode::UNAUTHORIZED,
                     "invalid_token",
                     e.to_string(),
-                ))
+                )))
             }
         }
     }
