@@ -374,3 +374,101 @@ async fn client_output(url: &str, args: &[&str], token: &str) -> std::process::O
         .expect("subscribe exits in time")
         .unwrap()
 }
+
+/// The HS256 secret of the token tests' broadcasters (test-only, 32+ bytes).
+const TEST_SECRET: &str = "resilience-test-only-hs256-secret-0123456789";
+
+/// An HS256 token under `secret` for `markets`, expiring `ttl` seconds from now.
+fn token(secret: &str, markets: &[&str], ttl: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "resilience", "exp": now + ttl, "markets": markets}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A broadcaster child with token keys (contract 1.1 section 1).
+async fn broadcaster_with_keys(db: &TestDb, leeway: &str) -> crate::faults::ChildBroadcaster {
+    let args = ["--jwt-hs256-secret", TEST_SECRET, "--jwt-leeway", leeway].map(String::from);
+    crate::faults::ChildBroadcaster::start(&db.broadcaster_url(), &args).await
+}
+
+/// The client cannot get a fresh token (contract 1.1 section 8): a token
+/// refused at the upgrade (401) or for the market (`forbidden`) ends it with
+/// exit code 1 and a message, having printed nothing, the token nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_ends_the_reference_client_with_exit_1() {
+    let db = TestDb::new().await;
+    db.market("TA").await;
+    db.trades("TA", 2).await;
+    let b = broadcaster_with_keys(&db, "30s").await;
+    let args = ["--market", "TA", "--from-seq", "0"];
+    let cases = [
+        (
+            "signed with another secret",
+            token(
+                "another-secret-of-at-least-32-bytes-9876543210",
+                &["*"],
+                3600,
+            ),
+            "the broadcaster refused the connection: HTTP 401 invalid_token",
+        ),
+        (
+            "valid, for other markets",
+            token(TEST_SECRET, &["OTHER-*"], 3600),
+            "the token was refused: forbidden",
+        ),
+    ];
+    for (what, tok, message) in cases {
+        let out = client_output(&b.ws(), &args, &tok).await;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        assert!(
+            stderr.contains(message),
+            "{what}: no {message:?} in {stderr}"
+        );
+        assert_eq!(stdout, "", "{what}: nothing printed");
+        assert!(!stderr.contains(&tok), "{what}: the token is in the log");
+    }
+}
+
+/// Close 4001 (the token expired) ends the client with exit code 1, after
+/// every trade sent before it; any other close resumes (the tests above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_ends_the_reference_client_at_close_4001() {
+    let db = TestDb::new().await;
+    db.market("TE").await;
+    db.trades("TE", 2).await;
+    let b = broadcaster_with_keys(&db, "0s").await;
+    // Valid for the start of the binary and its upgrade; 4001 follows within
+    // a second of the expiry.
+    let tok = token(TEST_SECRET, &["TE"], 5);
+    let out = client_output(&b.ws(), &["--market", "TE", "--from-seq", "0"], &tok).await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let seqs: Vec<i64> = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, vec![1, 2], "the trades before the close");
+    assert!(
+        stderr.contains("the token expired (close 4001)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&tok), "the token is in the log");
+}
