@@ -339,20 +339,44 @@ impl std::fmt::Debug for TokenArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("follow").required(true).args(["market", "markets"])))]
 pub struct SubscribeArgs {
-    /// WebSocket URL of a broadcaster, e.g. ws://127.0.0.1:9001/ws.
+    /// WebSocket URL of a broadcaster, e.g. ws://127.0.0.1:9001/ws (its query is dropped).
     #[arg(env = "MARKETCAST_URL", default_value_t = SubscribeConfig::default().url)]
     pub url: String,
 
-    /// Market to follow.
-    #[arg(long, env = "MARKETCAST_MARKET")]
-    pub market: String,
+    /// Market to follow (or --markets).
+    #[arg(
+        long,
+        env = "MARKETCAST_MARKET",
+        conflicts_with = "markets",
+        required_unless_present = "markets"
+    )]
+    pub market: Option<String>,
 
-    /// Start after this seq (replay); default: live from the current head.
-    #[arg(long, env = "MARKETCAST_FROM_SEQ")]
+    /// Markets to follow over one connection, comma-separated: A,B,C (or --market).
+    #[arg(long, env = "MARKETCAST_MARKETS")]
+    pub markets: Option<String>,
+
+    /// Start after this seq in each market (replay); default: live from the current head.
+    #[arg(long, env = "MARKETCAST_FROM_SEQ", conflicts_with = "recent")]
     pub from_seq: Option<u64>,
 
-    /// Stop after printing this many trades (default: run until interrupted).
+    /// Start with each market's newest N trades, then live. Only the first
+    /// connect asks for them; a reconnect resumes after the last seq seen.
+    #[arg(long, env = "MARKETCAST_RECENT", value_name = "N")]
+    pub recent: Option<u32>,
+
+    /// Print ticker frames, each folding up to MS milliseconds of a market's
+    /// trades, instead of each trade.
+    #[arg(long, env = "MARKETCAST_TICKER", value_name = "MS")]
+    pub ticker: Option<u32>,
+
+    /// Token (JWT) sent as `Authorization: Bearer` on every connect; never printed.
+    #[arg(long, env = "MARKETCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Stop after printing this many trades or ticker frames (default: run until interrupted).
     #[arg(long, env = "MARKETCAST_COUNT")]
     pub count: Option<u64>,
 
@@ -536,19 +560,54 @@ impl BroadcasterArgs {
 impl SubscribeArgs {
     /// The validated [`SubscribeConfig`].
     pub fn config(&self) -> Result<SubscribeConfig> {
-        let from_seq = self
-            .from_seq
-            .map(|f| {
+        let markets = match (&self.market, &self.markets) {
+            (Some(m), None) => vec![m.clone()],
+            (None, Some(list)) => list.split(',').map(|m| m.trim().to_string()).collect(),
+            // clap already refuses both and neither; this is for other callers.
+            _ => bail!("give exactly one of --market and --markets"),
+        };
+        for (i, m) in markets.iter().enumerate() {
+            if m.is_empty() {
+                bail!("--markets: an empty market id (write A,B,C)");
+            }
+            if markets[..i].contains(m) {
+                bail!("--markets: {m} is listed twice");
+            }
+        }
+        let start = match (self.from_seq, self.recent) {
+            (Some(f), None) => config::SubscribeStart::FromSeq(
                 i64::try_from(f)
                     .ok()
                     .and_then(crate::protocol::client::from_seq)
-                    .context("--from-seq must be below 2^63-1")
-            })
-            .transpose()?;
+                    .context("--from-seq must be below 2^63-1")?,
+            ),
+            (None, Some(0)) => bail!("--recent must be at least 1"),
+            (None, Some(n)) => config::SubscribeStart::Recent(n),
+            (None, None) => config::SubscribeStart::Live,
+            (Some(_), Some(_)) => bail!("--from-seq and --recent exclude each other"),
+        };
+        if let Some(ms) = self.ticker {
+            if !(1..=config::MAX_TICKER_INTERVAL_MS).contains(&ms) {
+                bail!(
+                    "--ticker must be 1..={} ms (the broadcaster's --min-ticker-interval is its lower bound)",
+                    config::MAX_TICKER_INTERVAL_MS
+                );
+            }
+        }
+        // Checked here, not at the first connect: the value never appears in the message.
+        let token = self.token.clone().filter(|t| !t.is_empty());
+        if token
+            .as_ref()
+            .is_some_and(|t| !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            bail!("--token must be printable ASCII without spaces, as a JWT is");
+        }
         Ok(SubscribeConfig {
             url: self.url.clone(),
-            market: self.market.clone(),
-            from_seq,
+            markets,
+            start,
+            ticker_ms: self.ticker,
+            token,
             count: self.count,
             reconnect_max: config::duration("--reconnect-max", &self.reconnect_max)?,
         })

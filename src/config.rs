@@ -380,23 +380,63 @@ impl TokenConfig {
 pub const DEFAULT_SHARD_COUNT: u32 = 16;
 
 /// The reference client, `marketcast subscribe` ([`crate::subscribe`]).
-#[derive(Debug, Clone)]
+///
+/// `Debug` is written by hand: `token` is a secret (docs/SECURITY.md).
+#[derive(Clone)]
 pub struct SubscribeConfig {
     pub url: String,
-    pub market: String,
-    /// Start after this seq; None: live from the head.
-    pub from_seq: Option<i64>,
-    /// Stop after printing this many trades.
+    /// The markets followed over one connection: at least one, each once.
+    pub markets: Vec<String>,
+    /// Where each market starts on the first connect; reconnects resume
+    /// from the last seq seen.
+    pub start: SubscribeStart,
+    /// `Some(ms)`: ticker frames folding `ms` milliseconds of trades
+    /// (contract 1.1 §2.6) instead of each trade.
+    pub ticker_ms: Option<u32>,
+    /// A secret: sent as `Authorization: Bearer`, never logged or printed.
+    pub token: Option<String>,
+    /// Stop after printing this many trades or ticker frames.
     pub count: Option<u64>,
     pub reconnect_max: Duration,
+}
+
+/// Where the reference client starts in each market's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeStart {
+    /// Live from the head (no `from_seq`).
+    Live,
+    /// After this seq (`from_seq`).
+    FromSeq(i64),
+    /// The newest N trades, then live (`recent`, contract 1.1 §2.5).
+    Recent(u32),
+}
+
+/// The contract's fixed upper bound of a ticker's `interval_ms` (1.1 §2.3);
+/// the lower bound is the broadcaster's `--min-ticker-interval`.
+pub const MAX_TICKER_INTERVAL_MS: u32 = 60_000;
+
+impl std::fmt::Debug for SubscribeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscribeConfig")
+            .field("url", &redact_url(&self.url))
+            .field("markets", &self.markets)
+            .field("start", &self.start)
+            .field("ticker_ms", &self.ticker_ms)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("count", &self.count)
+            .field("reconnect_max", &self.reconnect_max)
+            .finish()
+    }
 }
 
 impl Default for SubscribeConfig {
     fn default() -> Self {
         SubscribeConfig {
             url: "ws://127.0.0.1:9001/ws".into(),
-            market: String::new(),
-            from_seq: None,
+            markets: Vec::new(),
+            start: SubscribeStart::Live,
+            ticker_ms: None,
+            token: None,
             count: None,
             reconnect_max: Duration::from_secs(5),
         }

@@ -9,7 +9,8 @@
 // loads the page in headless Chromium and checks that
 //   1. a trade committed by plain SQL reaches the tape and the price;
 //   2. Buy YES is answered 201 by the writer and that very trade (same seq)
-//      comes back through the broadcaster; an invalid order shows the error;
+//      comes back through the broadcaster; the market's ticker row shows the
+//      frame that folds it, exactly; an invalid order shows the error;
 //   3. after the WebSocket drops, the page resumes with from_seq and a trade
 //      committed meanwhile arrives, with no gap reported;
 //   4. a reload replays the history into the tape and the chart;
@@ -107,6 +108,7 @@ async function insertTrade(url, market, side, price, qty) {
 }
 
 const row = (market, seq) => `#tape tr[data-market="${market}"][data-seq="${seq}"]`;
+const tickerRow = (market) => `[data-testid="ticker-row"][data-market="${market}"]`;
 
 async function waitLive(page) {
   await page.waitForSelector('#conn-state[data-state="live"]', { timeout: STEP_MS });
@@ -157,6 +159,8 @@ async function run(ctx) {
   check(cards.includes(market), `${market} is not listed: ${JSON.stringify(cards)}`);
   await page.click(`[data-testid="market-card"][data-market="${market}"]`);
   await page.waitForSelector(`#detail[data-market="${market}"]`);
+  // The ticker subscription starts live: it must be in place before the trades below.
+  await page.waitForSelector(`${tickerRow(market)}[data-state="live"]`);
   log(`page live with ${cards.length} markets`);
 
   // 1. A trade committed by plain SQL: buying NO at 0.37 moves YES to 0.6300.
@@ -186,6 +190,21 @@ async function run(ctx) {
   check(JSON.stringify(cells2.slice(1)) === JSON.stringify([market, `#${seq2}`, "YES", "0.6600", "25"]), `tape row for Buy YES: ${JSON.stringify(cells2)}`);
   await page.waitForFunction(() => document.getElementById("detail-price").textContent.startsWith("0.6600"));
   log(`Buy YES answered 201 seq ${seq2}; the broadcaster delivered it`);
+
+  // The ticker row shows the 1 s frame that ends at seq2: it folds seq1 too
+  // (YES 0.6300, qty 7) when both came within one interval, else seq2 alone.
+  await page.waitForSelector(`${tickerRow(market)}[data-to-seq="${seq2}"]`);
+  const tick = await page.$eval(tickerRow(market), (tr) => ({
+    from: Number(tr.dataset.fromSeq),
+    cells: Object.fromEntries(Array.from(tr.querySelectorAll("[data-testid^=ticker-]"), (c) => [c.dataset.testid.slice(7), c.textContent])),
+  }));
+  const both = tick.from === seq1;
+  check(both || tick.from === seq2, `ticker span ${tick.from}..${seq2} after a span ending at ${seq1 - 1}`);
+  const wantTick = both
+    ? { count: "2", volume: "32", open: "0.6300", high: "0.6600", low: "0.6300", last: "0.6600" }
+    : { count: "1", volume: "32", open: "0.6600", high: "0.6600", low: "0.6600", last: "0.6600" };
+  check(JSON.stringify(tick.cells) === JSON.stringify(wantTick), `ticker row ${JSON.stringify(tick)}, expected ${JSON.stringify(wantTick)}`);
+  log(`the ticker row shows the frame ${tick.from}..${seq2}`);
 
   // An order the writer refuses shows the writer's error.
   await page.fill("#price", "1.5");
