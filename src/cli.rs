@@ -422,6 +422,7 @@ impl BroadcasterArgs {
                 write_timeout: config::duration("--write-timeout", &self.write_timeout)?,
                 ping_interval: config::duration("--ping-interval", &self.ping_interval)?,
                 idle_timeout: config::duration("--idle-timeout", &self.idle_timeout)?,
+                ..BroadcasterConfig::default().session
             },
         };
         if c.require_origin && c.allowed_origins.is_none() {

@@ -223,6 +223,12 @@ pub struct SessionConfig {
     pub write_timeout: Duration,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+    /// Shim (contract 1.1 §2.7): a `head` after this much silence; zero disables heads.
+    pub head_interval: Duration,
+    /// Shim (contract 1.1 §2.5): upper bound of a subscribe's `recent`.
+    pub max_recent: usize,
+    /// Shim (contract 1.1 §2.6): lower bound of a ticker's `interval_ms`.
+    pub min_ticker_interval: Duration,
 }
 
 /// The defaults of every broadcaster option (`marketcast broadcaster
@@ -259,6 +265,9 @@ impl Default for BroadcasterConfig {
                 write_timeout: Duration::from_secs(10),
                 ping_interval: Duration::from_secs(20),
                 idle_timeout: Duration::from_secs(60),
+                head_interval: Duration::from_secs(5),
+                max_recent: 1000,
+                min_ticker_interval: Duration::from_millis(100),
             },
         }
     }
