@@ -1476,9 +1476,11 @@ async fn a_ticker_subscriber_that_stops_reading_is_not_a_slow_consumer() {
     cfg.session.idle_timeout = Duration::from_secs(120);
     let b = broadcaster(cfg).await;
     // Two identical connections with small receive buffers; neither reads
-    // for 10 s while 1,000 trades/s commit.
-    let mut control = connect_small(&b, &b.ws(), 16 * 1024).await;
-    let mut ticker = connect_small(&b, &b.ws(), 16 * 1024).await;
+    // for 10 s while trades commit. The rate is the one at which the
+    // trades-mode control really stalls for --write-timeout: at 1,000/s
+    // (1.2 MB in 10 s) the kernel's autotuned send buffer absorbed it all.
+    let mut control = connect_small(&b, &b.ws(), 4096).await;
+    let mut ticker = connect_small(&b, &b.ws(), 4096).await;
     let c = ask(
         &mut control,
         json!({"op": "subscribe", "market": "TS", "id": 1}),
@@ -1487,12 +1489,13 @@ async fn a_ticker_subscriber_that_stops_reading_is_not_a_slow_consumer() {
     assert_subscribed(&c, json!(1), "TS");
     let t = ask(
         &mut ticker,
-        json!({"op": "subscribe", "market": "TS", "mode": "ticker", "interval_ms": 250, "id": 1}),
+        json!({"op": "subscribe", "market": "TS", "mode": "ticker", "interval_ms": 500, "id": 1}),
     )
     .await;
     assert_subscribed(&t, json!(1), "TS");
-    const TOTAL: i64 = 12_000;
-    let load = insert_trades_at_rate(&db.url, "TS", 1, 1000, TOTAL);
+    const RATE: u64 = 3000;
+    const TOTAL: i64 = 12 * RATE as i64;
+    let load = insert_trades_at_rate(&db.url, "TS", 1, RATE, TOTAL);
     tokio::time::sleep(Duration::from_secs(10)).await;
     // The control, in trades mode: a gapless prefix, then 4000.
     let mut last = 0;
