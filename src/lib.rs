@@ -46,6 +46,7 @@
 //!   - [`protocol::doorbell`]: the NOTIFY payload and shard channels.
 //!   - [`protocol::client`]: WebSocket client ops (the `from_seq` rule once) and replies.
 //!   - [`protocol::write_api`]: the write API's routes, bearer check, bodies and `ApiError`.
+//!   - [`protocol::token`]: when a JWT is valid and what it grants; the bearer header.
 //! - [`db`]: the pool and error classification; the only module that writes SQL.
 //!   - `db/rows.rs`: the only code that knows column positions.
 //!   - [`db::admin`]: migrations (`sql/`), prune, the stored shard count.

@@ -12,5 +12,6 @@ pub mod doorbell;
 pub mod frame;
 pub mod handshake;
 pub mod market;
+pub mod token;
 pub mod trade;
 pub mod write_api;
