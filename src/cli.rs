@@ -383,6 +383,7 @@ impl BroadcasterArgs {
     /// The validated [`BroadcasterConfig`].
     pub fn config(&self) -> Result<BroadcasterConfig> {
         let c = BroadcasterConfig {
+            tokens: Default::default(),
             db: self.db.config()?,
             http: self.http.config()?,
             listen: config::addr("--listen", &self.listen)?,

@@ -191,6 +191,17 @@ pub struct BroadcasterConfig {
     pub listener: ListenerConfig,
     pub hub: HubConfig,
     pub session: SessionConfig,
+    /// Shim (contract 1.1 §1, §2.1): token keys and --require-token.
+    pub tokens: TokenConfig,
+}
+
+/// Shim (contract 1.1 §1, §2.1): the broadcaster's token checks.
+#[derive(Debug, Clone, Default)]
+pub struct TokenConfig {
+    /// None: token keys are not configured (tokens are ignored).
+    pub verifier: Option<crate::protocol::token::Verifier>,
+    /// Refuse upgrades without a token (401 unauthorized).
+    pub require_token: bool,
 }
 
 /// The LISTEN connection ([`crate::broadcaster::listener`]).
@@ -255,6 +266,7 @@ impl Default for BroadcasterConfig {
                 reconcile_interval: Duration::from_secs(2),
                 notify_queue_warn: 0.01,
             },
+            tokens: TokenConfig::default(),
             session: SessionConfig {
                 // Under this machine's 20000 open-files limit.
                 max_connections: 18_000,
