@@ -1618,3 +1618,558 @@ async fn the_url_subscribe_takes_the_new_fields_with_the_same_errors() {
     expect_silence(&mut ws, Duration::from_millis(300)).await;
     b.stop().await;
 }
+
+// ---------------------------------------------------------------- §1, §2.1, §2.2 tokens
+
+/// The HS256 secret of every token test (at least 32 bytes).
+const SECRET: &str = "marketcast-feed-tests-hs256-secret-0123456789";
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn unix_now_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn sign_with(alg: jsonwebtoken::Algorithm, secret: &str, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// An HS256 token under [`SECRET`].
+fn sign(claims: Value) -> String {
+    sign_with(jsonwebtoken::Algorithm::HS256, SECRET, &claims)
+}
+
+/// A token with `"alg":"none"` and an empty signature.
+fn unsigned(claims: Value) -> String {
+    use base64::Engine;
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    format!(
+        "{}.{}.",
+        b64(json!({"alg": "none", "typ": "JWT"})),
+        b64(claims)
+    )
+}
+
+/// The test broadcaster with HS256 token keys and `leeway`.
+fn token_config(db: &TestDb, leeway: Duration) -> marketcast::config::BroadcasterConfig {
+    let mut cfg = broadcaster_config(db);
+    cfg.tokens = marketcast::config::TokenConfig {
+        verifier: marketcast::protocol::token::Verifier::new(Some(SECRET), None, leeway)
+            .expect("a valid secret"),
+        require_token: false,
+    };
+    cfg
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// A 401 before any WebSocket: `WWW-Authenticate: Bearer` and the code.
+#[track_caller]
+fn assert_401(answer: &(u16, hyper::HeaderMap, Value), code: &str, what: &str) {
+    let (status, headers, body) = answer;
+    assert_eq!(*status, 401, "{what}: {body}");
+    let www = headers
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert!(
+        www == "Bearer" || www.starts_with("Bearer "),
+        "{what}: WWW-Authenticate {www:?}"
+    );
+    assert_eq!(body["error"]["code"], code, "{what}: {body}");
+    assert!(body["error"]["message"].is_string(), "{what}: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_binds_every_subscribe_to_its_markets() {
+    let db = TestDb::new().await;
+    for m in ["ELECTION-2028", "ELECTION-2032", "SPORTS-1", "XELECTION-1"] {
+        db.market(m).await;
+    }
+    db.trades("ELECTION-2028", 3).await;
+    db.trades("SPORTS-1", 3).await;
+    let mut cfg = token_config(&db, Duration::from_secs(30));
+    cfg.session.max_subscriptions = 2;
+    let b = broadcaster(cfg).await;
+    let t = sign(json!({"exp": unix_now() + 600, "markets": ["ELECTION-*"]}));
+
+    let mut ws = connect_ws_with(&b.ws(), &[("authorization", &bearer(&t))]).await;
+    let v = ask(
+        &mut ws,
+        json!({"op": "subscribe", "market": "ELECTION-2028", "from_seq": 0, "id": 1}),
+    )
+    .await;
+    assert_subscribed(&v, json!(1), "ELECTION-2028");
+    expect_trades(&mut ws, "ELECTION-2028", 1, 3).await;
+    for (market, code) in [
+        ("SPORTS-1", "forbidden"),
+        ("XELECTION-1", "forbidden"),
+        // forbidden comes before any lookup: a market the token may not
+        // read is forbidden whether it exists or not.
+        ("SPORTS-NOPE", "forbidden"),
+        ("election-2028", "forbidden"),
+        ("ELECTION-NOPE", "unknown_market"),
+    ] {
+        let v = ask(
+            &mut ws,
+            json!({"op": "subscribe", "market": market, "from_seq": 0, "id": market}),
+        )
+        .await;
+        assert_error(&v, json!(market), Some(market), code);
+    }
+    // The same per entry of a multi-market op.
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "markets": [{"market": "SPORTS-1"}, {"market": "ELECTION-2032"}], "id": 2}),
+    )
+    .await;
+    assert_error(
+        &recv(&mut ws).await,
+        json!(2),
+        Some("SPORTS-1"),
+        "forbidden",
+    );
+    assert_subscribed(&recv(&mut ws).await, json!(2), "ELECTION-2032");
+    // Full: too_many_subscriptions comes before forbidden.
+    let v = ask(
+        &mut ws,
+        json!({"op": "subscribe", "market": "SPORTS-1", "id": 3}),
+    )
+    .await;
+    assert_error(&v, json!(3), Some("SPORTS-1"), "too_many_subscriptions");
+    // Only the granted markets' trades arrive.
+    db.trades("SPORTS-1", 1).await;
+    db.trades("ELECTION-2028", 2).await;
+    expect_trades(&mut ws, "ELECTION-2028", 4, 5).await;
+    nothing_else_pending(&mut ws, "end").await;
+
+    // The ?market= subscribe is bound too, with the token in the header or
+    // in ?token=.
+    for (url, headers) in [
+        (
+            format!("{}?market=SPORTS-1&from_seq=0", b.ws()),
+            vec![("authorization", bearer(&t))],
+        ),
+        (
+            format!("{}?market=SPORTS-1&from_seq=0&token={t}", b.ws()),
+            vec![],
+        ),
+    ] {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut ws = connect_ws_with(&url, &h).await;
+        let v = recv(&mut ws).await;
+        assert_error(&v, Value::Null, Some("SPORTS-1"), "forbidden");
+        nothing_else_pending(&mut ws, "after").await;
+    }
+    let mut ws = connect_ws(&format!(
+        "{}?market=ELECTION-2028&from_seq=4&token={t}",
+        b.ws()
+    ))
+    .await;
+    assert_subscribed(&recv(&mut ws).await, Value::Null, "ELECTION-2028");
+    expect_trades(&mut ws, "ELECTION-2028", 5, 5).await;
+
+    // Without a token (not required): any market, as in v1.
+    let mut anon = connect_ws(&b.ws()).await;
+    subscribe(&mut anon, "SPORTS-1", Some(3)).await;
+    expect_trades(&mut anon, "SPORTS-1", 4, 4).await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_token_at_the_upgrade_is_401_invalid_token() {
+    let db = TestDb::new().await;
+    db.market("T401").await;
+    let b = broadcaster(token_config(&db, Duration::from_secs(30))).await;
+    let now = unix_now();
+    let good = json!({"exp": now + 600, "markets": ["*"]});
+    let invalid = [
+        (
+            "forged",
+            sign_with(
+                jsonwebtoken::Algorithm::HS256,
+                "another-secret-of-at-least-32-bytes-long",
+                &good,
+            ),
+        ),
+        // Beyond the 30 s leeway.
+        ("expired", sign(json!({"exp": now - 120, "markets": ["*"]}))),
+        (
+            "not yet valid",
+            sign(json!({"exp": now + 600, "nbf": now + 120, "markets": ["*"]})),
+        ),
+        (
+            "HS384",
+            sign_with(jsonwebtoken::Algorithm::HS384, SECRET, &good),
+        ),
+        ("alg none", unsigned(good.clone())),
+        ("no exp", sign(json!({"markets": ["*"]}))),
+        (
+            "bad pattern",
+            sign(json!({"exp": now + 600, "markets": ["A*B"]})),
+        ),
+        ("garbage", "not.a.token".to_string()),
+    ];
+    for (what, t) in &invalid {
+        let a = ws_upgrade(&b.ws(), &[("authorization", &bearer(t))]).await;
+        assert_401(&a, "invalid_token", what);
+        let a = ws_upgrade(&format!("{}?market=T401&token={t}", b.ws()), &[]).await;
+        assert_401(&a, "invalid_token", what);
+    }
+    // Both places at once: 400 bad_request.
+    let t = sign(good.clone());
+    let (status, _, body) = ws_upgrade(
+        &format!("{}?token={t}", b.ws()),
+        &[("authorization", &bearer(&t))],
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+    // The valid token, and another scheme (ignored): 101.
+    let (status, _, _) = ws_upgrade(&b.ws(), &[("authorization", &bearer(&t))]).await;
+    assert_eq!(status, 101);
+    let (status, _, _) = ws_upgrade(&b.ws(), &[("authorization", "Basic dXNlcjpwdw==")]).await;
+    assert_eq!(status, 101, "another scheme is ignored");
+    b.stop().await;
+
+    // --require-token: no token is 401 unauthorized; a valid one is admitted;
+    // /healthz and /metrics need none.
+    let mut cfg = token_config(&db, Duration::from_secs(30));
+    cfg.tokens.require_token = true;
+    let b = broadcaster(cfg).await;
+    let a = ws_upgrade(&format!("{}?market=T401", b.ws()), &[]).await;
+    assert_401(&a, "unauthorized", "no token");
+    let a = ws_upgrade(&b.ws(), &[("authorization", "Basic dXNlcjpwdw==")]).await;
+    assert_401(&a, "unauthorized", "another scheme only");
+    let a = ws_upgrade(&b.ws(), &[("authorization", &bearer(&invalid[0].1))]).await;
+    assert_401(&a, "invalid_token", "forged");
+    let mut ws = connect_ws(&format!("{}?market=T401&token={t}", b.ws())).await;
+    assert_subscribed(&recv(&mut ws).await, Value::Null, "T401");
+    db.trades("T401", 1).await;
+    expect_trades(&mut ws, "T401", 1, 1).await;
+    assert_eq!(
+        http("GET", &format!("{}/healthz", b.http()), &[], None)
+            .await
+            .0,
+        200
+    );
+    let (status, _) = http_raw("GET", &format!("{}/metrics", b.http()), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    b.stop().await;
+
+    // Without token keys, tokens are ignored wherever they appear (v1).
+    let b = broadcaster(broadcaster_config(&db)).await;
+    let mut ws = connect_ws_with(
+        &format!("{}?market=T401&from_seq=0&token=garbage", b.ws()),
+        &[("authorization", "Bearer garbage")],
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "subscribed");
+    expect_trades(&mut ws, "T401", 1, 1).await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auth_op_answers_authed_or_invalid_token_and_keeps_the_connection() {
+    let db = TestDb::new().await;
+    db.market("AU").await;
+    let b = broadcaster(token_config(&db, Duration::from_secs(30))).await;
+    // Admitted without a token; subscribed to AU.
+    let mut ws = connect_ws(&b.ws()).await;
+    subscribe(&mut ws, "AU", None).await;
+    let exp = unix_now() + 600;
+    let t = sign(json!({"sub": "user-81", "exp": exp, "markets": ["AU"]}));
+    let v = ask(&mut ws, json!({"op": "auth", "token": t, "id": 3})).await;
+    assert_eq!(
+        (
+            v["type"].as_str(),
+            v["id"].as_i64(),
+            v["exp"].as_i64(),
+            v["sub"].as_str()
+        ),
+        (Some("authed"), Some(3), Some(exp), Some("user-81")),
+        "{v}"
+    );
+    // Without sub, no sub.
+    let t2 = sign(json!({"exp": exp + 1, "markets": ["AU", "B*"]}));
+    let v = ask(&mut ws, json!({"op": "auth", "token": t2, "id": "x"})).await;
+    assert_eq!(
+        (v["type"].as_str(), v["id"].as_str(), v["exp"].as_i64()),
+        (Some("authed"), Some("x"), Some(exp + 1)),
+        "{v}"
+    );
+    assert!(v.get("sub").is_none(), "{v}");
+    // Invalid tokens: invalid_token, and nothing changes.
+    for (i, bad) in [
+        sign_with(
+            jsonwebtoken::Algorithm::HS256,
+            "another-secret-of-at-least-32-bytes-long",
+            &json!({"exp": exp}),
+        ),
+        sign(json!({"exp": unix_now() - 120, "markets": ["*"]})),
+        sign_with(jsonwebtoken::Algorithm::HS384, SECRET, &json!({"exp": exp})),
+        unsigned(json!({"exp": exp, "markets": ["*"]})),
+        "garbage".to_string(),
+        String::new(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let v = ask(&mut ws, json!({"op": "auth", "token": bad, "id": i})).await;
+        assert_error(&v, json!(i), None, "invalid_token");
+    }
+    // A token that is not a string, or none: bad_request.
+    for (i, op) in [
+        json!({"op": "auth", "token": 5, "id": 20}),
+        json!({"op": "auth", "token": ["x"], "id": 21}),
+        json!({"op": "auth", "id": 22}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let v = ask(&mut ws, op).await;
+        assert_eq!(
+            (v["type"].as_str(), v["code"].as_str(), v["id"].as_u64()),
+            (Some("error"), Some("bad_request"), Some(20 + i as u64)),
+            "{v}"
+        );
+    }
+    // Still subscribed, still bound by t2 (B* granted, C not).
+    db.trades("AU", 2).await;
+    expect_trades(&mut ws, "AU", 1, 2).await;
+    let v = ask(
+        &mut ws,
+        json!({"op": "subscribe", "market": "C-1", "id": 30}),
+    )
+    .await;
+    assert_error(&v, json!(30), Some("C-1"), "forbidden");
+    nothing_else_pending(&mut ws, "end").await;
+    b.stop().await;
+
+    // Without token keys, auth is invalid_token and nothing else changes.
+    let b = broadcaster(broadcaster_config(&db)).await;
+    let mut ws = connect_ws(&b.ws()).await;
+    subscribe(&mut ws, "AU", None).await;
+    let v = ask(&mut ws, json!({"op": "auth", "token": t, "id": 4})).await;
+    assert_error(&v, json!(4), None, "invalid_token");
+    db.trades("AU", 1).await;
+    expect_trades(&mut ws, "AU", 3, 3).await;
+    b.stop().await;
+}
+
+/// Reads `ws` until `stop` returns true for a non-trade message or the
+/// trades of `market` reach `until`; trades must be gapless from `*last + 1`.
+/// Returns the non-trade messages in order.
+async fn gapless_until(
+    ws: &mut Ws,
+    market: &str,
+    last: &mut i64,
+    until: i64,
+    mut stop: impl FnMut(&Value) -> bool,
+) -> Vec<Value> {
+    let mut others = Vec::new();
+    while *last < until {
+        let v = recv(ws).await;
+        if v["type"] == "trade" {
+            assert_eq!(v["market"], market, "{v}");
+            assert_eq!(v["seq"].as_i64(), Some(*last + 1), "gapless: {v}");
+            *last += 1;
+        } else {
+            let done = stop(&v);
+            others.push(v);
+            if done {
+                break;
+            }
+        }
+    }
+    others
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refreshed_before_exp_keeps_the_stream_gapless() {
+    let db = TestDb::new().await;
+    db.market("RF").await;
+    let b = broadcaster(token_config(&db, Duration::ZERO)).await;
+    let exp1 = unix_now() + 3;
+    let t1 = sign(json!({"exp": exp1, "markets": ["RF"]}));
+    let mut ws = connect_ws(&format!("{}?market=RF&from_seq=0&token={t1}", b.ws())).await;
+    assert_subscribed(&recv(&mut ws).await, Value::Null, "RF");
+    // ~100 trades/s for 6 s: well past the first token's exp.
+    const TOTAL: i64 = 600;
+    let load = insert_trades_at_rate(&db.url, "RF", 1, 100, TOTAL);
+    let mut last = 0;
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        let one_more = last + 1;
+        gapless_until(&mut ws, "RF", &mut last, one_more, |v| panic!("{v}")).await;
+    }
+    let exp2 = unix_now() + 600;
+    let t2 = sign(json!({"exp": exp2, "markets": ["RF"]}));
+    send(&mut ws, json!({"op": "auth", "token": t2, "id": 9})).await;
+    let others = gapless_until(&mut ws, "RF", &mut last, TOTAL, |v| v["type"] == "authed").await;
+    assert_eq!(others.len(), 1, "{others:?}");
+    assert_eq!(
+        (others[0]["id"].as_i64(), others[0]["exp"].as_i64()),
+        (Some(9), Some(exp2)),
+        "{}",
+        others[0]
+    );
+    // No close, nothing else: exactly every trade to the end.
+    gapless_until(&mut ws, "RF", &mut last, TOTAL, |v| panic!("{v}")).await;
+    load.await.unwrap();
+    assert!(
+        unix_now_f64() > exp1 as f64 + 1.5,
+        "the stream outlived the first token"
+    );
+    expect_silence(&mut ws, Duration::from_millis(1000)).await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_closes_4001_and_a_fresh_one_resumes_without_loss() {
+    let db = TestDb::new().await;
+    db.market("EX").await;
+    let b = broadcaster(token_config(&db, Duration::ZERO)).await;
+    let exp = unix_now() + 2;
+    let t1 = sign(json!({"exp": exp, "markets": ["EX"]}));
+    let mut ws = connect_ws_with(
+        &format!("{}?market=EX&from_seq=0", b.ws()),
+        &[("authorization", &bearer(&t1))],
+    )
+    .await;
+    assert_subscribed(&recv(&mut ws).await, Value::Null, "EX");
+    const TOTAL: i64 = 500;
+    let load = insert_trades_at_rate(&db.url, "EX", 1, 100, TOTAL);
+    let mut last = 0;
+    let code = loop {
+        match next_event(&mut ws).await {
+            Event::Json(v) => {
+                assert_eq!(
+                    (v["type"].as_str(), v["seq"].as_i64()),
+                    (Some("trade"), Some(last + 1)),
+                    "gapless before the close: {v}"
+                );
+                last += 1;
+            }
+            Event::Closed(c) => break c,
+        }
+    };
+    let closed_at = unix_now_f64();
+    assert_eq!(code, Some(4001), "token expired");
+    assert!(
+        closed_at >= exp as f64 - 0.05,
+        "not before exp: closed at {closed_at}, exp {exp}"
+    );
+    assert!(
+        closed_at <= exp as f64 + 1.25,
+        "within 1 s of exp: closed at {closed_at}, exp {exp}"
+    );
+    assert!(last < TOTAL, "closed while trades flowed");
+    // Reconnect with a fresh token from the last seq seen: nothing lost.
+    let t2 = sign(json!({"exp": unix_now() + 600, "markets": ["EX"]}));
+    let mut again = connect_ws(&format!("{}?market=EX&from_seq={last}&token={t2}", b.ws())).await;
+    let v = recv(&mut again).await;
+    assert_subscribed(&v, Value::Null, "EX");
+    assert_eq!(v["from_seq"], last, "{v}");
+    load.await.unwrap();
+    expect_trades(&mut again, "EX", last + 1, TOTAL).await;
+    expect_silence(&mut again, Duration::from_millis(300)).await;
+
+    // A connection without a token never gets 4001.
+    let mut anon = connect_ws(&format!("{}?market=EX", b.ws())).await;
+    assert_subscribed(&recv(&mut anon).await, Value::Null, "EX");
+    expect_silence(&mut anon, Duration::from_millis(300)).await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auth_that_drops_a_market_ends_only_that_subscription() {
+    let db = TestDb::new().await;
+    db.market("ELECTION-2028").await;
+    db.market("SPORTS-1").await;
+    let b = broadcaster(token_config(&db, Duration::from_secs(30))).await;
+    let t1 = sign(json!({"exp": unix_now() + 600, "markets": ["ELECTION-*", "SPORTS-*"]}));
+    let mut ws = connect_ws_with(&b.ws(), &[("authorization", &bearer(&t1))]).await;
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "markets": [{"market": "ELECTION-2028", "from_seq": 0}, {"market": "SPORTS-1", "from_seq": 0}], "id": 1}),
+    )
+    .await;
+    assert_subscribed(&recv(&mut ws).await, json!(1), "ELECTION-2028");
+    assert_subscribed(&recv(&mut ws).await, json!(1), "SPORTS-1");
+    // Both flow at ~100/s for 4 s.
+    const TOTAL: i64 = 400;
+    let le = insert_trades_at_rate(&db.url, "ELECTION-2028", 1, 100, TOTAL);
+    let ls = insert_trades_at_rate(&db.url, "SPORTS-1", 1, 100, TOTAL);
+    let (mut e, mut s) = (0i64, 0i64);
+    let next = |v: Value, e: &mut i64, s: &mut i64| -> Option<Value> {
+        if v["type"] != "trade" {
+            return Some(v);
+        }
+        let pos = match v["market"].as_str() {
+            Some("ELECTION-2028") => e,
+            Some("SPORTS-1") => s,
+            _ => panic!("{v}"),
+        };
+        assert_eq!(v["seq"].as_i64(), Some(*pos + 1), "gapless: {v}");
+        *pos += 1;
+        None
+    };
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        let v = recv(&mut ws).await;
+        assert!(next(v, &mut e, &mut s).is_none());
+    }
+    assert!(s > 0, "SPORTS-1 trades arrived before the auth");
+    let t2 = sign(json!({"exp": unix_now() + 600, "markets": ["ELECTION-*"]}));
+    send(&mut ws, json!({"op": "auth", "token": t2, "id": 5})).await;
+    // authed, then the unsolicited forbidden for SPORTS-1 (no id), trades of
+    // both interleaved until then.
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        let v = recv(&mut ws).await;
+        if let Some(r) = next(v, &mut e, &mut s) {
+            replies.push(r);
+        }
+    }
+    assert_eq!(
+        (replies[0]["type"].as_str(), replies[0]["id"].as_i64()),
+        (Some("authed"), Some(5)),
+        "{}",
+        replies[0]
+    );
+    assert_error(&replies[1], Value::Null, Some("SPORTS-1"), "forbidden");
+    // Nothing more for SPORTS-1; ELECTION-2028 gapless to its end.
+    le.await.unwrap();
+    ls.await.unwrap();
+    expect_trades(&mut ws, "ELECTION-2028", e + 1, TOTAL).await;
+    expect_silence(&mut ws, Duration::from_millis(500)).await;
+    // And a new subscribe to it is forbidden.
+    let v = ask(
+        &mut ws,
+        json!({"op": "subscribe", "market": "SPORTS-1", "id": 6}),
+    )
+    .await;
+    assert_error(&v, json!(6), Some("SPORTS-1"), "forbidden");
+    b.stop().await;
+}
