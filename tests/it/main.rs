@@ -13,6 +13,10 @@
 //! - `broadcaster`: the WebSocket surface and the delivery guarantee: replay,
 //!   replay-to-live handoff, forged notifications, LISTEN loss, slow
 //!   consumers, limits, shutdown.
+//! - `feed`: contract 1.1's WebSocket read side (PROTOCOL-1.1.md §2): several
+//!   markets in one op, the new `subscribed` fields and the order of checks,
+//!   `recent`, heads (timing, the gap check), ticker frames folded against the
+//!   log, the `?market=` URL forms, tokens (admission, `auth`, refresh, 4001).
 //! - `props`: property tests of every parser of untrusted input against
 //!   models written from PROTOCOL.md, and random client op sequences against
 //!   a real broadcaster (the cargo-fuzz targets are in `fuzz/`).
@@ -40,6 +44,7 @@
 
 mod broadcaster;
 mod faults;
+mod feed;
 mod hostile;
 mod isolation;
 mod promises;

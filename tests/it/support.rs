@@ -596,3 +596,81 @@ impl Drop for OwnCluster {
         let _ = self.pg.run_blocking(&["stop", "--wipe"]);
     }
 }
+
+/// One HTTP/1.1 request on a new connection: the status, the response's
+/// headers and its body (empty for a 101, whose connection is dropped).
+pub async fn http_full(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Bytes>,
+) -> anyhow::Result<(u16, hyper::HeaderMap, Bytes)> {
+    let u = url::Url::parse(url)?;
+    let addr = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap());
+    let tcp = TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await; // one request per connection
+    });
+    let path = match u.query() {
+        Some(q) => format!("{}?{q}", u.path()),
+        None => u.path().to_string(),
+    };
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", u.host_str().unwrap());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.unwrap_or_default()))?;
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await??;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    if status == 101 {
+        return Ok((status, headers, Bytes::new()));
+    }
+    let bytes = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await??
+        .to_bytes();
+    Ok((status, headers, bytes))
+}
+
+/// A WebSocket upgrade request to `url` with `headers` added: the status,
+/// the response's headers and its body as JSON (Null when not JSON).
+pub async fn ws_upgrade(url: &str, headers: &[(&str, &str)]) -> (u16, hyper::HeaderMap, Value) {
+    let http_url = url.replacen("ws://", "http://", 1);
+    let mut all = vec![
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    all.extend_from_slice(headers);
+    let (status, h, body) = http_full("GET", &http_url, &all, None)
+        .await
+        .expect("upgrade request");
+    (
+        status,
+        h,
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
+}
+
+/// [`connect_ws`] with `headers` on the upgrade request.
+pub async fn connect_ws_with(url: &str, headers: &[(&str, &str)]) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().expect("a ws URL");
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            hyper::header::HeaderName::from_bytes(k.as_bytes()).expect("a header name"),
+            v.parse().expect("a header value"),
+        );
+    }
+    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("ws connect in time")
+        .expect("ws connect")
+        .0
+}
