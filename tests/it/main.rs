@@ -9,7 +9,8 @@
 //! - `sql`: the SQL surface: seq assignment, rollback, multi-market
 //!   transactions, NOTIFY at commit with the doorbell payload, append-only,
 //!   roles, migrate idempotency and concurrency, prune.
-//! - `writer`: the HTTP write API, every error path, idempotency, outages.
+//! - `writer`: the HTTP write API, every error path, idempotency, outages,
+//!   and tokens (contract 1.1 section 4.1: write claims, bound reads, 401s).
 //! - `broadcaster`: the WebSocket surface and the delivery guarantee: replay,
 //!   replay-to-live handoff, forged notifications, LISTEN loss, slow
 //!   consumers, limits, shutdown.

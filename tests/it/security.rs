@@ -142,10 +142,11 @@ async fn passwords_enforced(admin: &tokio_postgres::Client) -> bool {
         > 0
 }
 
-/// The write token and the database password never appear on stdout or
-/// stderr at RUST_LOG=trace (text and JSON), in HTTP answers or in /metrics:
-/// not on wrong-token requests, not on successful writes, not when the
-/// database refuses the password or cannot be reached, not in `--help`.
+/// The write token, the JWT secret, presented JWTs and the database
+/// password never appear on stdout or stderr at RUST_LOG=trace (text and
+/// JSON), in HTTP answers or in /metrics: not on wrong-token requests, not
+/// on successful writes, not when the database refuses the password or
+/// cannot be reached, not in `--help`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_logs_answers_or_metrics() {
     let db = TestDb::new().await;
@@ -154,7 +155,32 @@ async fn secrets_never_reach_logs_answers_or_metrics() {
     let password = format!("PwSecret{tag}");
     let wrong_password = format!("PwWrong{tag}");
     let token = format!("TokSecret{tag}");
-    let secrets = [password.as_str(), wrong_password.as_str(), token.as_str()];
+    let jwt_secret = format!("JwtSecret{tag}-at-least-32-bytes-long");
+    let sign = |secret: &str, claims: Value| {
+        let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let jwt = sign(
+        &jwt_secret,
+        json!({"exp": exp, "sub": tag, "markets": ["SEC*"], "write": ["SEC-JWT"]}),
+    );
+    let forged_jwt = sign(
+        &format!("Forged{tag}-at-least-32-bytes-long"),
+        json!({"exp": exp, "write": ["*"]}),
+    );
+    let secrets = [
+        password.as_str(),
+        wrong_password.as_str(),
+        token.as_str(),
+        jwt_secret.as_str(),
+        jwt.as_str(),
+        forged_jwt.as_str(),
+    ];
     let (w_role, b_role) = (format!("sec_w_{}", db.name), format!("sec_b_{}", db.name));
     admin
         .batch_execute(&format!(
@@ -170,10 +196,14 @@ async fn secrets_never_reach_logs_answers_or_metrics() {
     let mut outputs: Vec<(String, String)> = Vec::new();
     let auth = format!("Bearer {token}");
 
-    // --- the writer: wrong tokens, then the right one.
+    // --- the writer: wrong tokens, then the right one, then JWTs.
     let w = Bin::start(
         &["writer", "--listen", "127.0.0.1:0"],
-        &[("DATABASE_URL", &w_url), ("MARKETCAST_WRITE_TOKEN", &token)],
+        &[
+            ("DATABASE_URL", &w_url),
+            ("MARKETCAST_WRITE_TOKEN", &token),
+            ("MARKETCAST_JWT_HS256_SECRET", &jwt_secret),
+        ],
         true,
     )
     .await;
@@ -213,6 +243,36 @@ async fn secrets_never_reach_logs_answers_or_metrics() {
     )
     .await;
     assert_eq!((st, &body["seq"]), (201, &json!(1)), "{body}");
+    let bearer_jwt = format!("Bearer {jwt}");
+    let (st, body) = http(
+        "POST",
+        &markets,
+        &[("authorization", &bearer_jwt)],
+        Some(r#"{"id":"SEC-JWT"}"#),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    for (method, path, body, granted) in [
+        ("GET", "/v1/markets", None, 200),
+        ("GET", "/v1/markets/SEC/trades", None, 200),
+        ("POST", "/v1/markets", Some(r#"{"id":"SEC-NO"}"#), 403),
+    ] {
+        for (auth, expected) in [
+            (bearer_jwt.clone(), granted),
+            (format!("Bearer {forged_jwt}"), 401),
+        ] {
+            let (st, answer) = http_raw(
+                method,
+                &format!("{}{path}", w.http()),
+                &[("authorization", auth.as_str())],
+                body.map(Into::into),
+            )
+            .await
+            .unwrap();
+            assert_eq!(st, expected, "{method} {path}");
+            assert_no_secret(path, &String::from_utf8_lossy(&answer), &secrets);
+        }
+    }
     for path in [
         "/metrics",
         "/healthz",
@@ -374,7 +434,11 @@ async fn secrets_never_reach_logs_answers_or_metrics() {
     for sub in ["writer", "broadcaster", "migrate", "prune", "demo"] {
         let h = Bin::start(
             &[sub, "--help"],
-            &[("DATABASE_URL", &w_url), ("MARKETCAST_WRITE_TOKEN", &token)],
+            &[
+                ("DATABASE_URL", &w_url),
+                ("MARKETCAST_WRITE_TOKEN", &token),
+                ("MARKETCAST_JWT_HS256_SECRET", &jwt_secret),
+            ],
             false,
         )
         .await;

@@ -387,6 +387,17 @@ pub async fn http_raw(
     headers: &[(&str, &str)],
     body: Option<Bytes>,
 ) -> anyhow::Result<(u16, Bytes)> {
+    let (status, _, bytes) = http_response(method, url, headers, body).await?;
+    Ok((status, bytes))
+}
+
+/// As [`http_raw`], with the response's headers.
+pub async fn http_response(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Bytes>,
+) -> anyhow::Result<(u16, hyper::HeaderMap, Bytes)> {
     let u = url::Url::parse(url)?;
     let addr = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap());
     let tcp = TcpStream::connect(addr).await?;
@@ -415,8 +426,9 @@ pub async fn http_raw(
     let req = req.body(Full::new(body.unwrap_or_default()))?;
     let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await??;
     let status = resp.status().as_u16();
+    let response_headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await?.to_bytes();
-    Ok((status, bytes))
+    Ok((status, response_headers, bytes))
 }
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;

@@ -953,7 +953,10 @@ async fn one_burst_with_mixed_outcomes() {
 async fn healthz_and_metrics() {
     let db = TestDb::new().await;
     let s = start(&db).await;
-    assert_eq!(get(&s, "/healthz").await, (200, json!({"status": "ok"})));
+    assert_eq!(
+        get(&s, "/healthz").await,
+        (200, json!({"status": "ok", "protocol": "1.1"}))
+    );
     assert_error(&get(&s, "/v1/markets/none").await, 404, "unknown_market");
     let (st, body) = http_raw("GET", &format!("{}/metrics", s.http()), &[], None)
         .await
@@ -1222,4 +1225,415 @@ async fn connection_lost_during_batch_commit_is_not_redone() {
     );
     assert!(unknown >= 1, "the cut COMMIT was reported as unknown");
     s.stop().await;
+}
+
+// ---------------------------------------------------------------- tokens
+//
+// Contract 1.1 section 4.1: tokens authorize writes per market and bind reads.
+
+mod tokens {
+    use std::time::Duration;
+
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use marketcast::protocol::token::Verifier;
+    use serde_json::{json, Value};
+
+    use super::{assert_error, get};
+    use crate::support::*;
+
+    const SECRET: &str = "test-only-writer-secret-of-32-bytes-or-more";
+    const WRITE_TOKEN: &str = "static-write-token";
+    const RSA_PUB: &str = include_str!("../keys/test-only-rsa-2048.pub.pem");
+    const RSA_KEY: &str = include_str!("../keys/test-only-rsa-2048.key.pem");
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    fn sign(alg: Algorithm, key: &EncodingKey, claims: Value) -> String {
+        jsonwebtoken::encode(&Header::new(alg), &claims, key).unwrap()
+    }
+
+    fn hs256(claims: Value) -> String {
+        sign(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+            claims,
+        )
+    }
+
+    /// A writer with the HS256 secret, the RSA public key and the write
+    /// token, as `cfg` otherwise says.
+    async fn writer_with_tokens(db: &TestDb, require_token: bool) -> Server {
+        let mut cfg = writer_config(db);
+        cfg.write_token = Some(WRITE_TOKEN.into());
+        cfg.tokens.verifier =
+            Verifier::new(Some(SECRET), Some(RSA_PUB), Duration::from_secs(30)).unwrap();
+        cfg.tokens.require_token = require_token;
+        writer(cfg).await
+    }
+
+    /// (status, WWW-Authenticate, body) of a request with `Authorization: auth`.
+    async fn call(
+        s: &Server,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Option<String>, Value) {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let (st, h, bytes) = http_response(
+            method,
+            &format!("{}{path}", s.http()),
+            &headers,
+            body.map(|b| b.to_string().into()),
+        )
+        .await
+        .unwrap();
+        let challenge = h
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string());
+        (
+            st,
+            challenge,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// A 401 with `WWW-Authenticate: Bearer` and the contract's error body.
+    #[track_caller]
+    fn assert_401(got: &(u16, Option<String>, Value), code: &str) {
+        assert_eq!(got.1.as_deref(), Some("Bearer"), "{}", got.2);
+        assert_error(&(got.0, got.2.clone()), 401, code);
+    }
+
+    /// `marketcast_auth_failures_total{reason}` as `/metrics` shows it (0
+    /// before its first count). The recorder is shared by every test of the
+    /// process, so tests compare it before and after, at least.
+    async fn auth_failures(s: &Server, reason: &str) -> u64 {
+        let (_, text) = http_raw("GET", &format!("{}/metrics", s.http()), &[], None)
+            .await
+            .unwrap();
+        let prefix = format!("marketcast_auth_failures_total{{reason=\"{reason}\"}} ");
+        String::from_utf8_lossy(&text)
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(|v| v.parse().unwrap()))
+            .unwrap_or(0)
+    }
+
+    const TRADE: &str = r#"{"side":"yes","price":"0.5","qty":1}"#;
+
+    #[tokio::test]
+    async fn a_write_claim_grants_only_its_markets() {
+        let db = TestDb::new().await;
+        for m in ["ELECTION-2028", "SPORTS-1"] {
+            db.market(m).await;
+        }
+        let s = writer_with_tokens(&db, false).await;
+        let c = db.client().await;
+        let forbidden_before = auth_failures(&s, "forbidden").await;
+        let token = hs256(json!({"exp": now() + 3600, "write": ["ELECTION-*"]}));
+        let auth = format!("Bearer {token}");
+        let post = |path: &'static str, body: &'static str| {
+            let (s, auth) = (&s, auth.as_str());
+            async move { call(s, "POST", path, Some(auth), Some(body)).await }
+        };
+
+        let (st, _, t) = post("/v1/markets/ELECTION-2028/trades", TRADE).await;
+        assert_eq!((st, &t["seq"]), (201, &json!(1)), "{t}");
+        let (st, challenge, body) = post("/v1/markets/SPORTS-1/trades", TRADE).await;
+        assert_error(&(st, body), 403, "forbidden");
+        assert_eq!(challenge, None, "a 403 is no authentication challenge");
+        assert_eq!(seqs(&c, "SPORTS-1").await, Vec::<i64>::new());
+
+        // POST /v1/markets: the market is the body's id.
+        let (st, _, m) = post("/v1/markets", r#"{"id":"ELECTION-2032"}"#).await;
+        assert_eq!((st, &m["market"]), (201, &json!("ELECTION-2032")), "{m}");
+        let (st, _, body) = post("/v1/markets", r#"{"id":"SPORTS-2"}"#).await;
+        assert_error(&(st, body), 403, "forbidden");
+        let (st, _, body) = post("/v1/markets", r#"{"id":"election-2033"}"#).await;
+        assert_error(&(st, body), 403, "forbidden");
+
+        // The order of checks: 400 and 422 before 403, 403 before 404.
+        let (st, _, body) = post("/v1/markets/SPORTS-1/trades", r#"{"side":"yes"}"#).await;
+        assert_error(&(st, body), 400, "bad_request");
+        let (st, _, body) = post(
+            "/v1/markets/SPORTS-1/trades",
+            r#"{"side":"yes","price":"0.5","qty":0}"#,
+        )
+        .await;
+        assert_error(&(st, body), 422, "invalid");
+        let (st, _, body) = post("/v1/markets/-bad/trades", TRADE).await;
+        assert_error(&(st, body), 422, "invalid");
+        let (st, _, body) = post("/v1/markets/SPORTS-404/trades", TRADE).await;
+        assert_error(&(st, body), 403, "forbidden");
+        let (st, _, body) = post("/v1/markets/ELECTION-404/trades", TRADE).await;
+        assert_error(&(st, body), 404, "unknown_market");
+        let (st, _, body) = post("/v1/markets", r#"{"id":"ELECTION-2028"}"#).await;
+        assert_error(&(st, body), 409, "market_exists");
+
+        // A token without a write claim writes nothing.
+        let reader = format!(
+            "Bearer {}",
+            hs256(json!({"exp": now() + 3600, "markets": ["*"]}))
+        );
+        let (st, _, body) = call(
+            &s,
+            "POST",
+            "/v1/markets/ELECTION-2028/trades",
+            Some(&reader),
+            Some(TRADE),
+        )
+        .await;
+        assert_error(&(st, body), 403, "forbidden");
+
+        assert_eq!(seqs(&c, "ELECTION-2028").await, vec![1]);
+        assert_eq!(seqs(&c, "SPORTS-1").await, Vec::<i64>::new());
+        let forbidden = auth_failures(&s, "forbidden").await - forbidden_before;
+        assert!(forbidden >= 5, "{forbidden} forbidden counted");
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn refused_tokens_are_401_with_a_bearer_challenge() {
+        let db = TestDb::new().await;
+        db.market("ELECTION-2028").await;
+        let s = writer_with_tokens(&db, false).await;
+        let (invalid_before, expired_before, missing_before) = (
+            auth_failures(&s, "invalid").await,
+            auth_failures(&s, "expired").await,
+            auth_failures(&s, "missing").await,
+        );
+        let grant = json!({"exp": now() + 3600, "write": ["*"]});
+        let b64 = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
+        let invalid = [
+            (
+                "forged",
+                sign(
+                    Algorithm::HS256,
+                    &EncodingKey::from_secret(b"not-the-secret-but-just-as-long-as-it!!"),
+                    grant.clone(),
+                ),
+            ),
+            (
+                "wrong alg",
+                sign(
+                    Algorithm::HS512,
+                    &EncodingKey::from_secret(SECRET.as_bytes()),
+                    grant.clone(),
+                ),
+            ),
+            (
+                "alg none",
+                format!("{}.{}.", b64(&json!({"alg": "none"})), b64(&grant)),
+            ),
+            (
+                "HS256 keyed with the public key",
+                sign(
+                    Algorithm::HS256,
+                    &EncodingKey::from_secret(RSA_PUB.as_bytes()),
+                    grant.clone(),
+                ),
+            ),
+            (
+                "a bad pattern",
+                hs256(json!({"exp": now() + 3600, "write": ["EL*ECTION-2028"]})),
+            ),
+            ("garbage", "not-a-token".to_string()),
+        ];
+        let expired = [
+            (
+                "expired",
+                hs256(json!({"exp": now() - 3600, "write": ["*"]})),
+            ),
+            (
+                "not yet valid",
+                hs256(json!({"exp": now() + 7200, "nbf": now() + 3600, "write": ["*"]})),
+            ),
+        ];
+        for (what, token) in invalid.iter().chain(&expired) {
+            let auth = format!("Bearer {token}");
+            for (path, body) in [
+                ("/v1/markets/ELECTION-2028/trades", TRADE),
+                ("/v1/markets", r#"{"id":"ELECTION-2029"}"#),
+            ] {
+                let got = call(&s, "POST", path, Some(&auth), Some(body)).await;
+                assert_eq!(got.0, 401, "{what}: {}", got.2);
+                assert_401(&got, "invalid_token");
+                let message = got.2["error"]["message"].as_str().unwrap();
+                assert!(!message.contains(token.as_str()), "{what}: {message}");
+            }
+            // Before anything else about the request.
+            let got = call(&s, "POST", "/v1/markets/x/trades", Some(&auth), Some("{")).await;
+            assert_401(&got, "invalid_token");
+        }
+        for auth in [None, Some("Basic dXNlcjpwYXNz")] {
+            let got = call(
+                &s,
+                "POST",
+                "/v1/markets/ELECTION-2028/trades",
+                auth,
+                Some(TRADE),
+            )
+            .await;
+            assert_401(&got, "unauthorized");
+        }
+
+        // What is accepted beside them: the write token, an RS256 token.
+        let (st, _, t) = call(
+            &s,
+            "POST",
+            "/v1/markets/ELECTION-2028/trades",
+            Some(&format!("Bearer {WRITE_TOKEN}")),
+            Some(TRADE),
+        )
+        .await;
+        assert_eq!((st, &t["seq"]), (201, &json!(1)), "{t}");
+        let rs256 = sign(
+            Algorithm::RS256,
+            &EncodingKey::from_rsa_pem(RSA_KEY.as_bytes()).unwrap(),
+            grant.clone(),
+        );
+        let (st, _, t) = call(
+            &s,
+            "POST",
+            "/v1/markets/ELECTION-2028/trades",
+            Some(&format!("Bearer {rs256}")),
+            Some(TRADE),
+        )
+        .await;
+        assert_eq!((st, &t["seq"]), (201, &json!(2)), "{t}");
+        let c = db.client().await;
+        assert_eq!(seqs(&c, "ELECTION-2028").await, vec![1, 2]);
+
+        // Each refusal counted by its reason (at least: tests share the recorder).
+        let grew = |before: u64, after: u64, n: u64| after - before >= n;
+        assert!(grew(invalid_before, auth_failures(&s, "invalid").await, 18));
+        assert!(grew(expired_before, auth_failures(&s, "expired").await, 6));
+        assert!(grew(missing_before, auth_failures(&s, "missing").await, 2));
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn reads_are_bound_by_the_markets_claim() {
+        let db = TestDb::new().await;
+        for m in ["A-1", "A-2", "A_3", "B-1", "C-1", "C-10"] {
+            db.market(m).await;
+        }
+        db.trades("B-1", 2).await;
+        let s = writer_with_tokens(&db, false).await;
+        let token = hs256(json!({
+            "exp": now() + 3600, "markets": ["A-*", "C-1"], "write": ["B-1"],
+        }));
+        let auth = format!("Bearer {token}");
+        let read = |path: String| {
+            let (s, auth) = (&s, auth.as_str());
+            async move {
+                let (st, _, body) = call(s, "GET", &path, Some(auth), None).await;
+                (st, body)
+            }
+        };
+        let ids = |body: &Value| -> Vec<String> {
+            body["markets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["market"].as_str().unwrap().to_string())
+                .collect()
+        };
+
+        // The list holds only the granted markets, and pages over them alone.
+        let (st, body) = read("/v1/markets".into()).await;
+        assert_eq!(st, 200, "{body}");
+        assert_eq!(ids(&body), ["A-1", "A-2", "C-1"]);
+        assert_eq!(body.get("next_after"), None);
+        let (st, body) = read("/v1/markets?limit=2".into()).await;
+        assert_eq!((st, ids(&body)), (200, vec!["A-1".into(), "A-2".into()]));
+        assert_eq!(body["next_after"], "A-2");
+        let (st, body) = read("/v1/markets?limit=2&after=A-2".into()).await;
+        assert_eq!((st, ids(&body)), (200, vec!["C-1".to_string()]));
+        assert_eq!(body.get("next_after"), None);
+        // Without a token (not required): every market, as in v1.
+        let (st, body) = get(&s, "/v1/markets").await;
+        assert_eq!(st, 200);
+        assert_eq!(ids(&body), ["A-1", "A-2", "A_3", "B-1", "C-1", "C-10"]);
+
+        for id in ["A-1", "C-1"] {
+            let (st, body) = read(format!("/v1/markets/{id}")).await;
+            assert_eq!((st, &body["market"]), (200, &json!(id)), "{body}");
+            let (st, body) = read(format!("/v1/markets/{id}/trades")).await;
+            assert_eq!((st, &body["trades"]), (200, &json!([])), "{body}");
+        }
+        // `write` grants no reading; 403 comes before 404 and after 400/422.
+        for id in ["B-1", "C-10", "A_3", "Z-404"] {
+            let (st, body) = read(format!("/v1/markets/{id}")).await;
+            assert_error(&(st, body), 403, "forbidden");
+            let (st, body) = read(format!("/v1/markets/{id}/trades")).await;
+            assert_error(&(st, body), 403, "forbidden");
+        }
+        let (st, body) = read("/v1/markets/A-404".into()).await;
+        assert_error(&(st, body), 404, "unknown_market");
+        let (st, body) = read("/v1/markets/B-1/trades?limit=0".into()).await;
+        assert_error(&(st, body), 422, "invalid");
+        // Without a token B-1's trades are there (v1).
+        let (st, body) = get(&s, "/v1/markets/B-1/trades").await;
+        assert_eq!(
+            (st, body["trades"].as_array().map(Vec::len)),
+            (200, Some(2))
+        );
+
+        // A presented invalid token is refused even where none is needed.
+        let expired = format!(
+            "Bearer {}",
+            hs256(json!({"exp": now() - 60, "markets": ["*"]}))
+        );
+        for path in ["/v1/markets", "/v1/markets/A-1", "/v1/markets/A-1/trades"] {
+            for auth in [expired.as_str(), "Bearer x.y.z"] {
+                assert_401(
+                    &call(&s, "GET", path, Some(auth), None).await,
+                    "invalid_token",
+                );
+            }
+        }
+        // Monitoring never needs a token, nor looks at one.
+        for path in ["/healthz", "/metrics"] {
+            let (st, _, _) = call(&s, "GET", path, Some("Bearer x.y.z"), None).await;
+            assert_eq!(st, 200, "{path}");
+        }
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn require_token_makes_reads_need_one() {
+        let db = TestDb::new().await;
+        db.market("A-1").await;
+        let s = writer_with_tokens(&db, true).await;
+        for path in ["/v1/markets", "/v1/markets/A-1", "/v1/markets/A-1/trades"] {
+            assert_401(&call(&s, "GET", path, None, None).await, "unauthorized");
+            let basic = call(&s, "GET", path, Some("Basic dXNlcjpwYXNz"), None).await;
+            assert_401(&basic, "unauthorized");
+            let token = hs256(json!({"exp": now() + 60, "markets": ["A-1"]}));
+            let (st, _, body) = call(&s, "GET", path, Some(&format!("Bearer {token}")), None).await;
+            assert_eq!(st, 200, "{path}: {body}");
+            // The write token grants every market, reading included.
+            let (st, _, body) = call(
+                &s,
+                "GET",
+                path,
+                Some(&format!("Bearer {WRITE_TOKEN}")),
+                None,
+            )
+            .await;
+            assert_eq!(st, 200, "{path}: {body}");
+        }
+        for path in ["/healthz", "/metrics"] {
+            assert_eq!(call(&s, "GET", path, None, None).await.0, 200, "{path}");
+        }
+        s.stop().await;
+    }
 }
