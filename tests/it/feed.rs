@@ -1352,6 +1352,69 @@ async fn ticker_frames_fold_the_log_exactly_under_load_and_resume_contiguously()
     b.stop().await;
 }
 
+/// Subscribers that join while trades flow (live, and from a seq behind
+/// the head) land inside the group's span or behind it: each still gets
+/// contiguous spans from its own `from_seq + 1`, every fold equal to the
+/// log's, frames an interval apart. (Without the per-connection fill, a
+/// joiner would get a shared frame that starts before or after its
+/// position.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticker_subscribers_joining_mid_stream_stay_contiguous() {
+    let db = TestDb::new().await;
+    db.market("TJ").await;
+    varied_trades(&db.client().await, "TJ", 1, 5).await;
+    let b = broadcaster(broadcaster_config(&db)).await;
+    // The group exists before the joiners: one subscriber from the start.
+    let mut first = connect_ws(&b.ws()).await;
+    let sub = ask(
+        &mut first,
+        json!({"op": "subscribe", "market": "TJ", "mode": "ticker", "interval_ms": 300, "id": 1}),
+    )
+    .await;
+    assert_subscribed(&sub, json!(1), "TJ");
+    const TOTAL: i64 = 6_000;
+    let head = 5 + TOTAL;
+    let load = insert_trades_at_rate(&db.url, "TJ", 6, 2000, TOTAL);
+    let mut joiners = Vec::new();
+    for k in 0..6u64 {
+        // Joins spread over the load, at phases that do not line up with
+        // the group's frames.
+        tokio::time::sleep(Duration::from_millis(230 + 37 * k)).await;
+        let mut ws = connect_ws(&b.ws()).await;
+        let mut op = json!({"op": "subscribe", "market": "TJ", "mode": "ticker", "interval_ms": 300, "id": k});
+        if k % 2 == 1 {
+            op["from_seq"] = json!(head_of(&db, "TJ").await.saturating_sub(40));
+        }
+        let sub = ask(&mut ws, op).await;
+        assert_subscribed(&sub, json!(k), "TJ");
+        let from = sub["from_seq"].as_i64().unwrap();
+        // Read as the frames come, so arrival times mean something.
+        joiners.push(tokio::spawn(async move {
+            (from, collect_tickers(&mut ws, "TJ", head).await)
+        }));
+    }
+    let frames = collect_tickers(&mut first, "TJ", head).await;
+    load.await.unwrap();
+    let log = log_of(&db, "TJ").await;
+    assert_contiguous(&frames, 5, head);
+    for j in joiners {
+        let (from, f) = j.await.unwrap();
+        assert_contiguous(&f, from, head);
+        for (_, frame) in &f {
+            assert_folds(frame, &log, "TJ");
+        }
+        for w in f.windows(2) {
+            let gap = w[1].0 - w[0].0;
+            assert!(
+                gap >= Duration::from_millis(280),
+                "joined after {from}: frames at least interval_ms apart: {gap:?} before {}",
+                w[1].1
+            );
+        }
+    }
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ticker_backlog_is_one_frame_and_its_fields_are_checked() {
     let db = TestDb::new().await;
