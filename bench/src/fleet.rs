@@ -36,6 +36,9 @@ pub struct FleetCfg {
     pub from_seq: Option<i64>,
     /// Note the instant a client's seq reaches this (S4's "caught up").
     pub target: Option<i64>,
+    /// Appended to every subscribe URL, e.g. `&mode=ticker&interval_ms=1000`
+    /// (S7): `ticker` frames are then checked as contiguous spans.
+    pub query: String,
 }
 
 /// The fields of a server message the clients look at.
@@ -47,6 +50,9 @@ struct Frame<'a> {
     #[serde(borrow)]
     ts: Option<&'a str>,
     head_seq: Option<i64>,
+    /// A `ticker` frame's span.
+    from_seq: Option<i64>,
+    to_seq: Option<i64>,
 }
 
 /// One client's progress, readable while it runs (unix µs; 0 = not yet).
@@ -82,6 +88,22 @@ pub struct ClientStats {
 }
 
 impl ClientStats {
+    /// A `ticker` frame folding `from..=to`: contiguous spans only. A gap
+    /// counts its seqs as lost, a span starting at or below the last seen one
+    /// as duplicated.
+    fn on_span(&mut self, from: i64, to: i64) {
+        self.received += 1;
+        if from == self.last + 1 && to >= from {
+            self.last = to;
+        } else if from > self.last + 1 {
+            self.overflow += (from - self.last - 1) as u64;
+            self.last = to.max(self.last);
+        } else {
+            self.duplicated += 1;
+            self.last = to.max(self.last);
+        }
+    }
+
     fn on_seq(&mut self, s: i64) {
         self.received += 1;
         if s == self.last + 1 {
@@ -271,9 +293,9 @@ async fn client(
             None => None,
         };
         let path = if st.last >= 0 {
-            format!("/ws?market={market}&from_seq={}", st.last)
+            format!("/ws?market={market}&from_seq={}{}", st.last, cfg.query)
         } else {
-            format!("/ws?market={market}")
+            format!("/ws?market={market}{}", cfg.query)
         };
         let r = session(
             &cfg, &path, &probe, &mut st, &stop, &mut storm, &mut ready, permit,
@@ -376,6 +398,18 @@ async fn session(
                         .reached_us
                         .store(unix_us(SystemTime::now()), Ordering::Relaxed);
                 }
+            }
+            "ticker" => {
+                let (Some(from), Some(to)) = (f.from_seq, f.to_seq) else {
+                    st.parse_errors += 1;
+                    continue;
+                };
+                if st.last < 0 {
+                    st.parse_errors += 1;
+                    continue;
+                }
+                st.on_span(from, to);
+                probe.last.store(st.last, Ordering::Relaxed);
             }
             "subscribed" => {
                 let Some(head) = f.head_seq else {

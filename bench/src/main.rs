@@ -33,6 +33,7 @@ mod ramp;
 mod raw;
 mod replay;
 mod report;
+mod s7;
 mod soak;
 mod storm;
 mod writes;
@@ -69,7 +70,7 @@ use crate::ws::ClientKind;
 /// Markets of S1 and S5.
 pub const MARKETS: usize = 10;
 
-const ALL: &str = "s1,s2,s3,s4,s5,s6,table";
+const ALL: &str = "s1,s2,s3,s4,s5,s6,s7,table";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -77,8 +78,9 @@ const ALL: &str = "s1,s2,s3,s4,s5,s6,table";
     about = "Benchmarks of issue 5 (S1..S6 and the table workload, each beside a raw baseline) and the soak of issue 6, against a throwaway Postgres"
 )]
 struct Args {
-    /// Scenarios to run, comma-separated: s1, s2, s3, s4, s5, s6, table
-    /// (issue 5's table workload), soak (issue 6; not in the default set).
+    /// Scenarios to run, comma-separated: s1, s2, s3, s4, s5, s6, s7 (1.1
+    /// read side costs), table (issue 5's table workload), soak (issue 6; not
+    /// in the default set).
     #[arg(long, value_delimiter = ',', default_value = ALL)]
     scenarios: Vec<String>,
     /// S1: seconds of measured load [default: 30, --quick 5].
@@ -126,6 +128,19 @@ struct Args {
     /// S6 trades/s over all its markets [default: 1000, --quick 200].
     #[arg(long)]
     s6_rate: Option<u32>,
+    /// S7 subscribers on its one market, trade mode then ticker mode
+    /// [default: 1000, --quick 200].
+    #[arg(long)]
+    s7_subscribers: Option<usize>,
+    /// S7 trades/s on that market [default: 1000, --quick 200].
+    #[arg(long)]
+    s7_rate: Option<u32>,
+    /// S7 seconds of measured load per mode [default: 10, --quick 5].
+    #[arg(long)]
+    s7_duration: Option<u64>,
+    /// S7 WebSocket upgrades per side of the token cost [default: 2000, --quick 500].
+    #[arg(long)]
+    s7_connects: Option<usize>,
     /// Table workload subscribers, all on one market.
     #[arg(long, default_value_t = 200)]
     table_subscribers: usize,
@@ -208,6 +223,7 @@ pub struct Settings {
     s4: bool,
     s5: bool,
     s6: bool,
+    s7: bool,
     table: bool,
     soak: bool,
     pub duration: Duration,
@@ -225,6 +241,10 @@ pub struct Settings {
     pub s6_subscribers: usize,
     pub s6_markets: usize,
     pub s6_rate: u32,
+    pub s7_subscribers: usize,
+    pub s7_rate: u32,
+    pub s7_duration: Duration,
+    pub s7_connects: usize,
     pub table_subscribers: usize,
     pub table_rate: u32,
     pub table_duration: Duration,
@@ -248,7 +268,7 @@ pub struct Settings {
 
 impl Settings {
     fn from_args(a: &Args) -> Result<Settings> {
-        let mut s = [false; 8];
+        let mut s = [false; 9];
         for name in &a.scenarios {
             let i = match name.trim().to_ascii_lowercase().as_str() {
                 "s1" => 0,
@@ -259,6 +279,7 @@ impl Settings {
                 "s6" => 5,
                 "table" => 6,
                 "soak" => 7,
+                "s7" => 8,
                 "" => continue,
                 other => bail!("--scenarios: unknown scenario {other:?} (known: {ALL},soak)"),
             };
@@ -279,6 +300,7 @@ impl Settings {
             s6: s[5],
             table: s[6],
             soak: s[7],
+            s7: s[8],
             duration: secs(a.duration, 30, 5),
             subscribers: n(a.subscribers, 1000, 200),
             rate: a.rate.unwrap_or(if q { 500 } else { 2000 }),
@@ -294,6 +316,10 @@ impl Settings {
             s6_subscribers: n(a.s6_subscribers, 5000, 500),
             s6_markets: a.s6_markets,
             s6_rate: a.s6_rate.unwrap_or(if q { 200 } else { 1000 }),
+            s7_subscribers: n(a.s7_subscribers, 1000, 200),
+            s7_rate: a.s7_rate.unwrap_or(if q { 200 } else { 1000 }),
+            s7_duration: secs(a.s7_duration, 10, 5),
+            s7_connects: n(a.s7_connects, 2000, 500),
             table_subscribers: a.table_subscribers,
             table_rate: a.table_rate,
             table_duration: secs(a.table_duration, 20, 5),
@@ -346,6 +372,7 @@ impl Settings {
             set.s2_step,
             set.s5_duration,
             set.table_duration,
+            set.s7_duration,
             set.soak_duration,
             set.soak_sample,
         ]
@@ -368,6 +395,9 @@ impl Settings {
             set.s6_rate as usize,
             set.table_subscribers,
             set.table_rate as usize,
+            set.s7_subscribers,
+            set.s7_rate as usize,
+            set.s7_connects,
             set.soak_connections,
             set.soak_markets,
             set.soak_rate as usize,
@@ -383,6 +413,7 @@ impl Settings {
             (set.s3, set.s3_connections),
             (set.s6, 2 * set.s6_subscribers), // old and new sockets during the storm
             (set.table, set.table_subscribers),
+            (set.s7, set.s7_subscribers.max(set.s7_connects)),
             (set.soak, set.soak_connections),
         ]
         .iter()
@@ -618,6 +649,7 @@ impl Env {
             meter,
             from_seq,
             target,
+            query: String::new(),
         }
     }
 
@@ -790,7 +822,7 @@ async fn bench(
         report::write_soak_report(set, &machine, soak, plot.as_deref())?;
         println!("soak report written to {}", set.soak_report.display());
     }
-    if set.s1 || set.s2 || set.s3 || set.s4 || set.s5 || set.s6 || set.table {
+    if set.s1 || set.s2 || set.s3 || set.s4 || set.s5 || set.s6 || set.s7 || set.table {
         let table = results.table(set);
         let lines = results.json_lines(set);
         println!("\n{table}");
@@ -998,6 +1030,16 @@ async fn scenarios(env: &Env) -> Result<Results> {
             let x = storm::run(env, run).await?;
             eprintln!("  {}", rec_line(&x));
             r.s6.push(x);
+        }
+    }
+    if set.s7 {
+        // At least 3 runs whatever --runs says: its figures are medians.
+        let n = set.runs.max(3);
+        for run in 1..=n {
+            eprintln!("S7 run {run}/{n} (1.1 read side costs)");
+            let x = s7::run(env, run).await?;
+            eprintln!("  {}", rec_line(&x));
+            r.s7.push(x);
         }
     }
     if set.soak {

@@ -18,6 +18,7 @@ use crate::fleet::Checks;
 use crate::latency::{LatencyFigures, LatencyRun};
 use crate::ramp::{S2Figures, S2Result};
 use crate::replay::{S4Figures, SqlReadFigures};
+use crate::s7::{S7Figures, TICKER_INTERVAL_MS};
 use crate::soak::{SoakFigures, SoakResult};
 use crate::storm::S6Figures;
 use crate::writes::S5Figures;
@@ -195,6 +196,8 @@ enum Fmt {
     Secs,
     Count,
     Pct,
+    /// % with one decimal.
+    Pct1,
     Mib,
     Kib,
 }
@@ -215,6 +218,7 @@ fn fmt<R>(f: Fmt, rec: Option<&R>, fig: fn(&R) -> f64) -> String {
         Fmt::Ms | Fmt::Secs | Fmt::Kib => format!("{v:.2}"),
         Fmt::Count => thousands(v),
         Fmt::Pct => format!("{v:.0} %"),
+        Fmt::Pct1 => format!("{v:.1} %"),
         Fmt::Mib => format!("{v:.1}"),
     }
 }
@@ -311,6 +315,7 @@ pub struct Results {
     pub s4_load_s: Option<f64>,
     pub s5: Vec<S5Figures>,
     pub s6: Vec<S6Figures>,
+    pub s7: Vec<S7Figures>,
     pub soak: Option<SoakResult>,
 }
 
@@ -321,6 +326,9 @@ fn agg_lat(v: &[LatencyRun]) -> Option<LatencyFigures> {
 fn agg_s2(v: &[S2Result]) -> Option<S2Figures> {
     aggregate(&v.iter().map(|r| &r.rec).collect::<Vec<_>>())
 }
+
+/// One figure of S7's table: label, the figure, its format.
+type S7Row = (&'static str, fn(&S7Figures) -> f64, Fmt);
 
 fn agg<F: Figures>(v: &[F]) -> Option<F> {
     aggregate(&v.iter().collect::<Vec<_>>())
@@ -414,6 +422,7 @@ impl Results {
         checks.extend(self.s3.iter().map(|r| &r.delivery));
         checks.extend(self.s4.iter().map(|r| &r.delivery));
         checks.extend(self.s6.iter().map(|r| &r.delivery));
+        checks.extend(self.s7.iter().map(|r| &r.delivery));
         checks.extend(self.soak.iter().map(|s| &s.rec.delivery));
         let mut ok = true;
         for d in checks {
@@ -711,7 +720,132 @@ impl Results {
             ];
             rows(&mut t, &name, &mc, None, &s6_rows);
         }
+        if let Some(mc) = agg(&self.s7) {
+            self.s7_table(&mut t, set, &mc);
+        }
         t
+    }
+
+    /// S7 (1.1 read side costs): its own table, each run beside the median.
+    fn s7_table(&self, t: &mut String, set: &Settings, mc: &S7Figures) {
+        let n = self.s7.len();
+        t.push_str(&format!(
+            "\n**S7: 1.1 read side costs** (median of {n} runs, each side on a fresh broadcaster, \
+             sides alternating). (a) {} subscribers on one market, {} trades/s, {} s measured: \
+             trade mode vs ticker mode (`interval_ms` {TICKER_INTERVAL_MS}). (b) {} WebSocket \
+             upgrades, no subscribe: a valid HS256 token in `Authorization: Bearer` to a \
+             broadcaster with `--jwt-hs256-secret`, vs no token and no token keys.\n\n",
+            set.s7_subscribers,
+            set.s7_rate,
+            set.s7_duration.as_secs(),
+            set.s7_connects,
+        ));
+        t.push_str("| figure | median |");
+        for i in 1..=n {
+            t.push_str(&format!(" run {i} |"));
+        }
+        t.push_str("\n|---|---:|");
+        for _ in 0..n {
+            t.push_str("---:|");
+        }
+        t.push('\n');
+        let figs: [S7Row; 15] = [
+            (
+                "(a) trade mode: broadcaster CPU (% of a core)",
+                |r| r.trade_cpu_pct,
+                Fmt::Pct1,
+            ),
+            (
+                "(a) trade mode: broadcaster CPU per trade (µs)",
+                |r| r.trade_us_per_trade,
+                Fmt::Ms,
+            ),
+            (
+                "(a) trade mode: frames received",
+                |r| r.trade_frames,
+                Fmt::Count,
+            ),
+            (
+                "(a) trade mode: frames expected (trades x subscribers)",
+                |r| r.trade_frames_expected,
+                Fmt::Count,
+            ),
+            (
+                "(a) ticker mode: broadcaster CPU (% of a core)",
+                |r| r.ticker_cpu_pct,
+                Fmt::Pct1,
+            ),
+            (
+                "(a) ticker mode: broadcaster CPU per trade (µs)",
+                |r| r.ticker_us_per_trade,
+                Fmt::Ms,
+            ),
+            (
+                "(a) ticker mode: frames received",
+                |r| r.ticker_frames,
+                Fmt::Count,
+            ),
+            (
+                "(a) ticker mode: frames per subscriber per second",
+                |r| r.ticker_frames_per_sub_per_s,
+                Fmt::Ms,
+            ),
+            (
+                "(a) CPU ratio, trade mode / ticker mode",
+                |r| r.cpu_ratio_trade_to_ticker,
+                Fmt::Ms,
+            ),
+            (
+                "(b) no token: time to open all (s)",
+                |r| r.connect_plain_s,
+                Fmt::Secs,
+            ),
+            (
+                "(b) token: time to open all (s)",
+                |r| r.connect_token_s,
+                Fmt::Secs,
+            ),
+            (
+                "(b) no token: broadcaster CPU per connect (µs)",
+                |r| r.connect_plain_cpu_us,
+                Fmt::Ms,
+            ),
+            (
+                "(b) token: broadcaster CPU per connect (µs)",
+                |r| r.connect_token_cpu_us,
+                Fmt::Ms,
+            ),
+            (
+                "(b) token verification: difference per connect (µs)",
+                |r| r.verify_cpu_us,
+                Fmt::Ms,
+            ),
+            (
+                "(b) failed connects (worst run)",
+                |r| r.connect_errors,
+                Fmt::Count,
+            ),
+        ];
+        for (label, fig, f) in figs {
+            t.push_str(&format!("| {label} | {} |", fmt(f, Some(mc), fig)));
+            for r in &self.s7 {
+                t.push_str(&format!(" {} |", fmt(f, Some(r), fig)));
+            }
+            t.push('\n');
+        }
+        t.push_str(&format!(
+            "| (a) lost / duplicated / reordered, undrained | {}, {} |",
+            fmt_lrd(&mc.delivery),
+            num(mc.delivery.undrained)
+        ));
+        for r in &self.s7 {
+            t.push_str(&format!(
+                " {}, {} |",
+                fmt_lrd(&r.delivery),
+                num(r.delivery.undrained)
+            ));
+        }
+        t.push('\n');
     }
 
     /// `{"scenario":name,"runs":..,"marketcast":{..}}`, with the baseline's
@@ -799,6 +933,12 @@ impl Results {
         }
         if let Some(mc) = agg(&self.s6) {
             out.push(self.json_both("S6", &mc, None::<&S6Figures>, json!({})));
+        }
+        if let Some(mc) = agg(&self.s7) {
+            let each: Vec<Value> = self.s7.iter().map(rec_json).collect();
+            let mut v = json!({ "runs": self.s7.len(), "marketcast": rec_json(&mc) });
+            v["each_run"] = json!(each);
+            out.push(json_line("S7", v));
         }
         out
     }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -53,17 +54,35 @@ const MAX_BUF: usize = 256 * 1024;
 impl Conn {
     /// Connect to `ws://{addr}{path}` (path with its query).
     pub async fn connect(kind: ClientKind, addr: SocketAddr, path: &str) -> Result<Conn, String> {
+        Conn::connect_auth(kind, addr, path, None).await
+    }
+
+    /// The same, with `Authorization: Bearer {bearer}` on the upgrade.
+    pub async fn connect_auth(
+        kind: ClientKind,
+        addr: SocketAddr,
+        path: &str,
+        bearer: Option<&str>,
+    ) -> Result<Conn, String> {
         let fut = async {
             match kind {
-                ClientKind::Lean => Lean::connect(addr, path).await.map(Conn::Lean),
+                ClientKind::Lean => Lean::connect(addr, path, bearer).await.map(Conn::Lean),
                 ClientKind::Tungstenite => {
                     // Small buffers: thousands of clients, small frames.
                     let cfg = WebSocketConfig::default()
                         .read_buffer_size(16 * 1024)
                         .write_buffer_size(0);
-                    let url = format!("ws://{addr}{path}");
+                    let mut req = format!("ws://{addr}{path}")
+                        .into_client_request()
+                        .map_err(|e| format!("request: {e}"))?;
+                    if let Some(b) = bearer {
+                        let v = format!("Bearer {b}")
+                            .parse()
+                            .map_err(|e| format!("bearer header: {e}"))?;
+                        req.headers_mut().insert("authorization", v);
+                    }
                     let (ws, _) =
-                        tokio_tungstenite::connect_async_with_config(url, Some(cfg), true)
+                        tokio_tungstenite::connect_async_with_config(req, Some(cfg), true)
                             .await
                             .map_err(|e| format!("connect: {e}"))?;
                     Ok(Conn::Tung(Box::new(ws), None))
@@ -121,16 +140,19 @@ pub struct Lean {
 }
 
 impl Lean {
-    async fn connect(addr: SocketAddr, path: &str) -> Result<Lean, String> {
+    async fn connect(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Result<Lean, String> {
         let mut tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         tcp.set_nodelay(true)
             .map_err(|e| format!("set_nodelay: {e}"))?;
         let key = generate_key();
+        let auth = bearer
+            .map(|b| format!("Authorization: Bearer {b}\r\n"))
+            .unwrap_or_default();
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
         );
         tcp.write_all(req.as_bytes())
             .await
