@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use anyhow::Result;
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
@@ -31,6 +30,7 @@ use crate::{db, shutdown};
 
 pub mod hub;
 pub mod listener;
+mod reads;
 pub mod session;
 
 use session::SessionCtx;
@@ -125,6 +125,7 @@ pub async fn run(
         db_health,
         shutdown: stop.clone(),
         next_conn: AtomicU64::new(1),
+        reads: reads::PageReads::default(),
     });
     http::serve(tcp, &cfg.http, sockets, stop.clone(), move |req, peer| {
         let state = state.clone();
@@ -211,6 +212,8 @@ struct State {
     db_health: db::health::Health,
     shutdown: CancellationToken,
     next_conn: AtomicU64,
+    /// The trades route's shared log reads.
+    reads: reads::PageReads,
 }
 
 impl State {
@@ -219,6 +222,7 @@ impl State {
             "/ws" => self.upgrade(req, peer),
             "/healthz" => self.healthz().await,
             "/metrics" => http::metrics(),
+            p if p.starts_with("/v1/") => self.read(req).await,
             p => http::error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -290,7 +294,7 @@ impl State {
         }
         let grant = match self.admit(&req) {
             Ok(grant) => grant,
-            Err(refusal) => return *refusal,
+            Err(refusal) => return refusal.response(),
         };
         let initial = initial_op(req.uri().query().unwrap_or(""), &self.ctx.limits);
         let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -322,7 +326,30 @@ impl State {
             }
         };
         self.sessions.spawn(task);
-        resp.map(|_| Full::new(Bytes::new()))
+        resp.map(|_| http::full(Bytes::new()))
+    }
+}
+
+/// A request refused before anything else happened: its status, code and
+/// message, shaped into an answer by the route (a plain error before an
+/// upgrade, one with CORS headers on the read routes).
+pub(crate) struct Refused {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refused {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Refused {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn response(&self) -> Response<Body> {
+        http::error(self.status, self.code, self.message.clone())
     }
 }
 
@@ -330,9 +357,8 @@ impl State {
     /// Admission by token (docs/PROTOCOL.md, "Tokens"): the token from
     /// `Authorization: Bearer` or `?token=` (both: 400), checked now.
     /// Without token keys, tokens are ignored (v1). Ok(Some): the
-    /// connection is bound by that token; Err: the HTTP refusal, before any
-    /// WebSocket exists.
-    fn admit<B>(&self, req: &Request<B>) -> Result<Option<Box<Grant>>, Box<Response<Body>>> {
+    /// request is bound by that token.
+    fn admit<B>(&self, req: &Request<B>) -> Result<Option<Box<Grant>>, Refused> {
         let tokens = &self.ctx.tokens;
         let Some(verifier) = &tokens.verifier else {
             return Ok(None);
@@ -346,20 +372,20 @@ impl State {
             .map(|(_, v)| v.into_owned());
         let token = match (header, query.as_deref()) {
             (Some(_), Some(_)) => {
-                return Err(Box::new(http::error(
+                return Err(Refused::new(
                     StatusCode::BAD_REQUEST,
                     "bad_request",
                     "a token in both the Authorization header and ?token=; send one",
-                )))
+                ))
             }
             (Some(t), None) | (None, Some(t)) => t,
             (None, None) if tokens.require_token => {
                 http::count_auth_failure("missing");
-                return Err(Box::new(http::error(
+                return Err(Refused::new(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
                     "this broadcaster needs a token: Authorization: Bearer or ?token=",
-                )));
+                ));
             }
             (None, None) => return Ok(None),
         };
@@ -367,11 +393,11 @@ impl State {
             Ok(grant) => Ok(Some(Box::new(grant))),
             Err(e) => {
                 http::count_auth_failure(e.reason());
-                Err(Box::new(http::error(
+                Err(Refused::new(
                     StatusCode::UNAUTHORIZED,
                     "invalid_token",
                     e.to_string(),
-                )))
+                ))
             }
         }
     }

@@ -291,6 +291,17 @@ pub struct BroadcasterArgs {
     #[arg(long, env = "MARKETCAST_MIN_TICKER_INTERVAL", default_value_t = format_duration(BroadcasterConfig::default().session.min_ticker_interval))]
     pub min_ticker_interval: String,
 
+    /// An SSE stream (`GET /v1/markets/{id}/stream`) that wrote nothing for
+    /// this long gets a comment line, so proxies and browsers do not drop
+    /// an idle stream.
+    #[arg(long, env = "MARKETCAST_SSE_KEEPALIVE", default_value_t = format_duration(BroadcasterConfig::default().session.sse_keepalive))]
+    pub sse_keepalive: String,
+
+    /// Upper bound of a long-poll's `wait_ms` (`GET /v1/markets/{id}/trades`):
+    /// a waiting request holds a connection slot this long at most.
+    #[arg(long, env = "MARKETCAST_MAX_POLL_WAIT", default_value_t = format_duration(BroadcasterConfig::default().session.max_poll_wait))]
+    pub max_poll_wait: String,
+
     #[command(flatten)]
     pub tokens: TokenArgs,
 }
@@ -547,6 +558,8 @@ impl BroadcasterArgs {
                     "--min-ticker-interval",
                     &self.min_ticker_interval,
                 )?,
+                sse_keepalive: config::duration("--sse-keepalive", &self.sse_keepalive)?,
+                max_poll_wait: config::duration("--max-poll-wait", &self.max_poll_wait)?,
             },
         };
         if c.require_origin && c.allowed_origins.is_none() {

@@ -237,6 +237,10 @@ pub struct SessionConfig {
     pub max_recent: u32,
     /// Lower bound of a ticker subscription's `interval_ms`.
     pub min_ticker_interval: Duration,
+    /// An SSE stream that wrote nothing this long gets a comment line.
+    pub sse_keepalive: Duration,
+    /// Upper bound of a long-poll's `wait_ms`.
+    pub max_poll_wait: Duration,
 }
 
 /// The defaults of every broadcaster option (`marketcast broadcaster
@@ -278,6 +282,8 @@ impl Default for BroadcasterConfig {
                 head_interval: Duration::from_secs(5),
                 max_recent: 1000,
                 min_ticker_interval: Duration::from_millis(100),
+                sse_keepalive: Duration::from_secs(15),
+                max_poll_wait: Duration::from_secs(30),
             },
         }
     }
@@ -323,6 +329,9 @@ impl BroadcasterConfig {
         // NaN fails this too.
         if !(h.notify_queue_warn > 0.0 && h.notify_queue_warn <= 1.0) {
             bail!("--notify-queue-warn must be a fraction in (0, 1]");
+        }
+        if s.sse_keepalive < Duration::from_millis(100) {
+            bail!("--sse-keepalive must be at least 100ms");
         }
         if s.max_recent == 0 {
             bail!("--max-recent must be at least 1");

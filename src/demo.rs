@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{header, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -322,7 +322,7 @@ async fn forward(to: SocketAddr, req: Request<Incoming>) -> Result<Response<Body
         .to_bytes();
     parts.headers.remove(header::TRANSFER_ENCODING);
     parts.headers.remove(header::CONNECTION);
-    Ok(Response::from_parts(parts, Full::new(bytes)))
+    Ok(Response::from_parts(parts, http::full(bytes)))
 }
 
 #[cfg(test)]

@@ -24,7 +24,20 @@ use tokio_util::task::TaskTracker;
 use crate::config::HttpConfig;
 use crate::shutdown::DEADLINE;
 
-pub type Body = Full<Bytes>;
+/// Every answer's body: whole (`full`) or streamed (SSE), boxed so that one
+/// handler type serves both.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
+
+/// Why a streamed body stopped short (hyper then drops the connection).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A whole body.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    use http_body_util::BodyExt;
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
 
 /// Bind and print the contract's first stdout line, `listening on HOST:PORT`.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -197,7 +210,7 @@ pub fn bytes_response(
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
         .header(header::CACHE_CONTROL, "no-store")
-        .body(Full::new(body))
+        .body(full(body))
         .expect("static headers are valid")
 }
 

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::hub::{HubHandle, MarketShared};
 use crate::config::SessionConfig;
-use crate::protocol::client::{self, parse_op, ErrorReply, Limits, Op};
+use crate::protocol::client::{self, parse_op, Entry, ErrorReply, Limits, Op};
 use crate::protocol::frame::control_frame;
 use crate::protocol::token::Grant;
 
@@ -50,13 +50,15 @@ mod live;
 mod outbound;
 mod rate_limit;
 mod replay;
+pub(crate) mod sse;
 pub mod subscription;
 mod ticker;
 
 pub use inbound::{parse_head, FrameReader, Inbound, ReadError};
-use live::{LiveItem, LiveStream};
+pub(crate) use live::{LiveItem, LiveStream};
 use outbound::SentTally;
 use rate_limit::RateLimit;
+pub(crate) use replay::{open, Opened};
 use subscription::{Live, Position, TickerPosition};
 
 /// Frames queued before the session stops draining and writes. Bounds one
@@ -134,6 +136,58 @@ fn unix_now_f64() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Run one SSE stream to its end: the subscription [`replay::open`]
+/// checked (before the 200 went out) is attached and its backlog sent, then
+/// it is followed like a WebSocket's until it ends, the token expires or the
+/// server shuts down. The stream was counted against `--max-connections` by
+/// the caller, before any database work; it is released here.
+pub(crate) async fn run_sse(
+    out: sse::SseOut,
+    ctx: Arc<SessionCtx>,
+    grant: Option<Box<Grant>>,
+    entry: Entry,
+    opened: Opened,
+    shutdown: CancellationToken,
+    conn_id: u64,
+) {
+    metrics::gauge!("marketcast_sse_streams").increment(1.0);
+    let mut s = Session::new(Transport::Sse(out), ctx, shutdown.clone(), conn_id);
+    s.bind(grant);
+    let sid = s.attach(&entry, opened, None).await;
+    match s.fill(sid).await {
+        Ok(()) => s.run(None, shutdown).await,
+        Err(End::Slow) => s.close_now(4000, "slow consumer").await,
+        Err(End::Shutdown) => s.close_now(1001, "server shutting down").await,
+        Err(End::Gone | End::TokenExpired) => {}
+    }
+}
+
+impl Session {
+    fn new(io: Transport, ctx: Arc<SessionCtx>, shutdown: CancellationToken, conn_id: u64) -> Self {
+        Session {
+            io,
+            frames: FrameReader::new(ctx.cfg.max_message_bytes),
+            rate: RateLimit::new(ctx.cfg.rate_per_sec, ctx.cfg.rate_burst, Instant::now()),
+            refused: 0,
+            deferred_pong: None,
+            last_seen: Instant::now(),
+            sent_close: false,
+            peer_closed: false,
+            sent: SentTally::default(),
+            ctx,
+            out: Vec::new(),
+            subs: HashMap::new(),
+            ids: HashMap::new(),
+            live: StreamMap::new(),
+            timers: None,
+            grant: None,
+            next_id: 0,
+            conn_id,
+            shutdown,
+        }
+    }
+}
+
 /// Run one upgraded connection to its end. `initial` is the subscribe from
 /// the URL's query, handled as if it were the first op.
 pub(crate) async fn run(
@@ -150,27 +204,12 @@ pub(crate) async fn run(
 
     // fastwebsockets did the handshake; from here frames are read by
     // `inbound` (no buffer kept while idle) and written pre-encoded, vectored.
-    let mut s = Session {
-        io: ws.into_inner(),
-        frames: FrameReader::new(ctx.cfg.max_message_bytes),
-        rate: RateLimit::new(ctx.cfg.rate_per_sec, ctx.cfg.rate_burst, Instant::now()),
-        refused: 0,
-        deferred_pong: None,
-        last_seen: Instant::now(),
-        sent_close: false,
-        peer_closed: false,
-        sent: SentTally::default(),
-        ctx: ctx.clone(),
-        out: Vec::new(),
-        subs: HashMap::new(),
-        ids: HashMap::new(),
-        live: StreamMap::new(),
-        timers: None,
-        grant: None,
-        next_id: 0,
+    let mut s = Session::new(
+        Transport::Ws(ws.into_inner()),
+        ctx,
+        shutdown.clone(),
         conn_id,
-        shutdown: shutdown.clone(),
-    };
+    );
     s.bind(grant);
     if over_limit {
         s.close_now(1013, "server overloaded: connection limit reached")
@@ -246,7 +285,7 @@ enum End {
 /// has read; one task and no channel keep an idle connection small
 /// (`docs/BENCHMARKS.md`, S3).
 struct Session {
-    io: TokioIo<Upgraded>,
+    io: Transport,
     frames: FrameReader,
     rate: RateLimit,
     /// Ops and pings refused in a row by the rate limit.
@@ -285,6 +324,23 @@ struct Session {
 
 type SubId = u32;
 
+/// Where the session's frames go.
+enum Transport {
+    /// A WebSocket: frames are written as they are; client frames are read.
+    Ws(TokioIo<Upgraded>),
+    /// An SSE response: frames become events; nothing is read.
+    Sse(sse::SseOut),
+}
+
+/// The next client frame; never, on an SSE stream. Cancel safety: as
+/// [`FrameReader::next`].
+async fn read_frame(frames: &mut FrameReader, io: &mut Transport) -> Result<Inbound, ReadError> {
+    match io {
+        Transport::Ws(io) => frames.next(io).await,
+        Transport::Sse(_) => std::future::pending().await,
+    }
+}
+
 /// What the op rate limit says of one client message.
 enum Admit {
     Yes,
@@ -302,13 +358,22 @@ impl Drop for Session {
         self.sent.publish();
         metrics::gauge!("marketcast_subscriptions").decrement(self.subs.len() as f64);
         self.ctx.connections.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!("marketcast_ws_connections").decrement(1.0);
+        match self.io {
+            Transport::Ws(_) => metrics::gauge!("marketcast_ws_connections").decrement(1.0),
+            Transport::Sse(_) => metrics::gauge!("marketcast_sse_streams").decrement(1.0),
+        }
     }
 }
 
 impl Session {
     async fn run(&mut self, initial: Option<Result<Op, ErrorReply>>, shutdown: CancellationToken) {
-        let mut ping = tokio::time::interval(self.ctx.cfg.ping_interval);
+        // An SSE stream has no pings: the tick writes its keep-alive
+        // comment instead, checked four times per --sse-keepalive.
+        let keepalive = self.ctx.cfg.sse_keepalive;
+        let mut ping = tokio::time::interval(match self.io {
+            Transport::Sse(_) => keepalive / 4,
+            Transport::Ws(_) => self.ctx.cfg.ping_interval,
+        });
         ping.tick().await;
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -351,7 +416,7 @@ impl Session {
                         self.close_now(1001, "server shutting down").await;
                         return Ok(());
                     }
-                    m = self.frames.next(&mut self.io) => {
+                    m = read_frame(&mut self.frames, &mut self.io) => {
                         if !self.on_inbound(m).await? {
                             return Ok(());
                         }
@@ -370,6 +435,13 @@ impl Session {
                         }
                     }
                     _ = ping.tick() => {
+                        if let Transport::Sse(out) = &mut self.io {
+                            // Not subject to --idle-timeout: nothing is read.
+                            out.keepalive(keepalive, self.ctx.cfg.write_timeout)
+                                .await
+                                .map_err(|_stuck| End::Slow)?;
+                            continue;
+                        }
                         if self.last_seen.elapsed() > self.ctx.cfg.idle_timeout {
                             self.close_now(1000, "idle timeout").await;
                             return Ok(());
@@ -442,7 +514,9 @@ impl Session {
                 self.peer_closed = true;
                 self.out.push(echo);
                 self.flush().await?;
-                let _ = self.io.shutdown().await; // the peer may already be gone
+                if let Transport::Ws(io) = &mut self.io {
+                    let _ = io.shutdown().await; // the peer may already be gone
+                }
                 return Ok(false);
             }
             Inbound::Binary => {
@@ -497,7 +571,10 @@ impl Session {
     /// (RFC 6455 section 7.1.1). The caller bounds it all by CLOSE_HANDSHAKE.
     async fn drain(&mut self) {
         loop {
-            match self.frames.next(&mut self.io).await {
+            let Transport::Ws(io) = &mut self.io else {
+                return;
+            };
+            match self.frames.next(io).await {
                 // A message over the size limit is not read, ever: that is
                 // the limit's point (its payload may be any size).
                 Ok(Inbound::Close(_)) | Err(ReadError::Gone(_) | ReadError::TooLarge) => return,
@@ -506,7 +583,7 @@ impl Session {
                     let mut scratch = vec![0u8; 4096];
                     let mut left = DRAIN_MAX_BYTES;
                     while left > 0 {
-                        match tokio::time::timeout(DRAIN_IDLE, self.io.read(&mut scratch)).await {
+                        match tokio::time::timeout(DRAIN_IDLE, io.read(&mut scratch)).await {
                             Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
                             _ => return,
                         }

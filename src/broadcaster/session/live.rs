@@ -11,7 +11,7 @@ use tokio_stream::Stream;
 use crate::protocol::ticker::TickerFrame;
 use crate::protocol::trade::EncodedTrade;
 
-pub(super) enum LiveStream {
+pub(crate) enum LiveStream {
     Trades(BroadcastStream<EncodedTrade>),
     Ticker(BroadcastStream<TickerFrame>),
 }
@@ -19,7 +19,7 @@ pub(super) enum LiveStream {
 /// One item of a live stream. `Err` is a lag: the receiver fell further
 /// behind than its queue holds; the next item is above the position and
 /// the gap is filled from the ring or the log.
-pub(super) enum LiveItem {
+pub(crate) enum LiveItem {
     Trade(Result<EncodedTrade, BroadcastStreamRecvError>),
     Ticker(Result<TickerFrame, BroadcastStreamRecvError>),
 }

@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_stream::StreamExt;
 
-use super::{End, Session, CLOSE_LINGER, WRITE_BATCH_FRAMES};
+use super::{End, Session, Transport, CLOSE_LINGER, WRITE_BATCH_FRAMES};
 use crate::protocol::frame::control_frame;
 
 // Handles resolved once: the `counter!` macro looks the metric up in the
@@ -80,10 +80,22 @@ impl Session {
     /// allows. Bounded by write_timeout: past it the client is a slow consumer.
     pub(super) async fn flush(&mut self) -> Result<(), End> {
         let frames = std::mem::take(&mut self.out);
+        let timeout = self.ctx.cfg.write_timeout;
+        let io = match &mut self.io {
+            Transport::Ws(io) => io,
+            Transport::Sse(out) => {
+                return match out.write(&frames, timeout).await {
+                    Ok(false) => Ok(()),
+                    // The subscription ended (`end` went out): so does the stream.
+                    Ok(true) => Err(End::Gone),
+                    Err(_stuck) => Err(End::Slow),
+                };
+            }
+        };
         let bytes: usize = frames.iter().map(Bytes::len).sum();
         let mut written = 0;
-        let fut = write_all_vectored(&mut self.io, &frames, &mut written);
-        match tokio::time::timeout(self.ctx.cfg.write_timeout, fut).await {
+        let fut = write_all_vectored(io, &frames, &mut written);
+        match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(writes)) => {
                 self.sent.add(frames.len() as u64, bytes as u64, writes);
                 // Reuse the allocation unless a burst grew it.
@@ -108,10 +120,39 @@ impl Session {
     /// to get it out (a slow consumer may still drain its socket), then shut
     /// down the write side.
     pub(super) async fn close_now(&mut self, code: u16, reason: &str) {
+        let w = match &mut self.io {
+            Transport::Ws(io) => io,
+            Transport::Sse(out) => {
+                // What is queued, then the `end` event for the codes that
+                // have one (docs/PROTOCOL.md, "SSE"); a slow consumer's
+                // stream just ends.
+                let frames = std::mem::take(&mut self.out);
+                let t = Duration::from_secs(1);
+                let end = match code {
+                    1001 => Some((
+                        "shutting_down",
+                        "server shutting down; reconnect with Last-Event-ID",
+                    )),
+                    4001 => Some((
+                        "token_expired",
+                        "token expired; reconnect with a fresh token and Last-Event-ID",
+                    )),
+                    _ => None,
+                };
+                match end {
+                    Some((code, message)) if out.write(&frames, t).await.is_ok() => {
+                        out.end(code, message, t).await
+                    }
+                    _ => out.abort(),
+                }
+                self.sent_close = true;
+                self.peer_closed = true;
+                return;
+            }
+        };
         self.out
             .push(control_frame(Frame::close(code, reason.as_bytes())));
         let frames = std::mem::take(&mut self.out);
-        let w = &mut self.io;
         self.sent_close = true;
         let mut written = 0;
         // A slow consumer may start reading again and deserves its code; at
