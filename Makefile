@@ -5,7 +5,7 @@ CARGO ?= cargo
 export PGDEV_DIR ?= /tmp/marketcast-pg-dev
 
 
-.PHONY: all build run test lint browser-test unit fuzz bench bench-sql bench-quick soak fmt clippy pg-start pg-stop clean
+.PHONY: all build run test lint browser-test metrics-check unit fuzz bench bench-sql bench-quick soak fmt clippy pg-start pg-stop clean
 
 all: build
 
@@ -28,7 +28,8 @@ test:
 	fi; \
 	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; \
 	$(CARGO) test --all-targets -- --test-threads=$${TEST_THREADS:-8}; \
-	$(MAKE) --no-print-directory browser-test
+	$(MAKE) --no-print-directory browser-test; \
+	$(MAKE) --no-print-directory metrics-check
 
 # The market page in headless Chromium (/usr/bin/chromium, Debian's package)
 # driven by playwright-core; see tests/browser/page.test.mjs. Uses DATABASE_URL
@@ -131,3 +132,20 @@ pg-stop:
 
 clean:
 	$(CARGO) clean
+
+# bin/check-metrics: docs/alerts.yaml through `promtool check rules` and its
+# unit tests (docs/alerts.test.yaml), and the /metrics of a real writer and
+# broadcaster (the debug binary) through `promtool check metrics`. promtool is
+# Debian's `prometheus` package, installed when missing. Uses DATABASE_URL (a
+# fresh database is created in its cluster) or a throwaway cluster.
+metrics-check:
+	@set -euo pipefail; \
+	missing=""; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "metrics-check needs:$$missing (sudo apt-get install$$missing)" >&2; exit 1; fi; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi; \
+	$(CARGO) build; \
+	bin/check-metrics target/debug/marketcast

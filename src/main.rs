@@ -1,6 +1,7 @@
 //! The `marketcast` binary: parse, set up logging, run one role, map failure to
 //! an exit code once.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -32,9 +33,11 @@ fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to stderr: stdout carries the product's output (the
-    // `listening on` line, subscribe's JSON lines).
+    // `listening on` line, subscribe's JSON lines). Colour only on a
+    // terminal: escapes in a file or a log pipeline are noise to its parser.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),

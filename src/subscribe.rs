@@ -228,7 +228,7 @@ impl Follower {
                 if m.backlog_to
                     .is_some_and(|h| seq % PROGRESS_EVERY == 0 && seq < h)
                 {
-                    tracing::info!(market = %m.id, seq, head_seq = ?m.backlog_to, trades_per_sec = rate as u64, "replaying backlog");
+                    tracing::info!(market = %m.id, seq, head_seq = m.backlog_to, trades_per_sec = rate as u64, "replaying backlog");
                 }
                 Ok(self.printed())
             }
@@ -276,7 +276,8 @@ impl Follower {
                 }
                 m.backlog_to =
                     head.filter(|h| h.saturating_sub(m.position.unwrap_or(*h)) > PROGRESS_EVERY);
-                tracing::info!(market = %m.id, head_seq = ?head, from = ?m.position, "subscribed");
+                // Options are logged as plain values, and left out when absent.
+                tracing::info!(market = %m.id, head_seq = head, from = m.position, "subscribed");
                 Ok(Step::Skip)
             }
             Some("error") => {
@@ -314,7 +315,7 @@ impl Follower {
     fn followed(&mut self, market: Option<&str>) -> Option<&mut Followed> {
         let m = self.markets.iter_mut().find(|m| Some(&*m.id) == market);
         if m.is_none() {
-            tracing::warn!(market = ?market, "a message for a market not followed; ignored");
+            tracing::warn!(market, "a message for a market not followed; ignored");
         }
         m
     }
@@ -457,7 +458,15 @@ async fn connection(
             Message::Close(c) => {
                 let code = c.as_ref().map(|c| u16::from(c.code));
                 follower.on_close(code)?;
-                tracing::info!(close = ?c, "server closed the connection; resuming");
+                let reason = c
+                    .as_ref()
+                    .map(|c| c.reason.as_str())
+                    .filter(|r| !r.is_empty());
+                tracing::info!(
+                    close_code = code,
+                    reason,
+                    "server closed the connection; resuming"
+                );
                 return Ok(End::Resume);
             }
             _ => continue,

@@ -30,6 +30,8 @@
 //!   sequence checked exactly (docs/RELIABILITY.md).
 //! - `hostile`: what an anonymous client can make either role hold: silent
 //!   and idle sockets, HTTP/2 prefaces, the open-connection cap.
+//! - `logs`: what the real binary writes to stderr through a pipe: no
+//!   colour escapes, structured values printed plainly.
 //! - `isolation`: faults inside the broadcaster stay contained: a path to
 //!   Postgres that freezes without closing.
 //! - `rfc6455`: the WebSocket protocol driven with raw bytes: the opening
@@ -48,6 +50,7 @@ mod faults;
 mod feed;
 mod hostile;
 mod isolation;
+mod logs;
 mod promises;
 mod props;
 mod resilience;
