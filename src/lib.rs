@@ -56,7 +56,7 @@
 //!   - [`db::health`]: the probe each role's `/healthz` answers from.
 //! - [`writer`]: HTTP -> bearer check -> parse -> batch -> `db::write`.
 //!   - `writer/batcher.rs`: groups concurrent trades into one transaction.
-//! - [`broadcaster`]: wires the three below behind `GET /ws`.
+//! - [`broadcaster`]: wires the three below behind `GET /ws` and the HTTP reads.
 //!   - [`broadcaster::listener`]: the dedicated LISTEN connection, reconnect, heartbeat.
 //!   - [`broadcaster::hub`]: per-market state and fan-out; its pure core is [`broadcaster::hub::core`],
 //!     and [`broadcaster::hub::ticker`] (pure) folds a market's trades for one ticker interval.
@@ -65,7 +65,10 @@
 //!     `replay.rs` (subscribe and gap fills), `outbound.rs` (vectored writes),
 //!     `inbound.rs` (the cancel-safe frame reader), `rate_limit.rs`, `live.rs` (a
 //!     subscription's live stream: trades or ticker frames), `ticker.rs` (ticker
-//!     subscriptions), `heads.rs` (heads and the session's timers).
+//!     subscriptions), `heads.rs` (heads and the session's timers), `sse.rs` (the
+//!     session's SSE transport: frames as events).
+//!   - [`broadcaster::reads`]: the HTTP read routes: SSE streams, catch-up and
+//!     long-poll, CORS.
 //! - [`subscribe`]: the reference client, with a typed fatal error.
 //! - [`demo`]: `marketcast demo`: all roles in one process; `demo/flow.rs`
 //!   (synthetic trades), `demo/page/` (the market page).

@@ -23,6 +23,9 @@
 //!   a real broadcaster (the cargo-fuzz targets are in `fuzz/`).
 //! - `promises`: documented promises that had no test of their own: a live
 //!   queue overflow caught up, `?epoch=` end to end, the default limits.
+//! - `reads`: the broadcaster's HTTP reads: SSE streams (an independent
+//!   event-stream parser), catch-up and long-poll, caching, CORS, the order
+//!   of checks, the shared connection limit.
 //! - `resilience`: a broadcaster replaced under the reference client.
 //! - `faults`: the fault suite: many reconnecting clients under a flowing
 //!   load while LISTEN is cut, Postgres restarts or goes away, the broadcaster
@@ -53,6 +56,7 @@ mod isolation;
 mod logs;
 mod promises;
 mod props;
+mod reads;
 mod resilience;
 mod rfc6455;
 mod security;
