@@ -134,7 +134,8 @@ clean:
 	$(CARGO) clean
 
 # The TypeScript client (clients/typescript, marketcast-client): npm ci (the
-# pinned tsc and esbuild, in its node_modules only), typecheck, a rebuild into
+# pinned tsc, esbuild and undici, the WebSocket of Node < 20; in its
+# node_modules only), typecheck, a rebuild into
 # a scratch directory that must equal the committed dist/ (which the demo page
 # embeds, so the Rust build needs no Node), its tests with node --test against
 # real servers (target/debug/marketcast), and the bundle size (min+gzip).
@@ -155,7 +156,7 @@ ts-test:
 	  eval "export $$(bin/pg-dev start | tail -n1)"; \
 	  trap 'rm -rf "$$fresh"; bin/pg-dev stop --wipe >/dev/null 2>&1 || true' EXIT; \
 	fi; \
-	ws=""; node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' || ws=--experimental-websocket; \
+	ws=""; if node --experimental-websocket -e '' 2>/dev/null; then ws=--experimental-websocket; fi; \
 	node $$ws --test $(TS_DIR)/test/*.test.mjs; \
 	(cd $(TS_DIR) && node scripts/size.mjs); \
 	echo "ts-test: passed in $$(( $$(date +%s) - start )) s"

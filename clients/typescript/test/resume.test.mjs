@@ -5,9 +5,9 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { connect } from "../dist/index.js";
-import { freshDatabase, startServer, startBroadcaster, writerApi, psql, until, range, record } from "./support.mjs";
+import { freshDatabase, startServer, startBroadcaster, writerApi, psql, until, range, record, WebSocket } from "./support.mjs";
 
-const FAST = { minBackoffMs: 50, maxBackoffMs: 500 };
+const FAST = { minBackoffMs: 50, maxBackoffMs: 500, WebSocket };
 
 /** Subscribe from the start and collect what the callback is given. */
 function follow(feed, market, opts = {}) {

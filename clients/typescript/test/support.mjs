@@ -12,6 +12,12 @@ import { fileURLToPath } from "node:url";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 export const BIN = process.env.MARKETCAST_BIN || path.join(ROOT, "target/debug/marketcast");
+/**
+ * The WebSocket the tests give the client through its `WebSocket` option:
+ * the runtime's (Node 22, Node 20 with --experimental-websocket), else
+ * undici's (a devDependency, for Node 18).
+ */
+export const WebSocket = globalThis.WebSocket ?? (await import("undici")).WebSocket;
 /** Bound on every single wait. */
 export const STEP_MS = 20_000;
 /** HS256 secret of the token tests (at least 32 bytes). */

@@ -6,9 +6,9 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { connect } from "../dist/index.js";
-import { freshDatabase, startServer, startBroadcaster, writerApi, signToken, SECRET, until, range, record } from "./support.mjs";
+import { freshDatabase, startServer, startBroadcaster, writerApi, signToken, SECRET, until, range, record, WebSocket } from "./support.mjs";
 
-const FAST = { minBackoffMs: 50, maxBackoffMs: 500 };
+const FAST = { minBackoffMs: 50, maxBackoffMs: 500, WebSocket };
 const JWT_ARGS = ["--jwt-hs256-secret", SECRET, "--jwt-leeway", "0s"];
 const nowS = () => Math.floor(Date.now() / 1000);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
