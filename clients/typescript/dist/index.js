@@ -56,6 +56,8 @@ class FeedImpl {
         this.nextId = 1;
         /** Ops awaiting an answer on the current connection, by id. */
         this.ops = new Map();
+        // A malformed URL throws here, at the caller, not later in a timer.
+        new URL(url);
         this.url = url;
         this.tokenSource = options.token;
         const Ctor = options.WebSocket ?? globalThis.WebSocket;
@@ -159,9 +161,12 @@ class FeedImpl {
             ws = new this.Ctor(url);
         }
         catch (e) {
-            // A malformed URL: no retry fixes it.
+            // The constructor refused the URL (a scheme other than ws: or wss:): no retry fixes it.
             this.close();
-            throw e;
+            setTimeout(() => {
+                throw e;
+            }, 0);
+            return;
         }
         this.ws = ws;
         this.ops = new Map();

@@ -291,6 +291,8 @@ class FeedImpl implements Feed {
   private ops = new Map<string, Op>();
 
   constructor(url: string, options: ConnectOptions) {
+    // A malformed URL throws here, at the caller, not later in a timer.
+    new URL(url);
     this.url = url;
     this.tokenSource = options.token;
     const Ctor = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
@@ -392,9 +394,12 @@ class FeedImpl implements Feed {
     try {
       ws = new this.Ctor(url);
     } catch (e) {
-      // A malformed URL: no retry fixes it.
+      // The constructor refused the URL (a scheme other than ws: or wss:): no retry fixes it.
       this.close();
-      throw e;
+      setTimeout(() => {
+        throw e;
+      }, 0);
+      return;
     }
     this.ws = ws;
     this.ops = new Map();
