@@ -5,7 +5,7 @@ CARGO ?= cargo
 export PGDEV_DIR ?= /tmp/marketcast-pg-dev
 
 
-.PHONY: all build run test lint browser-test metrics-check unit fuzz bench bench-sql bench-quick soak fmt clippy pg-start pg-stop clean
+.PHONY: all build run test lint browser-test metrics-check ts-test unit fuzz bench bench-sql bench-quick soak fmt clippy pg-start pg-stop clean
 
 all: build
 
@@ -29,10 +29,12 @@ test:
 	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; \
 	$(CARGO) test --all-targets -- --test-threads=$${TEST_THREADS:-8}; \
 	$(MAKE) --no-print-directory browser-test; \
-	$(MAKE) --no-print-directory metrics-check
+	$(MAKE) --no-print-directory metrics-check; \
+	$(MAKE) --no-print-directory ts-test
 
 # The market page in headless Chromium (/usr/bin/chromium, Debian's package)
-# driven by playwright-core; see tests/browser/page.test.mjs. Uses DATABASE_URL
+# driven by playwright-core; see tests/browser/page.test.mjs; and a real
+# EventSource across a SIGKILLed broadcaster (tests/browser/sse.test.mjs). Uses DATABASE_URL
 # (a fresh database is created in its cluster) or a throwaway cluster.
 browser-test:
 	@set -euo pipefail; \
@@ -50,7 +52,8 @@ browser-test:
 	  eval "export $$(bin/pg-dev start | tail -n1)"; \
 	  trap 'bin/pg-dev stop --wipe >/dev/null 2>&1 || true' EXIT; \
 	fi; \
-	node tests/browser/page.test.mjs
+	node tests/browser/page.test.mjs; \
+	node tests/browser/sse.test.mjs
 
 # cargo-fuzz targets of every parser of untrusted input (fuzz/, its own
 # workspace; docs/TESTING.md). Stable Rust is enough: `--sanitizer none` needs
@@ -149,3 +152,31 @@ metrics-check:
 	fi; \
 	$(CARGO) build; \
 	bin/check-metrics target/debug/marketcast
+
+# The TypeScript client (clients/typescript, marketcast-client): npm ci (the
+# pinned tsc, esbuild and undici, the WebSocket of Node < 20; in its
+# node_modules only), typecheck, a rebuild into
+# a scratch directory that must equal the committed dist/ (which the demo page
+# embeds, so the Rust build needs no Node), its tests with node --test against
+# real servers (target/debug/marketcast), and the bundle size (min+gzip).
+# Uses DATABASE_URL (a fresh database per test) or a throwaway cluster.
+TS_DIR := clients/typescript
+ts-test:
+	@set -euo pipefail; start=$$(date +%s); \
+	$(CARGO) build; \
+	npm ci --prefix $(TS_DIR) --no-audit --no-fund --loglevel=error; \
+	(cd $(TS_DIR) && ./node_modules/.bin/tsc -p tsconfig.json --noEmit); \
+	fresh=$$(mktemp -d); trap 'rm -rf "$$fresh"' EXIT; \
+	(cd $(TS_DIR) && ./node_modules/.bin/tsc -p tsconfig.json --outDir "$$fresh"); \
+	if ! diff -r "$$fresh" $(TS_DIR)/dist; then \
+	  echo "ts-test: $(TS_DIR)/dist is stale: run 'npm run build --prefix $(TS_DIR)' and commit dist/" >&2; exit 1; \
+	fi; \
+	if [ -z "$${DATABASE_URL:-}" ]; then \
+	  export PGDEV_DIR=/tmp/marketcast-ts-$$$$; \
+	  eval "export $$(bin/pg-dev start | tail -n1)"; \
+	  trap 'rm -rf "$$fresh"; bin/pg-dev stop --wipe >/dev/null 2>&1 || true' EXIT; \
+	fi; \
+	ws=""; if node --experimental-websocket -e '' 2>/dev/null; then ws=--experimental-websocket; fi; \
+	node $$ws --test $(TS_DIR)/test/*.test.mjs; \
+	(cd $(TS_DIR) && node scripts/size.mjs); \
+	echo "ts-test: passed in $$(( $$(date +%s) - start )) s"

@@ -9,7 +9,8 @@
 //! - the writer ([`crate::writer::run`]) on an internal `127.0.0.1:0` port;
 //! - the broadcaster ([`crate::broadcaster::run`]) on `--ws-listen`;
 //! - a front server on `--listen` serving the market page at `/`, its
-//!   `/config.json` (where the WebSocket is), and forwarding every other
+//!   `/config.json` (where the WebSocket is), the page's WebSocket client
+//!   (clients/typescript) under `/client/`, and forwarding every other
 //!   request to the writer. Forwarding keeps the page and the write API on one
 //!   origin, so the writer needs no CORS. The page opens its WebSocket to the
 //!   broadcaster directly (WebSockets are not subject to CORS);
@@ -45,6 +46,21 @@ mod flow;
 
 /// The market page: plain HTML, CSS and JS, no build step.
 const PAGE: &str = include_str!("demo/page/index.html");
+
+/// The page's WebSocket client, marketcast-client (clients/typescript), as
+/// committed in its `dist/` (`make ts-test` fails when that is stale), so the
+/// Rust build needs no Node. Served under `/client/` with the relative import
+/// between its two modules intact: `(path, source)`.
+const CLIENT: &[(&str, &str)] = &[
+    (
+        "/client/index.js",
+        include_str!("../clients/typescript/dist/index.js"),
+    ),
+    (
+        "/client/core.js",
+        include_str!("../clients/typescript/dist/core.js"),
+    ),
+];
 
 /// Markets created on start when missing: `(id, title)`.
 const MARKETS: &[(&str, &str)] = &[
@@ -245,6 +261,16 @@ impl Front {
                 StatusCode::OK,
                 &json!({"ws_url": self.ws_url(&req), "api_base": ""}),
             ),
+            path if page && path.starts_with("/client/") => {
+                match CLIENT.iter().find(|(p, _)| *p == path) {
+                    Some((_, src)) => http::bytes_response(
+                        StatusCode::OK,
+                        "text/javascript; charset=utf-8",
+                        Bytes::from_static(src.as_bytes()),
+                    ),
+                    None => http::error(StatusCode::NOT_FOUND, "not_found", "no such file"),
+                }
+            }
             _ => self.forward(req).await,
         }
     }

@@ -6,12 +6,13 @@
 //
 // One test, several steps, each waiting with a timeout (never a sleep that
 // hopes): it creates a fresh database, starts `marketcast demo` on port 0,
-// loads the page in headless Chromium and checks that
+// loads the page in headless Chromium (its WebSocket client is
+// marketcast-client, served by the demo at /client/) and checks that
 //   1. a trade committed by plain SQL reaches the tape and the price;
 //   2. Buy YES is answered 201 by the writer and that very trade (same seq)
 //      comes back through the broadcaster; the market's ticker row shows the
 //      frame that folds it, exactly; an invalid order shows the error;
-//   3. after the WebSocket drops, the page resumes with from_seq and a trade
+//   3. after the WebSocket drops, the client resumes with from_seq and a trade
 //      committed meanwhile arrives, with no gap reported;
 //   4. a reload replays the history into the tape and the chart;
 //   5. the page fits a phone's width, and its gap check fires on a forged gap;
@@ -217,7 +218,7 @@ async function run(ctx) {
   // 3. Drop the WebSocket; a trade committed while it is down must arrive after
   //    the page resubscribes with from_seq.
   const closed = page.waitForSelector('#conn-state[data-state="reconnecting"]');
-  await page.evaluate(() => S.ws.close());
+  await page.evaluate(() => window.marketcastPage.S.feed.reconnect());
   await closed;
   const seq3 = await insertTrade(url, market, "yes", "0.7000", 3);
   await page.waitForSelector(row(market, seq3));
@@ -249,10 +250,13 @@ async function run(ctx) {
   check((await page.$$('[data-testid="gap-error"]')).length === 0, "the page reported a gap");
   check(pageErrors.length === 0, `page errors: ${pageErrors.join("; ")}`);
 
-  // The gap check above is real: a trade that skips a seq is reported.
+  // The gap check above is real: a trade that skips a seq is reported. (The
+  // client never hands one over, clients/typescript/test/feed.test.mjs: this
+  // is the page's own check of what it is given.)
   await page.evaluate(([m]) => {
+    const { S, onTrade } = window.marketcastPage;
     const last = S.markets.get(m).lastSeq;
-    onMessage({ type: "trade", market: m, seq: last + 2, trade_id: 0, side: "yes", price: "0.5000", qty: 1, ts: "" });
+    onTrade({ type: "trade", market: m, seq: last + 2, trade_id: 0, side: "yes", price: "0.5000", qty: 1, ts: "" });
   }, [market]);
   const gap = await page.textContent('[data-testid="gap-error"]');
   check(gap.includes(`expected seq ${seq3 + 1}, got ${seq3 + 2}`), `gap report: ${JSON.stringify(gap)}`);
