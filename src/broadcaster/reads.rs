@@ -63,17 +63,6 @@ pub(super) fn route(path: &str) -> Option<(Route, &str)> {
     (!id.is_empty() && !id.contains('/')).then_some((route, id))
 }
 
-/// One answer of the read path before its CORS and caching headers.
-struct Answer {
-    resp: Response<Body>,
-}
-
-impl From<Refused> for Answer {
-    fn from(r: Refused) -> Self {
-        Answer { resp: r.response() }
-    }
-}
-
 fn refused(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refused {
     Refused {
         status,
@@ -127,7 +116,7 @@ impl State {
         let id = id.to_string();
         let resp = match self.read_route(&req, route, &id).await {
             Ok(r) => r,
-            Err(a) => a.resp,
+            Err(refused) => refused.response(),
         };
         metrics::counter!("marketcast_http_reads_total", "route" => route.label(), "status" => resp.status().as_str().to_string()).increment(1);
         self.cors(&req, resp)
@@ -138,7 +127,7 @@ impl State {
         req: &Request<B>,
         route: Route,
         id: &str,
-    ) -> Result<Response<Body>, Answer> {
+    ) -> Result<Response<Body>, Refused> {
         match *req.method() {
             Method::GET => {}
             Method::OPTIONS => return Ok(self.preflight(req)),
@@ -159,11 +148,9 @@ impl State {
         let grant = self.admit(req)?;
         let query = Query::parse(req.uri().query().unwrap_or(""))?;
         if !is_market_id(id) {
-            Err(refused(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid",
+            return Err(invalid(
                 "not a market id: 1 to 64 of A-Z a-z 0-9 _ . : -, starting with a letter or digit",
-            ))?;
+            ));
         }
         match route {
             Route::Stream => {
@@ -257,7 +244,7 @@ impl State {
     /// the [`ConnSlot`] (a stream hands it to its session, whose end frees it).
     fn slot(&self) -> Result<ConnSlot, Refused> {
         let open = self.ctx.connections.fetch_add(1, Ordering::AcqRel) + 1;
-        let slot = ConnSlot(self.ctx.clone());
+        let slot = ConnSlot(Some(self.ctx.clone()));
         if open as usize > self.ctx.cfg.max_connections {
             return Err(refused(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -280,7 +267,7 @@ impl State {
             Err(e) => return from_reply(e),
         };
         // From here the session's end frees the slot.
-        std::mem::forget(slot);
+        slot.hand_over();
         let (out, body) = sse::channel();
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         self.sessions.spawn(session::run_sse(
@@ -467,12 +454,21 @@ fn forbid(grant: &Option<Box<Grant>>, id: &str) -> Result<(), Refused> {
     }
 }
 
-/// A slot of `--max-connections`, given back when dropped.
-struct ConnSlot(Arc<SessionCtx>);
+/// A slot of `--max-connections`, given back when dropped unless handed
+/// over to a session (whose end gives it back).
+struct ConnSlot(Option<Arc<SessionCtx>>);
+
+impl ConnSlot {
+    fn hand_over(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ctx) = &self.0 {
+            ctx.connections.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 

@@ -398,37 +398,14 @@ pub async fn http_response(
     headers: &[(&str, &str)],
     body: Option<Bytes>,
 ) -> anyhow::Result<(u16, hyper::HeaderMap, Bytes)> {
-    let u = url::Url::parse(url)?;
-    let addr = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap());
-    let tcp = TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await; // one request per connection
-    });
-    let path = match u.query() {
-        Some(q) => format!("{}?{q}", u.path()),
-        None => u.path().to_string(),
-    };
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", u.host_str().unwrap());
     let has_ct = headers
         .iter()
         .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+    let mut all = headers.to_vec();
     if body.is_some() && !has_ct {
-        req = req.header("content-type", "application/json");
+        all.push(("content-type", "application/json"));
     }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Full::new(body.unwrap_or_default()))?;
-    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await??;
-    let status = resp.status().as_u16();
-    let response_headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    Ok((status, response_headers, bytes))
+    http_full(method, url, &all, body).await
 }
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
