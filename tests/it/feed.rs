@@ -77,7 +77,9 @@ async fn recv_until(ws: &mut Ws, deadline: Instant) -> Option<Value> {
         match tokio::time::timeout_at(deadline, ws.next()).await {
             Err(_) => return None,
             Ok(Some(Ok(Message::Text(t)))) => {
-                return Some(serde_json::from_str(&t).expect("server sends JSON"))
+                let v: Value = serde_json::from_str(&t).expect("server sends JSON");
+                crate::contract::check_ws(&v);
+                return Some(v);
             }
             Ok(Some(Ok(Message::Close(c)))) => panic!("unexpected close: {c:?}"),
             Ok(Some(Ok(_))) => continue,

@@ -6,6 +6,10 @@
 //! clients are tokio-tungstenite, independent of the server's fastwebsockets.
 //!
 //! Index:
+//! - `contract`: the machine-readable contract (docs/asyncapi.yaml,
+//!   docs/openapi.yaml): both files parse, every `$ref` resolves, the
+//!   spec's examples validate; and the checks `support` runs on every
+//!   WebSocket message and HTTP answer the suite receives.
 //! - `sql`: the SQL surface: seq assignment, rollback, multi-market
 //!   transactions, NOTIFY at commit with the doorbell payload, append-only,
 //!   roles, migrate idempotency and concurrency, prune.
@@ -49,6 +53,7 @@
 //! of DATABASE_URL only creates, migrates and seeds the databases.
 
 mod broadcaster;
+mod contract;
 mod faults;
 mod feed;
 mod hostile;

@@ -443,7 +443,10 @@ pub async fn next_event(ws: &mut Ws) -> Event {
             .expect("a message in time");
         match m {
             Some(Ok(Message::Text(t))) => {
-                return Event::Json(serde_json::from_str(&t).expect("server sends JSON"))
+                let v: Value = serde_json::from_str(&t).expect("server sends JSON");
+                // Every server message must be one docs/asyncapi.yaml allows.
+                crate::contract::check_ws(&v);
+                return Event::Json(v);
             }
             Some(Ok(Message::Close(c))) => {
                 return Event::Closed(c.map(|c: CloseFrame| u16::from(c.code)))
@@ -618,11 +621,13 @@ pub async fn http_full(
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     if status == 101 {
+        crate::contract::check_http(method, url, status, &headers, &[]);
         return Ok((status, headers, Bytes::new()));
     }
     let bytes = tokio::time::timeout(WAIT, resp.into_body().collect())
         .await??
         .to_bytes();
+    crate::contract::check_http(method, url, status, &headers, &bytes);
     Ok((status, headers, bytes))
 }
 
