@@ -33,6 +33,7 @@ use crate::config::{TokenConfig, WriterConfig};
 use crate::db::write::{WriteError, Written};
 use crate::db::{self, DbError};
 use crate::http::{self, Body};
+use crate::protocol::market::Market;
 use crate::protocol::token::{bearer, Grant};
 use crate::protocol::trade::Trade;
 use crate::protocol::write_api::{
@@ -43,6 +44,17 @@ use crate::protocol::write_api::{
 mod batcher;
 
 use batcher::{Batcher, Job};
+
+/// A market as the writer answers it (contract 1.1 section 4.2): its state
+/// and `broadcasters`, the URLs of the live registry entries serving its
+/// shard. The registry (section 5.1) is not built yet, so no broadcaster is
+/// registered and the list is empty, as the contract says it is when there
+/// are none.
+fn market_object(m: &Market) -> Value {
+    let mut v = serde_json::to_value(m).expect("a market serialises");
+    v["broadcasters"] = Value::Array(Vec::new());
+    v
+}
 
 /// Trade requests waiting for the batcher; when full, new ones get 503.
 const QUEUE_CAPACITY: usize = 10_000;
@@ -486,9 +498,10 @@ impl Writer {
         parse_json_object(&body)
     }
 
-    /// One page of markets in id order; `next_after` names the last one
-    /// when the page is full (ask again with `?after=` it for the rest), and
-    /// is absent otherwise, so a v1 client sees the body it always saw.
+    /// One page of markets in id order; `next` (contract 1.1 section 4.3)
+    /// names the last one when the page is full (ask again with `?after=` it
+    /// for the rest) and is null otherwise; `next_after`, what this writer
+    /// sent before 1.1, still names it on a full page.
     ///
     /// A token lists only the markets its `markets` claim matches: the
     /// database filters before it pages, so a page holds up to `limit`
@@ -505,7 +518,8 @@ impl Writer {
         .await?;
         let full = markets.len() as i64 == limit;
         let next_after = markets.last().filter(|_| full).map(|m| m.market.clone());
-        let mut body = json!({ "markets": markets });
+        let markets: Vec<Value> = markets.iter().map(market_object).collect();
+        let mut body = json!({ "markets": markets, "next": next_after });
         if let Some(after) = next_after {
             body["next_after"] = after.into();
         }
@@ -518,7 +532,7 @@ impl Writer {
             db::log::market(c, id).await
         });
         match found.await? {
-            Some(m) => Ok(http::json(StatusCode::OK, &m)),
+            Some(m) => Ok(http::json(StatusCode::OK, &market_object(&m))),
             None => Err(ApiError::unknown_market(id)),
         }
     }
@@ -535,7 +549,7 @@ impl Writer {
             db::write::create_market(c, &id, &title).await
         });
         match created.await {
-            Ok(m) => Ok(http::json(StatusCode::CREATED, &m)),
+            Ok(m) => Ok(http::json(StatusCode::CREATED, &market_object(&m))),
             Err(e) if e.code() == Some("23505") => Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "market_exists",

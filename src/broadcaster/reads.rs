@@ -19,7 +19,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::Value;
 
 use tokio_stream::StreamExt;
 
@@ -90,9 +89,6 @@ fn from_reply(e: ErrorReply) -> Response<Body> {
         if k != "market" {
             err.insert(k, v);
         }
-    }
-    if e.code == "wrong_shard" && !err.contains_key("broadcasters") {
-        err.insert("broadcasters".into(), Value::Array(Vec::new()));
     }
     let mut r = http::json(status, &serde_json::json!({ "error": err }));
     if status == StatusCode::SERVICE_UNAVAILABLE {

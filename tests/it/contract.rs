@@ -52,25 +52,7 @@ struct Deviation {
 /// Known disagreements between the servers and PROTOCOL-1.1.md. Each is a
 /// bug in `src/` (or a part of 1.1 not built yet); remove the entry with
 /// the fix, and the schema then holds the server to the contract.
-const KNOWN_DEVIATIONS: &[Deviation] = &[
-    Deviation {
-        schema_path: "/components/schemas/Error/allOf/1/then/required",
-        error_contains: "\"broadcasters\" is a required property",
-        spec: "§5.2, §7.1: a wrong_shard error carries `broadcasters` (possibly []); \
-               the broadcaster sends only `shard` and `url` (the registry is not built)",
-    },
-    Deviation {
-        schema_path: "/components/schemas/Market/required",
-        error_contains: "\"broadcasters\" is a required property",
-        spec: "§4.2: market objects carry `broadcasters` (possibly []); the writer's lack it",
-    },
-    Deviation {
-        schema_path: "/components/schemas/MarketPage/required",
-        error_contains: "\"next\" is a required property",
-        spec: "§4.3: GET /v1/markets has `next` (the last id of a full page, else null); \
-               the writer sends `next_after`, and only on a full page",
-    },
-];
+const KNOWN_DEVIATIONS: &[Deviation] = &[];
 
 /// Parse a YAML file into JSON (keys become strings).
 pub fn load_yaml(path: &str) -> Value {

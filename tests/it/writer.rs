@@ -145,6 +145,8 @@ async fn markets_create_get_and_list() {
     let created = json!({
         "market": "ELECTION-2028", "title": "Who wins", "status": "open", "shard": shard,
         "epoch": epoch, "head_seq": 0, "last_price": null, "volume": 0,
+        // Contract 1.1 section 4.2: no registered broadcaster yet.
+        "broadcasters": [],
     });
     assert_eq!(got.1, created);
 
@@ -219,7 +221,11 @@ async fn markets_create_get_and_list() {
     assert_eq!(st, 200);
     let mut long_market = got.1.clone();
     long_market["head_seq"] = json!(0);
-    assert_eq!(list, json!({"markets": [state, long_market]}));
+    assert_eq!(
+        list,
+        json!({"markets": [state, long_market], "next": null}),
+        "not a full page: next is null (1.1 section 4.3)"
+    );
     // A trailing slash names the same resource.
     assert_eq!(get(&s, "/v1/markets/").await.1, list);
     s.stop().await;
@@ -1551,13 +1557,22 @@ mod tokens {
         let (st, body) = read("/v1/markets".into()).await;
         assert_eq!(st, 200, "{body}");
         assert_eq!(ids(&body), ["A-1", "A-2", "C-1"]);
-        assert_eq!(body.get("next_after"), None);
+        assert_eq!(
+            (body.get("next_after"), &body["next"]),
+            (None, &Value::Null)
+        );
         let (st, body) = read("/v1/markets?limit=2".into()).await;
         assert_eq!((st, ids(&body)), (200, vec!["A-1".into(), "A-2".into()]));
-        assert_eq!(body["next_after"], "A-2");
+        assert_eq!(
+            (&body["next_after"], &body["next"]),
+            (&json!("A-2"), &json!("A-2"))
+        );
         let (st, body) = read("/v1/markets?limit=2&after=A-2".into()).await;
         assert_eq!((st, ids(&body)), (200, vec!["C-1".to_string()]));
-        assert_eq!(body.get("next_after"), None);
+        assert_eq!(
+            (body.get("next_after"), &body["next"]),
+            (None, &Value::Null)
+        );
         // Without a token (not required): every market, as in v1.
         let (st, body) = get(&s, "/v1/markets").await;
         assert_eq!(st, 200);

@@ -160,7 +160,10 @@ pub(crate) async fn open(
                 m.shard
             ),
         )
-        .with("shard", m.shard.into());
+        .with("shard", m.shard.into())
+        // The live registry entries serving the shard (contract 1.1
+        // section 5.2): the registry is not built yet, so there are none.
+        .with("broadcasters", Value::Array(Vec::new()));
         if let Some(t) = &ctx.shard_url_template {
             e = e.with("url", t.replace("{shard}", &m.shard.to_string()).into());
         }
