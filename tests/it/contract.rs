@@ -211,6 +211,38 @@ pub fn check_ws(v: &Value) {
     enforce(validator, name, v, &format!("WebSocket message {v}"));
 }
 
+/// Panic unless `data` is allowed as the payload of the SSE event named
+/// `event`: the message of `docs/asyncapi.yaml`'s `sse` channel with that
+/// `name`.
+pub fn check_sse(event: &str, data: &Value) {
+    static BY_EVENT: LazyLock<BTreeMap<String, (String, Validator)>> = LazyLock::new(|| {
+        let doc = &ASYNCAPI.doc;
+        let messages = doc["channels"]["sse"]["messages"]
+            .as_object()
+            .expect("asyncapi channels/sse/messages");
+        messages
+            .values()
+            .map(|m| {
+                let m = resolve(doc, m["$ref"].as_str().expect("a message $ref"))
+                    .expect("the message resolves");
+                let name = m["name"].as_str().expect("an SSE message has a name");
+                let schema = m["payload"]["$ref"].as_str().expect("a payload $ref");
+                let v = compile(doc, &json!({"$ref": schema}), Draft::Draft7);
+                (name.to_string(), (schema.to_string(), v))
+            })
+            .collect()
+    });
+    let Some((schema, validator)) = BY_EVENT.get(event) else {
+        panic!("contract violation: SSE event {event:?} is not in docs/asyncapi.yaml: {data}");
+    };
+    enforce(
+        validator,
+        schema,
+        data,
+        &format!("SSE event {event}: {data}"),
+    );
+}
+
 /// Validate and panic on any error that is not a known deviation.
 fn enforce(validator: &Validator, schema: &str, v: &Value, what: &str) {
     let errors: Vec<String> = validator

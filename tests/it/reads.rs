@@ -110,6 +110,8 @@ impl Sse {
                     continue;
                 }
                 let data = serde_json::from_str(&data).unwrap_or_else(|e| panic!("{e}: {data}"));
+                // Every event must be one docs/asyncapi.yaml allows.
+                crate::contract::check_sse(&event, &data);
                 return Some(Event { id, event, data });
             }
             let body = self.body.as_mut()?;
