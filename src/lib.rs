@@ -67,7 +67,7 @@
 //!     subscription's live stream: trades or ticker frames), `ticker.rs` (ticker
 //!     subscriptions), `heads.rs` (heads and the session's timers), `sse.rs` (the
 //!     session's SSE transport: frames as events).
-//!   - [`broadcaster::reads`]: the HTTP read routes: SSE streams, catch-up and
+//!   - `broadcaster/reads.rs`: the HTTP read routes: SSE streams, catch-up and
 //!     long-poll, CORS.
 //! - [`subscribe`]: the reference client, with a typed fatal error.
 //! - [`demo`]: `marketcast demo`: all roles in one process; `demo/flow.rs`
