@@ -166,6 +166,7 @@ ts-test:
 	$(CARGO) build; \
 	npm ci --prefix $(TS_DIR) --no-audit --no-fund --loglevel=error; \
 	(cd $(TS_DIR) && ./node_modules/.bin/tsc -p tsconfig.json --noEmit); \
+	(cd $(TS_DIR) && node scripts/check-types.mjs); \
 	fresh=$$(mktemp -d); trap 'rm -rf "$$fresh"' EXIT; \
 	(cd $(TS_DIR) && ./node_modules/.bin/tsc -p tsconfig.json --outDir "$$fresh"); \
 	if ! diff -r "$$fresh" $(TS_DIR)/dist; then \

@@ -38,6 +38,8 @@ export interface Head {
 /** The server's `subscribed` answer, once per (re)subscribe. */
 export interface Subscribed {
     type: "subscribed";
+    /** The subscribe op's `id`, when it had one. */
+    id?: OpId;
     market: string;
     epoch: string;
     head_seq: number;
@@ -51,6 +53,82 @@ export interface Subscribed {
     head_interval_ms?: number;
     protocol?: string;
 }
+/** An op's `id`, echoed in its direct answer. This client sends strings (`c1`, `c2`, ...). */
+export type OpId = number | string;
+/** The answer to an `unsubscribe`. */
+export interface Unsubscribed {
+    type: "unsubscribed";
+    id?: OpId;
+    market: string;
+}
+/** The answer to a `ping`. */
+export interface Pong {
+    type: "pong";
+    id?: OpId;
+}
+/** The answer to an `auth`: the new token's `exp` (whole seconds) and `sub`. */
+export interface Authed {
+    type: "authed";
+    id?: OpId;
+    exp: number;
+    sub?: string;
+}
+/** The `code` of an `error` message. */
+export type ServerErrorCode = "bad_request" | "unknown_op" | "already_subscribed" | "too_many_subscriptions" | "forbidden" | "invalid_token" | "unavailable" | "unknown_market" | "wrong_shard" | "epoch_mismatch" | "history_unavailable" | "not_subscribed" | "rate_limited";
+/** An `error` message, exactly as the server sends it (the client turns the ones it cannot fix into a `FeedError`). */
+export interface ServerError {
+    type: "error";
+    id?: OpId;
+    code: ServerErrorCode;
+    message: string;
+    market?: string;
+    /** `wrong_shard`. */
+    shard?: number;
+    /** `wrong_shard`, when the server knows it. */
+    url?: string;
+    /** `wrong_shard`: the live broadcasters serving the shard. */
+    broadcasters?: string[];
+    /** `epoch_mismatch`: the market's current epoch. */
+    epoch?: string;
+    /** `history_unavailable`: the lowest seq retained. */
+    earliest_seq?: number;
+}
+/** Any WebSocket message of the server. */
+export type ServerMessage = Subscribed | Trade | Ticker | Head | Unsubscribed | Pong | Authed | ServerError;
+/** The per-market fields of a subscribe, as this client sends them (it never sends `null`s). */
+export interface SubscribeEntry {
+    market: string;
+    from_seq?: number;
+    recent?: number;
+    epoch?: string;
+    mode?: "trades" | "ticker";
+    interval_ms?: number;
+    heads?: boolean;
+}
+/** A subscribe of one market (the v1 form). */
+export interface SubscribeOp extends SubscribeEntry {
+    op: "subscribe";
+    id?: string;
+}
+/** A subscribe of several markets in one op (contract 1.1). */
+export interface SubscribeMarketsOp {
+    op: "subscribe";
+    id?: string;
+    markets: [SubscribeEntry, ...SubscribeEntry[]];
+}
+export interface UnsubscribeOp {
+    op: "unsubscribe";
+    market: string;
+    id?: string;
+}
+/** A fresh token for the open connection. */
+export interface AuthOp {
+    op: "auth";
+    token: string;
+    id?: string;
+}
+/** Every message this client sends. */
+export type ClientOp = SubscribeOp | SubscribeMarketsOp | UnsubscribeOp | AuthOp;
 export type FeedState = 
 /** The first connection is being opened. */
 "connecting"
