@@ -638,11 +638,11 @@ impl Query {
 /// identical concurrent requests share it (a page that many clients ask
 /// for at once costs one read).
 #[derive(Default)]
-pub(super) struct PageReads {
-    inflight: Mutex<HashMap<(String, i64, i64), SharedRead>>,
-}
+pub(super) struct PageReads(SingleFlight<PageKey, PageRead>);
 
-type SharedRead = Shared<BoxFuture<'static, Result<Arc<[EncodedTrade]>, String>>>;
+/// (market, after_seq, limit).
+type PageKey = (String, i64, i64);
+type PageRead = Result<Arc<[EncodedTrade]>, String>;
 
 impl PageReads {
     async fn read(
@@ -652,37 +652,146 @@ impl PageReads {
         after: i64,
         limit: i64,
     ) -> Result<Arc<[EncodedTrade]>, String> {
-        let key = (id.to_string(), after, limit);
-        let fut = {
-            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(key.clone())
-                .or_insert_with(|| {
-                    let ctx = ctx.clone();
-                    let id = id.to_string();
-                    async move {
-                        metrics::counter!("marketcast_log_reads_total").increment(1);
-                        db::with_connection(&ctx.pool, ctx.db_timeout, async |c| {
-                            db::log::trade_frames_after(c, &id, after, None, limit).await
-                        })
-                        .await
-                        .map(|rows| {
-                            metrics::counter!("marketcast_replayed_trades_total", "source" => "postgres")
-                                .increment(rows.len() as u64);
-                            Arc::from(rows)
-                        })
-                        .map_err(|e| e.to_string())
-                    }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
-        };
-        let r = fut.await;
-        // The first to finish removes it; later requests read afresh.
-        self.inflight
+        let (ctx, market) = (ctx.clone(), id.to_string());
+        self.0
+            .run((market.clone(), after, limit), move || {
+                async move {
+                    metrics::counter!("marketcast_log_reads_total").increment(1);
+                    db::with_connection(&ctx.pool, ctx.db_timeout, async |c| {
+                        db::log::trade_frames_after(c, &market, after, None, limit).await
+                    })
+                    .await
+                    .map(|rows| {
+                        metrics::counter!("marketcast_replayed_trades_total", "source" => "postgres")
+                            .increment(rows.len() as u64);
+                        Arc::from(rows)
+                    })
+                    .map_err(|e| e.to_string())
+                }
+                .boxed()
+            })
+            .await
+    }
+}
+
+/// One run of a load per key at a time: callers that ask for a key while
+/// its load runs wait for that load and share its result. The entry goes
+/// when any caller of it finishes or gives up (so keys never pile up,
+/// whatever clients do); a caller after that loads afresh.
+pub(super) struct SingleFlight<K, V: Clone> {
+    inflight: Flights<K, V>,
+}
+
+type Flights<K, V> = Mutex<HashMap<K, Shared<BoxFuture<'static, V>>>>;
+
+impl<K, V: Clone> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        SingleFlight {
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
+    pub(super) async fn run(&self, key: K, load: impl FnOnce() -> BoxFuture<'static, V>) -> V {
+        let fut = self
+            .inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
-        r
+            .entry(key.clone())
+            .or_insert_with(|| load().shared())
+            .clone();
+        let _leave = Leave {
+            flights: &self.inflight,
+            key,
+        };
+        fut.await
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.inflight.lock().unwrap().len()
+    }
+}
+
+/// Removes a key from the flights when its caller finishes or is dropped.
+struct Leave<'a, K: std::hash::Hash + Eq, V: Clone> {
+    flights: &'a Flights<K, V>,
+    key: K,
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> Drop for Leave<'_, K, V> {
+    fn drop(&mut self) {
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test]
+    async fn identical_concurrent_loads_run_once_and_leave_nothing_behind() {
+        let flights: Arc<SingleFlight<&'static str, usize>> = Arc::default();
+        let loads = Arc::new(AtomicUsize::new(0));
+        let load = |loads: Arc<AtomicUsize>| {
+            move || {
+                async move {
+                    let n = loads.fetch_add(1, Ordering::SeqCst) + 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    n
+                }
+                .boxed()
+            }
+        };
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let (f, l) = (flights.clone(), loads.clone());
+                tokio::spawn(async move { f.run("page", load(l)).await })
+            })
+            .collect();
+        for c in callers {
+            assert_eq!(
+                c.await.unwrap(),
+                1,
+                "every caller got the one load's result"
+            );
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1, "one load for 20 callers");
+        assert_eq!(flights.len(), 0);
+        assert_eq!(
+            flights.run("page", load(loads.clone())).await,
+            2,
+            "later: a fresh load"
+        );
+        // A caller that gives up leaves no entry behind.
+        let gone = tokio::time::timeout(
+            Duration::from_millis(5),
+            flights.run("other", load(loads.clone())),
+        )
+        .await;
+        assert!(gone.is_err());
+        assert_eq!(flights.len(), 0, "keys never pile up");
+    }
+
+    #[test]
+    fn routes_and_etags() {
+        assert_eq!(
+            route("/v1/markets/M-1/stream"),
+            Some((Route::Stream, "M-1"))
+        );
+        assert_eq!(route("/v1/markets/M/trades"), Some((Route::Trades, "M")));
+        assert_eq!(route("/v1/markets//trades"), None);
+        assert_eq!(route("/v1/markets/a/b/trades"), None);
+        assert_eq!(route("/v1/markets/M/other"), None);
+        let t = etag("M", "e1", 10, 100);
+        assert_eq!(t, etag("M", "e1", 10, 100), "the same on every broadcaster");
+        assert_ne!(t, etag("M", "e2", 10, 100));
+        assert_ne!(etag("M", "", 1, 1), etag("", "M", 1, 1));
+        assert!(t.starts_with('"') && t.ends_with("-10-100\""));
     }
 }
