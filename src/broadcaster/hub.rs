@@ -213,6 +213,9 @@ struct TickerSlot {
     interval_ms: u32,
     group: ticker::Group,
     tx: broadcast::Sender<TickerFrame>,
+    /// The deadline already in the hub's heap for this group, so that
+    /// every read published while a frame waits does not add another.
+    armed: Option<tokio::time::Instant>,
 }
 
 enum Internal {
@@ -387,6 +390,7 @@ impl Hub {
                             interval_ms,
                             group: ticker::Group::new(interval, m.core.head()),
                             tx,
+                            armed: None,
                         });
                         m.tickers.len() - 1
                     }
@@ -621,6 +625,7 @@ impl Hub {
         for slot in &mut m.tickers {
             match slot.group.poll(now) {
                 ticker::Next::Emit(fold) => {
+                    slot.armed = None;
                     let frame = TickerFrame {
                         frame: fold.encode(market),
                         fold,
@@ -629,7 +634,9 @@ impl Hub {
                     // Err means no receiver right now: nobody to tell.
                     let _ = slot.tx.send(frame);
                 }
+                ticker::Next::At(at) if slot.armed == Some(at) => {}
                 ticker::Next::At(at) => {
+                    slot.armed = Some(at);
                     self.deadlines
                         .push(Reverse((at, market.to_string(), slot.interval_ms)));
                 }
@@ -645,9 +652,17 @@ impl Hub {
             if *at > now {
                 break;
             }
-            let Some(Reverse((_, market, _))) = self.deadlines.pop() else {
+            let Some(Reverse((at, market, interval_ms))) = self.deadlines.pop() else {
                 break;
             };
+            // Its entry is out of the heap: the group may arm again.
+            if let Some(m) = self.markets.get_mut(&market) {
+                for slot in m.tickers.iter_mut() {
+                    if slot.interval_ms == interval_ms && slot.armed == Some(at) {
+                        slot.armed = None;
+                    }
+                }
+            }
             due.push(market);
         }
         due.sort();
