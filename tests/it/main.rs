@@ -43,6 +43,10 @@
 //!   Postgres that freezes without closing.
 //! - `rfc6455`: the WebSocket protocol driven with raw bytes: the opening
 //!   handshake's rules and every frame rule, each with its exact code.
+//! - `balancer`: a real HAProxy running deploy/haproxy.cfg in front of three
+//!   broadcasters: routing by market (WebSocket and HTTP reads alike), one
+//!   broadcaster SIGKILLed under load, its clients resuming elsewhere, every
+//!   sequence checked exactly.
 //! - `security`: secrets never in any output (the real binary at
 //!   RUST_LOG=trace), what each role's login may and may not do, the Origin
 //!   allowlist, the writer's request limits, client input that once panicked.
@@ -52,6 +56,7 @@
 //! (`support::writer_config`, `support::broadcaster_config`); the superuser
 //! of DATABASE_URL only creates, migrates and seeds the databases.
 
+mod balancer;
 mod broadcaster;
 mod contract;
 mod faults;
