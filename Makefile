@@ -5,7 +5,7 @@ CARGO ?= cargo
 export PGDEV_DIR ?= /tmp/marketcast-pg-dev
 
 
-.PHONY: all build run test lint browser-test metrics-check ts-test unit fuzz bench bench-sql bench-quick soak fmt clippy pg-start pg-stop clean
+.PHONY: all build run test test-deps lint browser-test metrics-check ts-test unit fuzz bench bench-sql bench-quick soak fmt clippy pg-start pg-stop clean
 
 all: build
 
@@ -19,7 +19,7 @@ run: build
 
 # The whole suite against a real Postgres. Without DATABASE_URL a throwaway
 # cluster is started with bin/pg-dev (in its own directory) and stopped after.
-test:
+test: test-deps
 	@set -euo pipefail; \
 	if [ -z "$${DATABASE_URL:-}" ]; then \
 	  export PGDEV_DIR=/tmp/marketcast-pg-test-$$$$; \
@@ -32,11 +32,23 @@ test:
 	$(MAKE) --no-print-directory metrics-check; \
 	$(MAKE) --no-print-directory ts-test
 
+# Servers the integration suite runs for real beside Postgres (HAProxy for
+# tests/it/balancer.rs), installed from Debian's packages when missing.
+TEST_PACKAGES ?= haproxy
+test-deps:
+	@set -euo pipefail; \
+	missing=""; \
+	for p in $(TEST_PACKAGES); do command -v $$p >/dev/null 2>&1 || [ -x /usr/sbin/$$p ] || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make test needs:$$missing (sudo apt-get install$$missing)" >&2; exit 1; fi; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi
+
 # The market page in headless Chromium (/usr/bin/chromium, Debian's package)
 # driven by playwright-core; see tests/browser/page.test.mjs; and a real
 # EventSource across a SIGKILLed broadcaster (tests/browser/sse.test.mjs). Uses DATABASE_URL
 # (a fresh database is created in its cluster) or a throwaway cluster.
-browser-test:
+browser-test: test-deps
 	@set -euo pipefail; \
 	missing=""; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
