@@ -120,22 +120,23 @@ async fn discovery_names_exactly_the_live_urls_serving_a_shard() {
     cfg.registry.interval = Duration::from_millis(200);
     let plain = broadcaster(cfg).await;
 
+    // Each registers once healthy; one entry per registered run, none
+    // without --advertise-url (the count never passes 4).
+    let owner = db.client().await;
+    until("4 live entries", || async {
+        let n: i64 = owner
+            .query_one("SELECT count(*) FROM broadcasters WHERE live", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(n <= 4, "{n} entries");
+        (n == 4).then_some(())
+    })
+    .await;
     until("the writer to list a and b for m", || async {
         (writer_lists(&writer, &m).await == urls(&[a, b])).then_some(())
     })
     .await;
-    let rows: i64 = db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM broadcasters WHERE live", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        rows, 4,
-        "one entry per registered run; none without --advertise-url"
-    );
-
     let (st, list) = http("GET", &format!("{}/v1/markets", writer.http()), &[], None).await;
     assert_eq!(st, 200);
     let listed = list["markets"]
@@ -249,11 +250,24 @@ async fn sigterm_leaves_at_once_and_sigkill_turns_stale_within_three_intervals()
         "both serve every shard"
     );
 
-    // SIGTERM: when the client sees 1001 the entry is already deleted.
+    // SIGTERM: the entry is deleted before the WebSockets close. While a
+    // lock held here keeps the DELETE waiting (under the 5 s statement
+    // timeout), the client sees no 1001; once it is released, the entry is
+    // gone when the 1001 arrives.
     let owner = db.client().await;
     let mut ws = connect_ws(&bt.ws()).await;
     subscribe(&mut ws, &m, None).await;
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM marketcast_registry WHERE url = $1 FOR UPDATE",
+        &[&t],
+    )
+    .await
+    .unwrap();
     let term = tokio::spawn(bt.sigterm());
+    expect_silence(&mut ws, Duration::from_millis(1500)).await;
+    lock.commit().await.unwrap();
     assert_eq!(expect_close(&mut ws).await, Some(1001));
     let rows: i64 = owner
         .query_one("SELECT count(*) FROM broadcasters WHERE url = $1", &[&t])
