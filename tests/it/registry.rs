@@ -133,6 +133,8 @@ async fn discovery_names_exactly_the_live_urls_serving_a_shard() {
         (n == 4).then_some(())
     })
     .await;
+    // The writer answers from the registry as it was at most 1 s earlier.
+    let all_live = Instant::now();
     until("the writer to list a and b for m", || async {
         (writer_lists(&writer, &m).await == urls(&[a, b])).then_some(())
     })
@@ -146,6 +148,7 @@ async fn discovery_names_exactly_the_live_urls_serving_a_shard() {
         .find(|x| x["market"] == m.as_str())
         .unwrap();
     assert_eq!(set(&listed["broadcasters"]), urls(&[a, b]));
+    tokio::time::sleep_until(all_live + Duration::from_secs(1)).await;
     let (st, created) = http(
         "POST",
         &format!("{}/v1/markets", writer.http()),
@@ -399,10 +402,21 @@ async fn the_writer_cannot_touch_the_registry_and_the_broadcaster_only_through_i
 }
 
 /// `registered` is true once the entry is live, and false after it is deleted
-/// by hand, which it does not undo.
+/// by hand, which it does not undo. A registered broadcaster deletes entries
+/// stale for more than an hour, and only those.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_registered_follows_the_entry() {
     let db = TestDb::new().await;
+    let owner = db.client().await;
+    // Stale for 2 hours minus 15 s, and for 30 minutes minus 15 s.
+    owner
+        .batch_execute(
+            "INSERT INTO marketcast_registry (id, url, shards, heartbeat_at, heartbeat_interval) VALUES
+                 ('old', 'ws://old.test/ws', '{0}', now() - interval '2 hours', '5s'),
+                 ('recent', 'ws://recent.test/ws', '{0}', now() - interval '30 minutes', '5s')",
+        )
+        .await
+        .unwrap();
     let url = "ws://h.test/ws";
     let b = broadcaster(advertised(&db, &[0, 1], url)).await;
     let healthz = format!("{}/healthz", b.http());
@@ -411,7 +425,24 @@ async fn healthz_registered_follows_the_entry() {
         (h["registered"] == true).then_some(())
     })
     .await;
-    let owner = db.client().await;
+    until("the hour-stale entry purged", || async {
+        let left: Vec<String> = owner
+            .query(
+                "SELECT id FROM broadcasters WHERE url <> $1 ORDER BY id",
+                &[&url],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        (left == ["recent"]).then_some(())
+    })
+    .await;
+    owner
+        .execute("DELETE FROM marketcast_registry WHERE id = 'recent'", &[])
+        .await
+        .unwrap();
     let gone = owner
         .execute("DELETE FROM marketcast_registry WHERE url = $1", &[&url])
         .await
