@@ -573,14 +573,21 @@ impl Writer {
         let body = self.read_json(req).await?;
         let NewMarket { id, title } = NewMarket::parse(&body)?;
         access.permits(&id, Need::Write)?;
+        // Read before the INSERT: a registry read that fails must not turn a
+        // committed market into a 503 (the retry would get 409).
+        let before = self.registry().await?;
         let created = db::with_connection(&self.pool, self.timeout, async |c| {
             db::write::create_market(c, &id, &title).await
         });
         match created.await {
-            Ok(m) => Ok(http::json(
-                StatusCode::CREATED,
-                &market_object(&m, self.registry().await?),
-            )),
+            Ok(m) => {
+                // Fresh again if the INSERT took long; else the read above.
+                let registry = self.registry().await.unwrap_or(before);
+                Ok(http::json(
+                    StatusCode::CREATED,
+                    &market_object(&m, registry),
+                ))
+            }
             Err(e) if e.code() == Some("23505") => Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "market_exists",
