@@ -31,6 +31,7 @@ use crate::{db, shutdown};
 pub mod hub;
 pub mod listener;
 mod reads;
+pub(crate) mod registry;
 pub mod session;
 
 use session::SessionCtx;
@@ -80,7 +81,9 @@ pub async fn run(
         events_rx,
         internal.clone(),
     );
-    let stop = shutdown.child_token();
+    // Not a child of `shutdown`: the registry task cancels it after leaving
+    // the registry (see `registry`), so sessions close only then.
+    let stop = CancellationToken::new();
     let (hub_task, hub_alive) = crash_only(hub_task, internal.clone(), stop.clone());
     let db_health = db::health::spawn_probe(pool.clone(), internal.clone());
     let listen_up = Arc::new(AtomicBool::new(false));
@@ -93,22 +96,44 @@ pub async fn run(
         internal.clone(),
     ));
 
+    let health = session::Health {
+        listen_up: listen_up.clone(),
+        hub_alive: hub_alive.clone(),
+        db: db_health.clone(),
+    };
+    // Refreshed twice per interval: `wrong_shard` reflects the registry as
+    // it was at most one --registry-interval earlier, read time included.
+    let directory = db::registry::Directory::spawn(
+        pool.clone(),
+        cfg.registry.interval / 2,
+        cfg.db.timeout,
+        internal.clone(),
+    );
+    let (registered, registry_task) = registry::spawn(
+        registry::Registrar {
+            cfg: cfg.registry.clone(),
+            pool: pool.clone(),
+            db_timeout: cfg.db.timeout,
+            shards: shards.clone(),
+            health: health.clone(),
+            directory: directory.clone(),
+        },
+        shutdown.clone(),
+        stop.clone(),
+    );
     let ctx = Arc::new(SessionCtx {
         cfg: cfg.session.clone(),
         replay_page: cfg.replay_page,
         db_timeout: cfg.db.timeout,
         shard_url_template: cfg.shard_url_template.clone(),
+        directory,
         pool: pool.clone(),
         hub,
         shards,
         connections: AtomicU64::new(0),
         limits: cfg.op_limits(),
         tokens: cfg.tokens.clone(),
-        health: session::Health {
-            listen_up: listen_up.clone(),
-            hub_alive: hub_alive.clone(),
-            db: db_health.clone(),
-        },
+        health,
     });
     let sessions = TaskTracker::new();
     let sockets = http::Sockets::default();
@@ -126,6 +151,7 @@ pub async fn run(
         shutdown: stop.clone(),
         next_conn: AtomicU64::new(1),
         reads: reads::PageReads::default(),
+        registered,
     });
     http::serve(tcp, &cfg.http, sockets, stop.clone(), move |req, peer| {
         let state = state.clone();
@@ -142,7 +168,9 @@ pub async fn run(
     }
     let hub_died = !hub_alive.load(Ordering::Acquire);
     internal.cancel();
-    let _ = tokio::join!(hub_task, listener_task); // both end on `internal`; a panic was already reported
+    // Both end on `internal`, the registry task once `stop` was cancelled; a
+    // panic was already reported.
+    let _ = tokio::join!(hub_task, listener_task, registry_task);
     if hub_died {
         anyhow::bail!("the hub task ended while the broadcaster was running (see the panic above); exiting so that a supervisor restarts it");
     }
@@ -214,6 +242,8 @@ struct State {
     next_conn: AtomicU64,
     /// The trades route's shared log reads.
     reads: reads::PageReads,
+    /// With --advertise-url: whether its registry entry is live.
+    registered: Option<registry::Registered>,
 }
 
 impl State {
@@ -241,17 +271,18 @@ impl State {
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
-        http::json(
-            status,
-            &json!({
-                "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
-                "database": db_ok,
-                "listen": listen,
-                "hub": hub,
-                "connections": self.ctx.connections.load(Ordering::Relaxed),
-                "protocol": crate::protocol::client::PROTOCOL_VERSION,
-            }),
-        )
+        let mut body = json!({
+            "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
+            "database": db_ok,
+            "listen": listen,
+            "hub": hub,
+            "connections": self.ctx.connections.load(Ordering::Relaxed),
+            "protocol": crate::protocol::client::PROTOCOL_VERSION,
+        });
+        if let Some(r) = &self.registered {
+            body["registered"] = r.live().into();
+        }
+        http::json(status, &body)
     }
 
     fn upgrade(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {

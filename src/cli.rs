@@ -179,6 +179,18 @@ pub struct BroadcasterArgs {
     #[arg(long, env = "MARKETCAST_SHARD_URL_TEMPLATE")]
     pub shard_url_template: Option<String>,
 
+    /// Register this broadcaster in the registry under this URL (absolute
+    /// `ws://` or `wss://`, path ending in `/ws`): clients and the writer are
+    /// sent to it. Unset: not registered (v1).
+    #[arg(long, env = "MARKETCAST_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+
+    /// How often a registered broadcaster heartbeats its entry (it is live
+    /// for 3 of these), and how often every broadcaster re-reads the live
+    /// entries it names in `wrong_shard`.
+    #[arg(long, env = "MARKETCAST_REGISTRY_INTERVAL", default_value_t = format_duration(BroadcasterConfig::default().registry.interval))]
+    pub registry_interval: String,
+
     /// Most WebSocket connections; the next one is closed with 1013. The
     /// default stays under a 20000 open-files limit.
     #[arg(long, env = "MARKETCAST_MAX_CONNECTIONS", default_value_t = BroadcasterConfig::default().session.max_connections)]
@@ -521,6 +533,14 @@ impl BroadcasterArgs {
                 .map(config::parse_shards)
                 .transpose()?,
             shard_url_template: self.shard_url_template.clone(),
+            registry: config::RegistryConfig {
+                advertise_url: self
+                    .advertise_url
+                    .as_deref()
+                    .map(config::advertise_url)
+                    .transpose()?,
+                interval: config::duration("--registry-interval", &self.registry_interval)?,
+            },
             replay_page: self.replay_page,
             hub_pool_size: self.hub_pool_size,
             allowed_origins: self

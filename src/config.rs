@@ -184,6 +184,8 @@ pub struct BroadcasterConfig {
     /// None: every shard of the stored shard count.
     pub shards: Option<BTreeSet<u32>>,
     pub shard_url_template: Option<String>,
+    /// The broadcaster registry (contract 1.1 section 5.1).
+    pub registry: RegistryConfig,
     /// Trades per page read from the log, by the hub and by replays.
     pub replay_page: usize,
     pub hub_pool_size: usize,
@@ -199,6 +201,16 @@ pub struct BroadcasterConfig {
     pub listener: ListenerConfig,
     pub hub: HubConfig,
     pub session: SessionConfig,
+}
+
+/// The broadcaster registry ([`crate::broadcaster::registry`]).
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// `--advertise-url`, checked by [`advertise_url`]; None: not registered (v1).
+    pub advertise_url: Option<String>,
+    /// Heartbeat period of its entry, and how often the live entries are
+    /// re-read for `wrong_shard`.
+    pub interval: Duration,
 }
 
 /// The LISTEN connection ([`crate::broadcaster::listener`]).
@@ -253,6 +265,10 @@ impl Default for BroadcasterConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9001)),
             shards: None,
             shard_url_template: None,
+            registry: RegistryConfig {
+                advertise_url: None,
+                interval: Duration::from_secs(5),
+            },
             replay_page: 1000,
             hub_pool_size: 4,
             allowed_origins: None,
@@ -339,6 +355,12 @@ impl BroadcasterConfig {
         let min_ticker = s.min_ticker_interval.as_millis();
         if !(1..=crate::protocol::client::MAX_INTERVAL_MS as u128).contains(&min_ticker) {
             bail!("--min-ticker-interval must be from 1ms to 60s");
+        }
+        if let Some(u) = &self.registry.advertise_url {
+            advertise_url(u)?;
+        }
+        if self.registry.interval < Duration::from_millis(100) {
+            bail!("--registry-interval must be at least 100ms");
         }
         if s.max_message_bytes < 64 {
             bail!("--max-message-bytes must be at least 64");
@@ -517,6 +539,30 @@ pub fn normalize_origin(s: &str) -> Option<String> {
     o.is_tuple().then(|| o.ascii_serialization())
 }
 
+/// `--advertise-url` as the contract allows it (section 5.1): an absolute
+/// `ws://` or `wss://` URL whose path ends in `/ws`, without query, fragment
+/// or credentials (clients are sent to it). Returned as given.
+pub fn advertise_url(s: &str) -> Result<String> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--advertise-url: {s:?} is not an absolute ws:// or wss:// URL whose path ends in /ws"
+        )
+    };
+    let u = url::Url::parse(s).map_err(|_| bad())?;
+    if !matches!(u.scheme(), "ws" | "wss")
+        || u.host_str().is_none_or(str::is_empty)
+        || !u.path().ends_with("/ws")
+        || u.query().is_some()
+        || u.fragment().is_some()
+        || !u.username().is_empty()
+        || u.password().is_some()
+        || s.chars().any(char::is_whitespace)
+    {
+        return Err(bad());
+    }
+    Ok(s.to_string())
+}
+
 /// Parse `0-3,7` into {0,1,2,3,7}.
 pub fn parse_shards(s: &str) -> Result<BTreeSet<u32>> {
     let mut out = BTreeSet::new();
@@ -635,6 +681,30 @@ mod tests {
             "postgres://me@h/db",
             "nothing to hide"
         );
+    }
+
+    #[test]
+    fn advertise_urls() {
+        for ok in [
+            "ws://h:9001/ws",
+            "wss://feed.example/s/3/ws",
+            "ws://[::1]:9/ws",
+        ] {
+            assert_eq!(advertise_url(ok).unwrap(), ok);
+        }
+        for bad in [
+            "http://h/ws",
+            "ws://h/",
+            "ws://h/wsx",
+            "wss://h/ws?x=1",
+            "wss://u:p@h/ws",
+            "/ws",
+            "h:9001/ws",
+            "",
+        ] {
+            let e = advertise_url(bad).unwrap_err().to_string();
+            assert!(e.contains("--advertise-url"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tokio_postgres::NoTls;
 pub mod admin;
 pub mod health;
 pub mod log;
+pub mod registry;
 pub(crate) mod rows;
 pub mod write;
 

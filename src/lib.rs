@@ -54,6 +54,7 @@
 //!   - [`db::log`]: reads of the log and the market rows.
 //!   - [`db::write`]: the INSERTs; database outcomes, never an HTTP status.
 //!   - [`db::health`]: the probe each role's `/healthz` answers from.
+//!   - [`db::registry`]: the broadcaster registry's functions and the cached live entries.
 //! - [`writer`]: HTTP -> bearer check -> parse -> batch -> `db::write`.
 //!   - `writer/batcher.rs`: groups concurrent trades into one transaction.
 //! - [`broadcaster`]: wires the three below behind `GET /ws` and the HTTP reads.
@@ -67,6 +68,7 @@
 //!     subscription's live stream: trades or ticker frames), `ticker.rs` (ticker
 //!     subscriptions), `heads.rs` (heads and the session's timers), `sse.rs` (the
 //!     session's SSE transport: frames as events).
+//!   - [`broadcaster::registry`]: this broadcaster's registry entry, and leaving it first on shutdown.
 //!   - `broadcaster/reads.rs`: the HTTP read routes: SSE streams, catch-up and
 //!     long-poll, CORS.
 //! - [`subscribe`]: the reference client, with a typed fatal error.

@@ -73,6 +73,9 @@ const METRICS: &[(Kind, &str, &str)] = &[
     (Gauge, "marketcast_open_connections", "Open TCP connections of the HTTP servers (WebSockets included), counted against --max-open-connections."),
     (Counter, "marketcast_connections_refused_total", "Connections closed at accept because --max-open-connections were open."),
     (Counter, "marketcast_ws_origin_refused_total", "WebSocket upgrades refused with 403 by --allowed-origins / --require-origin."),
+    (Gauge, "marketcast_registry_live_broadcasters", "Live broadcaster registry entries, this one included, sampled every --registry-interval (broadcaster with --advertise-url)."),
+    (Gauge, "marketcast_registry_unserved_shards", "Shards of the stored shard count that no live registry entry serves (broadcaster with --advertise-url)."),
+    (Counter, "marketcast_registry_heartbeat_failures_total", "Registry heartbeats that did not reach the database: failed, or not sent while the broadcaster was unhealthy (broadcaster with --advertise-url)."),
     (Counter, "marketcast_auth_failures_total", "Requests, upgrades and ops refused by a token check, by reason: missing (a required token is absent), expired (outside nbf/exp with leeway), invalid (any other refusal of a presented token), forbidden (a valid token that does not grant the market)."),
 ];
 

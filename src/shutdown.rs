@@ -3,6 +3,11 @@
 //! `main` turns SIGINT or SIGTERM into the cancellation of one
 //! [`CancellationToken`], which it hands to the role's `run`. On cancel:
 //!
+//! 0. A broadcaster with `--advertise-url` first deletes its registry entry
+//!    (bounded by `--db-timeout`), so no client is sent to it any more; its
+//!    server and sessions watch a token cancelled only after that
+//!    (`broadcaster::registry`).
+//!
 //! 1. The server stops accepting (its listener is dropped) and in-flight HTTP
 //!    requests get up to [`DEADLINE`] to finish (hyper-util's
 //!    `GracefulShutdown`, in `http::serve`).

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{TokenConfig, WriterConfig};
+use crate::db::registry::Directory;
 use crate::db::write::{WriteError, Written};
 use crate::db::{self, DbError};
 use crate::http::{self, Body};
@@ -46,15 +47,21 @@ mod batcher;
 use batcher::{Batcher, Job};
 
 /// A market as the writer answers it (contract 1.1 section 4.2): its state
-/// and `broadcasters`, the URLs of the live registry entries serving its
-/// shard. The registry (section 5.1) is not built yet, so no broadcaster is
-/// registered and the list is empty, as the contract says it is when there
-/// are none.
-fn market_object(m: &Market) -> Value {
+/// and `broadcasters`, the distinct URLs of the live registry entries (section
+/// 5.1) serving its shard, `[]` when there are none.
+fn market_object(m: &Market, registry: &Directory) -> Value {
     let mut v = serde_json::to_value(m).expect("a market serialises");
-    v["broadcasters"] = Value::Array(Vec::new());
+    v["broadcasters"] = registry.urls_for(m.shard).into();
     v
 }
+
+/// How often the writer re-reads the live registry entries.
+const REGISTRY_REFRESH: Duration = Duration::from_millis(500);
+
+/// The oldest registry snapshot a market object is built from; an older one
+/// (the refresh is failing or slow) is read again first. The contract's bound
+/// is 1 s; a snapshot's age counts from the start of its read.
+const REGISTRY_MAX_AGE: Duration = Duration::from_millis(900);
 
 /// Trade requests waiting for the batcher; when full, new ones get 503.
 const QUEUE_CAPACITY: usize = 10_000;
@@ -95,8 +102,15 @@ pub async fn run(
         }
     });
     let db_health = db::health::spawn_probe(pool.clone(), shutdown.child_token());
+    let registry = Directory::spawn(
+        pool.clone(),
+        REGISTRY_REFRESH,
+        cfg.db.timeout,
+        shutdown.child_token(),
+    );
     let state = Arc::new(Writer {
         db_health,
+        registry,
         pool,
         write_token: cfg.write_token.clone(),
         tokens: cfg.tokens.clone(),
@@ -184,6 +198,8 @@ fn unix_now() -> i64 {
 struct Writer {
     /// The database probe /healthz answers from.
     db_health: db::health::Health,
+    /// The live registry entries, for market objects' `broadcasters`.
+    registry: Directory,
     pool: Pool,
     /// `--write-token`: grants every market (v1).
     write_token: Option<String>,
@@ -518,12 +534,21 @@ impl Writer {
         .await?;
         let full = markets.len() as i64 == limit;
         let next_after = markets.last().filter(|_| full).map(|m| m.market.clone());
-        let markets: Vec<Value> = markets.iter().map(market_object).collect();
+        let registry = self.registry().await?;
+        let markets: Vec<Value> = markets.iter().map(|m| market_object(m, registry)).collect();
         let mut body = json!({ "markets": markets, "next": next_after });
         if let Some(after) = next_after {
             body["next_after"] = after.into();
         }
         Ok(http::json(StatusCode::OK, &body))
+    }
+
+    /// The registry as of at most [`REGISTRY_MAX_AGE`] earlier.
+    async fn registry(&self) -> Result<&Directory, DbError> {
+        if self.registry.age().is_none_or(|a| a > REGISTRY_MAX_AGE) {
+            self.registry.refresh(&self.pool, self.timeout).await?;
+        }
+        Ok(&self.registry)
     }
 
     async fn get_market(&self, id: &str, access: &Access) -> Result<Response<Body>, ApiError> {
@@ -532,7 +557,10 @@ impl Writer {
             db::log::market(c, id).await
         });
         match found.await? {
-            Some(m) => Ok(http::json(StatusCode::OK, &market_object(&m))),
+            Some(m) => Ok(http::json(
+                StatusCode::OK,
+                &market_object(&m, self.registry().await?),
+            )),
             None => Err(ApiError::unknown_market(id)),
         }
     }
@@ -545,11 +573,21 @@ impl Writer {
         let body = self.read_json(req).await?;
         let NewMarket { id, title } = NewMarket::parse(&body)?;
         access.permits(&id, Need::Write)?;
+        // Read before the INSERT: a registry read that fails must not turn a
+        // committed market into a 503 (the retry would get 409).
+        let before = self.registry().await?;
         let created = db::with_connection(&self.pool, self.timeout, async |c| {
             db::write::create_market(c, &id, &title).await
         });
         match created.await {
-            Ok(m) => Ok(http::json(StatusCode::CREATED, &market_object(&m))),
+            Ok(m) => {
+                // Fresh again if the INSERT took long; else the read above.
+                let registry = self.registry().await.unwrap_or(before);
+                Ok(http::json(
+                    StatusCode::CREATED,
+                    &market_object(&m, registry),
+                ))
+            }
             Err(e) if e.code() == Some("23505") => Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "market_exists",

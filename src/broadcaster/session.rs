@@ -93,6 +93,8 @@ pub(crate) struct SessionCtx {
     pub db_timeout: Duration,
     /// `--shard-url-template`, for `wrong_shard`'s `url`.
     pub shard_url_template: Option<String>,
+    /// The live registry entries, for `wrong_shard`'s `broadcasters`.
+    pub directory: crate::db::registry::Directory,
     pub pool: Pool,
     pub hub: HubHandle,
     pub shards: BTreeSet<u32>,

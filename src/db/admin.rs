@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "least_privilege",
         include_str!("../../sql/0003_least_privilege.sql"),
     ),
+    (4, "registry", include_str!("../../sql/0004_registry.sql")),
 ];
 
 /// Key of the advisory lock that serialises concurrent `migrate` runs on one database.

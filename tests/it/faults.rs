@@ -157,6 +157,22 @@ impl ChildBroadcaster {
         self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 
+    /// SIGTERM: the graceful shutdown; waits for the exit and asserts it is clean.
+    pub(crate) async fn sigterm(mut self) {
+        let pid = self.child.id().expect("still running").to_string();
+        let st = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(st.success());
+        let st = tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("exits in time")
+            .unwrap();
+        assert!(st.success(), "a SIGTERM exits 0: {st:?}");
+    }
+
     /// SIGKILL: no shutdown, no close frames, sockets reset by the kernel.
     pub(crate) async fn kill9(mut self) {
         self.child.start_kill().unwrap();

@@ -30,6 +30,10 @@
 //! - `reads`: the broadcaster's HTTP reads: SSE streams (an independent
 //!   event-stream parser), catch-up and long-poll, caching, CORS, the order
 //!   of checks, the shared connection limit.
+//! - `registry`: the broadcaster registry and discovery (contract 1.1
+//!   section 5): the writer's and `wrong_shard`'s `broadcasters`, leaving on
+//!   SIGTERM, stale after SIGKILL, the registry's privileges, `registered`,
+//!   and a client moved between two broadcasters of the same shards.
 //! - `resilience`: a broadcaster replaced under the reference client.
 //! - `faults`: the fault suite: many reconnecting clients under a flowing
 //!   load while LISTEN is cut, Postgres restarts or goes away, the broadcaster
@@ -67,6 +71,7 @@ mod logs;
 mod promises;
 mod props;
 mod reads;
+mod registry;
 mod resilience;
 mod rfc6455;
 mod security;

@@ -160,12 +160,17 @@ pub(crate) async fn open(
                 m.shard
             ),
         )
-        .with("shard", m.shard.into())
-        // The live registry entries serving the shard (contract 1.1
-        // section 5.2): the registry is not built yet, so there are none.
-        .with("broadcasters", Value::Array(Vec::new()));
-        if let Some(t) = &ctx.shard_url_template {
-            e = e.with("url", t.replace("{shard}", &m.shard.to_string()).into());
+        .with("shard", m.shard.into());
+        // Contract 1.1 section 5.2: the live registry entries serving the
+        // shard; `url` from the template, else one of them, else absent.
+        let urls = ctx.directory.urls_for(m.shard);
+        let url = match &ctx.shard_url_template {
+            Some(t) => Some(t.replace("{shard}", &m.shard.to_string())),
+            None => urls.first().cloned(),
+        };
+        e = e.with("broadcasters", urls.into());
+        if let Some(url) = url {
+            e = e.with("url", url.into());
         }
         return Err(e);
     }
