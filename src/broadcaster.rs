@@ -31,6 +31,7 @@ use crate::{db, shutdown};
 pub mod hub;
 pub mod listener;
 mod reads;
+pub(crate) mod replica;
 pub mod session;
 
 use session::SessionCtx;
@@ -93,12 +94,24 @@ pub async fn run(
         internal.clone(),
     ));
 
+    let replay = Arc::new(match &cfg.replica.url {
+        Some(url) => replica::ReplayReads::with_replica(
+            pool.clone(),
+            cfg.db.timeout,
+            url,
+            cfg.db.pool_size,
+            cfg.replica.wait,
+        )?,
+        None => replica::ReplayReads::primary(pool.clone(), cfg.db.timeout),
+    });
+    replay.spawn_check(internal.clone());
     let ctx = Arc::new(SessionCtx {
         cfg: cfg.session.clone(),
         replay_page: cfg.replay_page,
         db_timeout: cfg.db.timeout,
         shard_url_template: cfg.shard_url_template.clone(),
         pool: pool.clone(),
+        replay,
         hub,
         shards,
         connections: AtomicU64::new(0),
@@ -241,17 +254,19 @@ impl State {
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
-        http::json(
-            status,
-            &json!({
-                "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
-                "database": db_ok,
-                "listen": listen,
-                "hub": hub,
-                "connections": self.ctx.connections.load(Ordering::Relaxed),
-                "protocol": crate::protocol::client::PROTOCOL_VERSION,
-            }),
-        )
+        let mut body = json!({
+            "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
+            "database": db_ok,
+            "listen": listen,
+            "hub": hub,
+            "connections": self.ctx.connections.load(Ordering::Relaxed),
+            "protocol": crate::protocol::client::PROTOCOL_VERSION,
+        });
+        // Only with --replay-database-url; never part of the status.
+        if let Some(up) = self.ctx.replay.replica_up() {
+            body["replica"] = up.into();
+        }
+        http::json(status, &body)
     }
 
     fn upgrade(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {

@@ -69,6 +69,8 @@
 //!     session's SSE transport: frames as events).
 //!   - `broadcaster/reads.rs`: the HTTP read routes: SSE streams, catch-up and
 //!     long-poll, CORS.
+//!   - `broadcaster/replica.rs`: where replays read the log: a hot standby as far
+//!     as it has the trades (`--replay-database-url`), else the primary.
 //! - [`subscribe`]: the reference client, with a typed fatal error.
 //! - [`demo`]: `marketcast demo`: all roles in one process; `demo/flow.rs`
 //!   (synthetic trades), `demo/page/` (the market page).

@@ -94,6 +94,9 @@ pub(crate) struct SessionCtx {
     /// `--shard-url-template`, for `wrong_shard`'s `url`.
     pub shard_url_template: Option<String>,
     pub pool: Pool,
+    /// Where replays read the log: the replica as far as it has the trades,
+    /// else this pool (contract 1.1 section 5.4).
+    pub replay: Arc<super::replica::ReplayReads>,
     pub hub: HubHandle,
     pub shards: BTreeSet<u32>,
     /// Open connections, for the limit (1013) and the gauge.

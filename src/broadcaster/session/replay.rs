@@ -284,14 +284,13 @@ impl Session {
             let (page, source) = match from_ring {
                 Some(p) => (p, "memory"),
                 None => {
-                    let pool = &self.ctx.pool;
-                    let read = db::with_connection(pool, self.ctx.db_timeout, async |c| {
-                        db::log::trade_frames_after(c, market, after, Some(upto), page_cap as i64)
-                            .await
-                    })
-                    .await;
+                    let read = self
+                        .ctx
+                        .replay
+                        .trade_frames(market, after, Some(upto), upto, page_cap as i64)
+                        .await;
                     match read {
-                        Ok(rows) => (rows, "postgres"),
+                        Ok(read) => read,
                         Err(e) => {
                             // Retried by the run loop every second; never skip.
                             tracing::debug!(conn = self.conn_id, market, error = %e, "fill deferred: database unavailable");
