@@ -30,6 +30,10 @@
 //! - `reads`: the broadcaster's HTTP reads: SSE streams (an independent
 //!   event-stream parser), catch-up and long-poll, caching, CORS, the order
 //!   of checks, the shared connection limit.
+//! - `replica`: replays from a real streaming standby (contract 1.1
+//!   section 5.4): served as far as it has the trades, the rest from the
+//!   primary after `--replica-wait`; a stopped standby and other clusters
+//!   not used.
 //! - `resilience`: a broadcaster replaced under the reference client.
 //! - `faults`: the fault suite: many reconnecting clients under a flowing
 //!   load while LISTEN is cut, Postgres restarts or goes away, the broadcaster
@@ -62,6 +66,7 @@ mod logs;
 mod promises;
 mod props;
 mod reads;
+mod replica;
 mod resilience;
 mod rfc6455;
 mod security;
