@@ -662,7 +662,7 @@ impl PageReads {
                 async move {
                     metrics::counter!("marketcast_log_reads_total").increment(1);
                     ctx.replay
-                        .trade_frames(&market, after, None, head, limit)
+                        .trade_frames(&market, after, None, head, limit, &mut Default::default())
                         .await
                         .map(|(rows, source)| {
                             metrics::counter!("marketcast_replayed_trades_total", "source" => source)

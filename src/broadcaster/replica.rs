@@ -168,16 +168,21 @@ impl ReplayReads {
     }
 
     /// `read` on the replica while it is usable and its answer is
-    /// [`Answer::enough`]; asked again for up to `--replica-wait`, then
-    /// `read` on the primary. Errors are the primary's: a replica that
-    /// fails is skipped.
-    async fn read(&self, read: &Read<'_>) -> Result<(Answer, Source), DbError> {
+    /// [`Answer::enough`]; asked again while `waited` allows, then `read`
+    /// on the primary. Errors are the primary's: a replica that fails is
+    /// skipped.
+    async fn read(
+        &self,
+        read: &Read<'_>,
+        waited: &mut Waited,
+    ) -> Result<(Answer, Source), DbError> {
         if let Some(r) = self
             .replica
             .as_ref()
             .filter(|r| r.up.load(Ordering::Acquire))
         {
-            let deadline = Instant::now() + r.wait;
+            let start = Instant::now();
+            let deadline = start + r.wait.saturating_sub(waited.0);
             let attempt = self.timeout.min(ATTEMPT_TIMEOUT);
             loop {
                 match db::with_connection(&r.pool, attempt, async |c| read.run(c).await).await {
@@ -192,6 +197,7 @@ impl ReplayReads {
                     }
                 }
             }
+            waited.0 += start.elapsed();
             metrics::counter!("marketcast_replica_fallbacks_total").increment(1);
         }
         let a =
@@ -199,6 +205,12 @@ impl ReplayReads {
         Ok((a, FROM_PRIMARY))
     }
 }
+
+/// How long one replay has waited for the replica so far: `--replica-wait`
+/// bounds the sum over all its pages, so a replay of many pages past a
+/// lagging replica waits once, not once a page.
+#[derive(Debug, Default)]
+pub(crate) struct Waited(Duration);
 
 /// A replay read, the same on either server.
 enum Read<'a> {
@@ -292,6 +304,7 @@ impl ReplayReads {
         upto: Option<i64>,
         head: i64,
         limit: i64,
+        waited: &mut Waited,
     ) -> Result<(Vec<EncodedTrade>, Source), DbError> {
         let read = Read::Page {
             market,
@@ -300,7 +313,7 @@ impl ReplayReads {
             head,
             limit,
         };
-        match self.read(&read).await? {
+        match self.read(&read, waited).await? {
             (Answer::Page(page), source) => Ok((page, source)),
             (Answer::Fold(_), _) => unreachable!("a page read answers a page"),
         }
@@ -314,11 +327,14 @@ impl ReplayReads {
         upto: i64,
     ) -> Result<(Option<Fold>, Source), DbError> {
         match self
-            .read(&Read::Fold {
-                market,
-                after,
-                upto,
-            })
+            .read(
+                &Read::Fold {
+                    market,
+                    after,
+                    upto,
+                },
+                &mut Waited::default(),
+            )
             .await?
         {
             (Answer::Fold(fold), source) => Ok((fold, source)),

@@ -284,6 +284,8 @@ async fn replays_read_a_standby_as_far_as_it_has_the_trades() {
     let mut cfg = broadcaster_config(&db);
     cfg.replica.url = Some(as_role(&standby_db, BROADCASTER_ROLE, BROADCASTER_PASSWORD));
     cfg.replica.wait = wait;
+    // Small pages: a replay past the replica's end takes many.
+    cfg.replay_page = 10;
     let b = broadcaster(cfg).await;
     replica_is(&b, true, Duration::from_secs(10)).await;
 
@@ -298,22 +300,23 @@ async fn replays_read_a_standby_as_far_as_it_has_the_trades() {
     assert_eq!(metric(&b, FALLBACKS).await, f0);
 
     // Lagging: replay paused on the standby after 20 trades of rep.b; the
-    // 20 it lacks come from the primary after --replica-wait, no gap.
+    // 200 it lacks (20 pages) come from the primary after --replica-wait in
+    // all (not per page), no gap.
     db.trades("rep.b", 20).await;
     replicated(&standby_db, "rep.b", 20).await;
     standby_su
         .batch_execute("SELECT pg_wal_replay_pause()")
         .await
         .unwrap();
-    db.trades("rep.b", 20).await;
+    db.trades("rep.b", 200).await;
     let (r0, p0, f0) = (
         metric(&b, FROM_REPLICA).await,
         metric(&b, FROM_PRIMARY).await,
         metric(&b, FALLBACKS).await,
     );
-    let took = replay(&b, "rep.b", 0, 40).await;
+    let took = replay(&b, "rep.b", 0, 220).await;
     assert_eq!(metric(&b, FROM_REPLICA).await - r0, 20.0, "what it has");
-    assert_eq!(metric(&b, FROM_PRIMARY).await - p0, 20.0, "what it lacks");
+    assert_eq!(metric(&b, FROM_PRIMARY).await - p0, 200.0, "what it lacks");
     assert!(metric(&b, FALLBACKS).await > f0, "a fallback was counted");
     assert!(
         took < wait + Duration::from_millis(1500),
@@ -321,8 +324,8 @@ async fn replays_read_a_standby_as_far_as_it_has_the_trades() {
     );
     // A ticker's catch-up fold: the replica's is short, the primary's whole.
     let (p0, f0) = (metric(&b, FROM_PRIMARY).await, metric(&b, FALLBACKS).await);
-    ticker_backlog(&b, "rep.b", 0, 40).await;
-    assert_eq!(metric(&b, FROM_PRIMARY).await - p0, 40.0);
+    ticker_backlog(&b, "rep.b", 0, 220).await;
+    assert_eq!(metric(&b, FROM_PRIMARY).await - p0, 220.0);
     assert!(metric(&b, FALLBACKS).await > f0);
     // The catch-up route too.
     let f0 = metric(&b, FALLBACKS).await;
@@ -343,7 +346,7 @@ async fn replays_read_a_standby_as_far_as_it_has_the_trades() {
         .iter()
         .map(|t| t["seq"].as_i64().unwrap())
         .collect();
-    assert_eq!(got, (21..=40).collect::<Vec<_>>());
+    assert_eq!(got, (21..=120).collect::<Vec<_>>());
     assert!(metric(&b, FALLBACKS).await > f0, "the route fell back too");
 
     // Resumed: the standby catches up and serves the same replay.
@@ -351,10 +354,10 @@ async fn replays_read_a_standby_as_far_as_it_has_the_trades() {
         .batch_execute("SELECT pg_wal_replay_resume()")
         .await
         .unwrap();
-    replicated(&standby_db, "rep.b", 40).await;
+    replicated(&standby_db, "rep.b", 220).await;
     let (r0, f0) = (metric(&b, FROM_REPLICA).await, metric(&b, FALLBACKS).await);
-    replay(&b, "rep.b", 10, 40).await;
-    assert_eq!(metric(&b, FROM_REPLICA).await - r0, 30.0);
+    replay(&b, "rep.b", 10, 220).await;
+    assert_eq!(metric(&b, FROM_REPLICA).await - r0, 210.0);
     assert_eq!(metric(&b, FALLBACKS).await, f0);
 
     // Down: replays still gapless, from the primary; /healthz 200 with

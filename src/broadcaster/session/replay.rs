@@ -262,6 +262,8 @@ impl Session {
     /// Send what subscription `sid` is owed from the ring or the log, a page
     /// at a time, flushing each page.
     pub(super) async fn fill(&mut self, sid: SubId) -> Result<(), End> {
+        // Replica lag is waited for once per fill, not once per page.
+        let mut waited = crate::broadcaster::replica::Waited::default();
         loop {
             if self.shutdown.is_cancelled() {
                 return Err(End::Shutdown);
@@ -287,7 +289,14 @@ impl Session {
                     let read = self
                         .ctx
                         .replay
-                        .trade_frames(market, after, Some(upto), upto, page_cap as i64)
+                        .trade_frames(
+                            market,
+                            after,
+                            Some(upto),
+                            upto,
+                            page_cap as i64,
+                            &mut waited,
+                        )
                         .await;
                     match read {
                         Ok(read) => read,
