@@ -32,6 +32,7 @@ pub mod hub;
 pub mod listener;
 mod reads;
 pub(crate) mod registry;
+pub(crate) mod replica;
 pub mod session;
 
 use session::SessionCtx;
@@ -121,6 +122,17 @@ pub async fn run(
         shutdown.clone(),
         stop.clone(),
     );
+    let replay = Arc::new(match &cfg.replica.url {
+        Some(url) => replica::ReplayReads::with_replica(
+            pool.clone(),
+            cfg.db.timeout,
+            url,
+            cfg.db.pool_size,
+            cfg.replica.wait,
+        )?,
+        None => replica::ReplayReads::primary(pool.clone(), cfg.db.timeout),
+    });
+    replay.spawn_check(internal.clone());
     let ctx = Arc::new(SessionCtx {
         cfg: cfg.session.clone(),
         replay_page: cfg.replay_page,
@@ -128,6 +140,7 @@ pub async fn run(
         shard_url_template: cfg.shard_url_template.clone(),
         directory,
         pool: pool.clone(),
+        replay,
         hub,
         shards,
         connections: AtomicU64::new(0),
@@ -281,6 +294,10 @@ impl State {
         });
         if let Some(r) = &self.registered {
             body["registered"] = r.live().into();
+        }
+        // Only with --replay-database-url; never part of the status.
+        if let Some(up) = self.ctx.replay.replica_up() {
+            body["replica"] = up.into();
         }
         http::json(status, &body)
     }

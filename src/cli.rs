@@ -10,7 +10,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
     self, format_duration, BroadcasterConfig, DbConfig, DemoConfig, HttpConfig, HubConfig,
-    ListenerConfig, SessionConfig, SubscribeConfig, WriterConfig, DEFAULT_SHARD_COUNT,
+    ListenerConfig, ReplicaConfig, SessionConfig, SubscribeConfig, WriterConfig,
+    DEFAULT_SHARD_COUNT,
 };
 use crate::config::{TokenConfig, DEFAULT_JWT_LEEWAY};
 use crate::protocol::token::Verifier;
@@ -316,6 +317,38 @@ pub struct BroadcasterArgs {
 
     #[command(flatten)]
     pub tokens: TokenArgs,
+
+    #[command(flatten)]
+    pub replica: ReplicaArgs,
+}
+
+/// Replay from a read replica (contract 1.1 section 5.4).
+#[derive(Args, Clone)]
+pub struct ReplicaArgs {
+    /// A hot standby of DATABASE_URL that replays (from_seq, recent, ticker
+    /// catch-up, SSE, GET .../trades) read trades from while it is usable.
+    /// Unset: every read goes to the primary. May hold a password: prefer
+    /// the env var.
+    #[arg(long, env = "MARKETCAST_REPLAY_DATABASE_URL", hide_env_values = true)]
+    pub replay_database_url: Option<String>,
+
+    /// A trade a replay owes that the replica does not have yet is read from
+    /// the primary after at most this long: the most replica lag adds.
+    #[arg(long, env = "MARKETCAST_REPLICA_WAIT", default_value_t = format_duration(BroadcasterConfig::default().replica.wait))]
+    pub replica_wait: String,
+}
+
+/// Written by hand: the URL may hold a password.
+impl std::fmt::Debug for ReplicaArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaArgs")
+            .field(
+                "replay_database_url",
+                &self.replay_database_url.as_deref().map(config::redact_url),
+            )
+            .field("replica_wait", &self.replica_wait)
+            .finish()
+    }
 }
 
 /// Token verification (contract 1.1 section 1), for both server roles: one
@@ -580,6 +613,14 @@ impl BroadcasterArgs {
                 )?,
                 sse_keepalive: config::duration("--sse-keepalive", &self.sse_keepalive)?,
                 max_poll_wait: config::duration("--max-poll-wait", &self.max_poll_wait)?,
+            },
+            replica: ReplicaConfig {
+                url: self
+                    .replica
+                    .replay_database_url
+                    .clone()
+                    .filter(|u| !u.trim().is_empty()),
+                wait: config::duration("--replica-wait", &self.replica.replica_wait)?,
             },
         };
         if c.require_origin && c.allowed_origins.is_none() {

@@ -201,6 +201,28 @@ pub struct BroadcasterConfig {
     pub listener: ListenerConfig,
     pub hub: HubConfig,
     pub session: SessionConfig,
+    /// `--replay-database-url`, `--replica-wait` (contract 1.1 section 5.4).
+    pub replica: ReplicaConfig,
+}
+
+/// Replay reads from a hot standby ([`crate::broadcaster`]'s `replica.rs`).
+/// `Debug` is written by hand: the URL may hold a password.
+#[derive(Clone)]
+pub struct ReplicaConfig {
+    /// None: every read goes to the primary. May hold a password: never log it.
+    pub url: Option<String>,
+    /// How long a replay waits for the replica to have a trade it owes
+    /// before reading it from the primary.
+    pub wait: Duration,
+}
+
+impl std::fmt::Debug for ReplicaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("wait", &self.wait)
+            .finish()
+    }
 }
 
 /// The broadcaster registry ([`crate::broadcaster::registry`]).
@@ -300,6 +322,11 @@ impl Default for BroadcasterConfig {
                 min_ticker_interval: Duration::from_millis(100),
                 sse_keepalive: Duration::from_secs(15),
                 max_poll_wait: Duration::from_secs(30),
+            },
+            replica: ReplicaConfig {
+                url: None,
+                // The contract's: lag adds at most this to a replay.
+                wait: Duration::from_millis(250),
             },
         }
     }

@@ -71,6 +71,8 @@
 //!   - [`broadcaster::registry`]: this broadcaster's registry entry, and leaving it first on shutdown.
 //!   - `broadcaster/reads.rs`: the HTTP read routes: SSE streams, catch-up and
 //!     long-poll, CORS.
+//!   - `broadcaster/replica.rs`: where replays read the log: a hot standby as far
+//!     as it has the trades (`--replay-database-url`), else the primary.
 //! - [`subscribe`]: the reference client, with a typed fatal error.
 //! - [`demo`]: `marketcast demo`: all roles in one process; `demo/flow.rs`
 //!   (synthetic trades), `demo/page/` (the market page).

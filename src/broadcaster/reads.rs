@@ -24,7 +24,6 @@ use tokio_stream::StreamExt;
 
 use super::session::{self, sse, LiveItem, SessionCtx};
 use super::{Refused, State};
-use crate::db;
 use crate::http::{self, Body};
 use crate::protocol::client::{self, Entry, ErrorReply, Mode, Start, MAX_INTERVAL_MS};
 use crate::protocol::market::is_market_id;
@@ -301,7 +300,7 @@ impl State {
         };
         let m = opened.market.clone();
         let (shared, mut live) = opened.follow();
-        let mut page = match self.page(id, &shared, p.after, p.limit).await {
+        let mut page = match self.page(id, &shared, m.head_seq, p.after, p.limit).await {
             Ok(page) => page,
             Err(r) => return r,
         };
@@ -328,7 +327,7 @@ impl State {
                 }
                 metrics::gauge!("marketcast_long_polls_waiting").decrement(1.0);
                 drop(slot);
-                page = match self.page(id, &shared, p.after, p.limit).await {
+                page = match self.page(id, &shared, m.head_seq, p.after, p.limit).await {
                     Ok(page) => page,
                     Err(r) => return r,
                 };
@@ -390,9 +389,11 @@ impl State {
         &self,
         id: &str,
         shared: &super::hub::MarketShared,
+        head: i64,
         after: i64,
         limit: i64,
     ) -> Result<Vec<EncodedTrade>, Response<Body>> {
+        let head = head.max(shared.head());
         let page = match shared.ring_range(after, after + limit) {
             Some(p) if !p.is_empty() => {
                 metrics::counter!("marketcast_replayed_trades_total", "source" => "memory")
@@ -401,7 +402,7 @@ impl State {
             }
             _ => self
                 .reads
-                .read(&self.ctx, id, after, limit)
+                .read(&self.ctx, id, after, head, limit)
                 .await
                 .map_err(|e| {
                     from_reply(ErrorReply::new(
@@ -645,11 +646,14 @@ type PageKey = (String, i64, i64);
 type PageRead = Result<Arc<[EncodedTrade]>, String>;
 
 impl PageReads {
+    /// `head`: the primary's head, how far a replica must reach (the first
+    /// load's, for every caller sharing it).
     async fn read(
         &self,
         ctx: &Arc<SessionCtx>,
         id: &str,
         after: i64,
+        head: i64,
         limit: i64,
     ) -> Result<Arc<[EncodedTrade]>, String> {
         let (ctx, market) = (ctx.clone(), id.to_string());
@@ -657,15 +661,14 @@ impl PageReads {
             .run((market.clone(), after, limit), move || {
                 async move {
                     metrics::counter!("marketcast_log_reads_total").increment(1);
-                    db::with_connection(&ctx.pool, ctx.db_timeout, async |c| {
-                        db::log::trade_frames_after(c, &market, after, None, limit).await
-                    })
-                    .await
-                    .map(|rows| {
-                        metrics::counter!("marketcast_replayed_trades_total", "source" => "postgres")
-                            .increment(rows.len() as u64);
-                        Arc::from(rows)
-                    })
+                    ctx.replay
+                        .trade_frames(&market, after, None, head, limit, &mut Default::default())
+                        .await
+                        .map(|(rows, source)| {
+                            metrics::counter!("marketcast_replayed_trades_total", "source" => source)
+                                .increment(rows.len() as u64);
+                            Arc::from(rows)
+                        })
                     .map_err(|e| e.to_string())
                 }
                 .boxed()

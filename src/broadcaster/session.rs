@@ -96,6 +96,9 @@ pub(crate) struct SessionCtx {
     /// The live registry entries, for `wrong_shard`'s `broadcasters`.
     pub directory: crate::db::registry::Directory,
     pub pool: Pool,
+    /// Where replays read the log: the replica as far as it has the trades,
+    /// else this pool (contract 1.1 section 5.4).
+    pub replay: Arc<super::replica::ReplayReads>,
     pub hub: HubHandle,
     pub shards: BTreeSet<u32>,
     /// Open connections, for the limit (1013) and the gauge.

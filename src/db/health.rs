@@ -60,3 +60,17 @@ pub fn spawn_probe(pool: Pool, shutdown: CancellationToken) -> Health {
     });
     Health(rx)
 }
+
+/// Whether the server `c` is connected to is a standby
+/// (`pg_is_in_recovery()`), and its cluster's system identifier, which a
+/// standby shares with its primary: how a replay replica is checked
+/// (contract 1.1 section 5.4).
+pub async fn identity(c: &tokio_postgres::Client) -> Result<(bool, i64), super::DbError> {
+    let row = c
+        .query_one(
+            "SELECT pg_is_in_recovery(), (SELECT system_identifier FROM pg_control_system())",
+            &[],
+        )
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}

@@ -34,6 +34,10 @@
 //!   section 5): the writer's and `wrong_shard`'s `broadcasters`, leaving on
 //!   SIGTERM, stale after SIGKILL, the registry's privileges, `registered`,
 //!   and a client moved between two broadcasters of the same shards.
+//! - `replica`: replays from a real streaming standby (contract 1.1
+//!   section 5.4): served as far as it has the trades, the rest from the
+//!   primary after `--replica-wait`; a stopped standby and other clusters
+//!   not used.
 //! - `resilience`: a broadcaster replaced under the reference client.
 //! - `faults`: the fault suite: many reconnecting clients under a flowing
 //!   load while LISTEN is cut, Postgres restarts or goes away, the broadcaster
@@ -72,6 +76,7 @@ mod promises;
 mod props;
 mod reads;
 mod registry;
+mod replica;
 mod resilience;
 mod rfc6455;
 mod security;

@@ -267,6 +267,8 @@ impl Session {
     /// Send what subscription `sid` is owed from the ring or the log, a page
     /// at a time, flushing each page.
     pub(super) async fn fill(&mut self, sid: SubId) -> Result<(), End> {
+        // Replica lag is waited for once per fill, not once per page.
+        let mut waited = crate::broadcaster::replica::Waited::default();
         loop {
             if self.shutdown.is_cancelled() {
                 return Err(End::Shutdown);
@@ -289,14 +291,20 @@ impl Session {
             let (page, source) = match from_ring {
                 Some(p) => (p, "memory"),
                 None => {
-                    let pool = &self.ctx.pool;
-                    let read = db::with_connection(pool, self.ctx.db_timeout, async |c| {
-                        db::log::trade_frames_after(c, market, after, Some(upto), page_cap as i64)
-                            .await
-                    })
-                    .await;
+                    let read = self
+                        .ctx
+                        .replay
+                        .trade_frames(
+                            market,
+                            after,
+                            Some(upto),
+                            upto,
+                            page_cap as i64,
+                            &mut waited,
+                        )
+                        .await;
                     match read {
-                        Ok(rows) => (rows, "postgres"),
+                        Ok(read) => read,
                         Err(e) => {
                             // Retried by the run loop every second; never skip.
                             tracing::debug!(conn = self.conn_id, market, error = %e, "fill deferred: database unavailable");

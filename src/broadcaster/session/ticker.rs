@@ -68,15 +68,12 @@ impl Session {
         let fold = match ring {
             Some(f) => Ok(Some(f)),
             None => {
-                let r = db::with_connection(&self.ctx.pool, self.ctx.db_timeout, async |c| {
-                    db::log::fold(c, &market, after, upto).await
-                })
-                .await;
-                if r.is_ok() {
-                    metrics::counter!("marketcast_replayed_trades_total", "source" => "postgres")
+                let r = self.ctx.replay.fold(&market, after, upto).await;
+                r.map(|(fold, source)| {
+                    metrics::counter!("marketcast_replayed_trades_total", "source" => source)
                         .increment((upto - after).max(0) as u64);
-                }
-                r
+                    fold
+                })
             }
         };
         match fold {
