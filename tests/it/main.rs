@@ -30,6 +30,10 @@
 //! - `reads`: the broadcaster's HTTP reads: SSE streams (an independent
 //!   event-stream parser), catch-up and long-poll, caching, CORS, the order
 //!   of checks, the shared connection limit.
+//! - `pooler`: both roles behind a real PgBouncer in transaction mode:
+//!   writer processes and plain SQL writers answer exactly what the log
+//!   holds; a broadcaster refuses to start there (its LISTEN would be lost);
+//!   the session check passes direct connections and session pools.
 //! - `resilience`: a broadcaster replaced under the reference client.
 //! - `faults`: the fault suite: many reconnecting clients under a flowing
 //!   load while LISTEN is cut, Postgres restarts or goes away, the broadcaster
@@ -59,6 +63,7 @@ mod feed;
 mod hostile;
 mod isolation;
 mod logs;
+mod pooler;
 mod promises;
 mod props;
 mod reads;
