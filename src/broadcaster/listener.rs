@@ -62,7 +62,7 @@ pub struct Pooled {
 /// the three answers are two distinct, stable pids. A transaction pooler
 /// hands `a`'s released server to `b` (PgBouncer reuses the most recently
 /// released one; with a pool of one it has no other), and so `b`'s pid is
-/// `a`'s, or `a`'s second statement runs elsewhere or waits for a server.
+/// `a`'s, or else `a`'s second statement runs elsewhere.
 /// Only simple queries, and no startup `options` (which PgBouncer refuses),
 /// so that the check gets as far as the pooler.
 pub async fn check_own_session(url: &str, timeout: Duration) -> Result<Result<(), Pooled>> {
@@ -95,24 +95,25 @@ pub async fn check_own_session(url: &str, timeout: Duration) -> Result<Result<()
         .await
         .context("checking the LISTEN session: BEGIN timed out")??;
     let other = pid(&b).await.context("checking the LISTEN session")?;
-    let again = pid(&a).await;
+    if other == first {
+        return Ok(Err(Pooled {
+            evidence: format!("two connections ran on the same server backend (pid {first})"),
+        }));
+    }
+    // No answer here (a pooler with every server busy, or a database that
+    // stalled or went away meanwhile) proves nothing: the check fails and is
+    // retried, it never refuses on a guess.
+    let again = pid(&a).await.context("checking the LISTEN session")?;
     // Dropping `b` ends its transaction; nothing was written.
     drop(b);
-    let evidence = match again {
-        _ if other == first => {
-            format!("two connections ran on the same server backend (pid {first})")
-        }
-        Ok(again) if again != first => {
-            format!(
+    if again != first {
+        return Ok(Err(Pooled {
+            evidence: format!(
                 "one connection's statements ran on two server backends (pids {first} and {again})"
-            )
-        }
-        Ok(_) => return Ok(Ok(())),
-        Err(e) => format!(
-            "a second statement got no server backend while another connection held one ({e:#})"
-        ),
-    };
-    Ok(Err(Pooled { evidence }))
+            ),
+        }));
+    }
+    Ok(Ok(()))
 }
 
 /// Run until `shutdown`, LISTENing on `shards` of the database at `url`.
