@@ -33,8 +33,9 @@ test: test-deps
 	$(MAKE) --no-print-directory ts-test
 
 # Servers the integration suite runs for real beside Postgres (HAProxy for
-# tests/it/balancer.rs), installed from Debian's packages when missing.
-TEST_PACKAGES ?= haproxy
+# tests/it/balancer.rs, PgBouncer for tests/it/pooler.rs), installed from
+# Debian's packages when missing.
+TEST_PACKAGES ?= haproxy pgbouncer
 test-deps:
 	@set -euo pipefail; \
 	missing=""; \

@@ -45,6 +45,13 @@ pub async fn run(
 ) -> Result<()> {
     cfg.check()?;
     crate::metrics::install();
+    // A transaction pooler is refused before anything else (its refusal of
+    // the pool's startup options would otherwise look like an outage). An
+    // unreachable database is no answer: the listener checks again before
+    // each LISTEN.
+    if let Ok(Err(pooled)) = listener::check_own_session(&cfg.db.url, cfg.db.timeout).await {
+        return Err(pooled.into());
+    }
     let pool = db::pool(
         &cfg.db.url,
         cfg.db.pool_size,
@@ -88,14 +95,24 @@ pub async fn run(
     let (hub_task, hub_alive) = crash_only(hub_task, internal.clone(), stop.clone());
     let db_health = db::health::spawn_probe(pool.clone(), internal.clone());
     let listen_up = Arc::new(AtomicBool::new(false));
-    let listener_task = tokio::spawn(listener::run(
+    let listening = listener::run(
         cfg.listener.clone(),
         cfg.db.url.clone(),
         shards.iter().copied().collect(),
         events_tx,
         listen_up.clone(),
         internal.clone(),
-    ));
+    );
+    let listener_task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let r = listening.await;
+            if r.is_err() {
+                stop.cancel(); // a LISTEN it cannot trust: the broadcaster stops with `r`
+            }
+            r
+        }
+    });
 
     let health = session::Health {
         listen_up: listen_up.clone(),
@@ -181,9 +198,13 @@ pub async fn run(
     }
     let hub_died = !hub_alive.load(Ordering::Acquire);
     internal.cancel();
-    // Both end on `internal`, the registry task once `stop` was cancelled; a
-    // panic was already reported.
-    let _ = tokio::join!(hub_task, listener_task, registry_task);
+    // Each ends on `internal`, the registry task once `stop` was cancelled;
+    // a panic was already reported. The listener's own error is the refusal
+    // to LISTEN through a transaction pooler.
+    let (_, listened, _) = tokio::join!(hub_task, listener_task, registry_task);
+    if let Ok(Err(pooled)) = listened {
+        return Err(pooled.into());
+    }
     if hub_died {
         anyhow::bail!("the hub task ended while the broadcaster was running (see the panic above); exiting so that a supervisor restarts it");
     }

@@ -45,15 +45,42 @@ pub fn pg_config(
 /// A pool of at most `size` connections to `url` whose every wait is bounded
 /// by `timeout` (`--db-timeout`), so that an unreachable database turns into
 /// an error quickly instead of a hang. Creating it never touches the network.
+///
+/// For a role that needs its session to itself (the broadcaster: a direct
+/// connection or a session-mode pool, see docs/OPERATIONS.md "Behind a
+/// pooler"): each statement is bounded server-side by a startup parameter.
 pub fn pool(url: &str, size: usize, timeout: Duration, application_name: &str) -> Result<Pool> {
     let mut pg = pg_config(url, application_name, timeout)?;
     // Server-side bound on each statement, including row-lock waits: a request
     // that outlives it is rolled back by Postgres itself.
     pg.options(format!("-c statement_timeout={}", timeout.as_millis()));
+    build_pool(pg, size, timeout)
+}
+
+/// As [`pool`], for a role whose every statement survives transaction
+/// pooling (the writer: PgBouncer in transaction mode): no startup
+/// `options` (PgBouncer 1.18 refuses the connection: "unsupported startup
+/// parameter: options"), so each write transaction sets its own bound
+/// ([`write::with_bound`]); a read outside a transaction has only its
+/// caller's deadline ([`with_connection`] closes its connection past it);
+/// no named prepared statements (`query_typed` only); no other session
+/// state.
+pub fn transaction_pool(
+    url: &str,
+    size: usize,
+    timeout: Duration,
+    application_name: &str,
+) -> Result<Pool> {
+    build_pool(pg_config(url, application_name, timeout)?, size, timeout)
+}
+
+fn build_pool(pg: tokio_postgres::Config, size: usize, timeout: Duration) -> Result<Pool> {
     let mgr = Manager::from_config(
         pg,
         NoTls,
         ManagerConfig {
+            // Fast: recycling sends nothing (Verified would run a statement
+            // per checkout, one more round trip through a pooler too).
             recycling_method: RecyclingMethod::Fast,
         },
     );

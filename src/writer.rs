@@ -74,7 +74,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     crate::metrics::install();
     cfg.tokens.check()?;
-    let pool = db::pool(
+    // Every statement of the writer survives transaction pooling (PgBouncer
+    // in transaction mode): see `db::write`'s module doc.
+    let pool = db::transaction_pool(
         &cfg.db.url,
         cfg.db.pool_size,
         cfg.db.timeout,
@@ -609,9 +611,7 @@ impl Writer {
             if db::log::market(c, id).await?.is_none() {
                 return Ok(None);
             }
-            db::log::trades_after(c, id, after, None, limit)
-                .await
-                .map(Some)
+            db::log::trades_page(c, id, after, limit).await.map(Some)
         });
         let trades = page.await?.ok_or_else(|| ApiError::unknown_market(id))?;
         // Each trade is already its contract JSON; splice them rather than re-parse.

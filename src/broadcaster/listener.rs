@@ -16,6 +16,13 @@
 //! must answer within half that interval. Then: reconnect with exponential
 //! backoff from 100ms to `reconnect_max`, with jitter so a fleet of
 //! broadcasters does not reconnect in lockstep after a Postgres restart.
+//!
+//! A LISTEN belongs to a server session, so the URL must reach one session
+//! of its own: Postgres directly, or a session-mode pool. Through a
+//! transaction-mode pooler (PgBouncer's `pool_mode = transaction`) the
+//! LISTEN stays on whichever server connection ran it and notifications are
+//! lost without an error. Before every LISTEN, [`check_own_session`] looks
+//! for that and, if found, the broadcaster refuses to run ([`Pooled`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,8 +39,87 @@ use crate::backoff::Backoff;
 use crate::config::ListenerConfig;
 use crate::protocol::doorbell::{channel, parse_doorbell};
 
+/// The LISTEN connection's URL reaches no session of its own: a pooler
+/// shares server sessions between clients, so a LISTEN would be lost.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the database URL leads through a transaction-pooling proxy (such as PgBouncer with \
+     pool_mode = transaction): {evidence}; a LISTEN there would be lost without an error. \
+     Point --database-url at PostgreSQL itself or at a session-mode pool \
+     (docs/OPERATIONS.md, \"Behind a pooler\")"
+)]
+pub struct Pooled {
+    evidence: String,
+}
+
+/// Whether `url` gives each connection a server session of its own, as
+/// LISTEN needs. Err: the check could not run (unreachable); Ok(Err): it
+/// found a pooler that shares sessions.
+///
+/// Two connections, `a` and `b`: `a` asks its backend's pid, then `b` opens
+/// a transaction (which pins a server connection under any pooler) and asks
+/// its own, then `a` asks again. Directly (or through a session-mode pool)
+/// the three answers are two distinct, stable pids. A transaction pooler
+/// hands `a`'s released server to `b` (PgBouncer reuses the most recently
+/// released one; with a pool of one it has no other), and so `b`'s pid is
+/// `a`'s, or else `a`'s second statement runs elsewhere.
+/// Only simple queries, and no startup `options` (which PgBouncer refuses),
+/// so that the check gets as far as the pooler.
+pub async fn check_own_session(url: &str, timeout: Duration) -> Result<Result<(), Pooled>> {
+    let pg = crate::db::pg_config(url, "marketcast-listener-check", timeout)?;
+    let connect = async || -> Result<tokio_postgres::Client> {
+        let (client, conn) = tokio::time::timeout(timeout, pg.connect(NoTls))
+            .await
+            .context("connecting timed out")??;
+        tokio::spawn(async move {
+            // Ends when the client is dropped; errors surface in the queries.
+            let _ = conn.await;
+        });
+        Ok(client)
+    };
+    let pid = async |c: &tokio_postgres::Client| -> Result<String> {
+        let msgs = tokio::time::timeout(timeout, c.simple_query("SELECT pg_backend_pid()"))
+            .await
+            .context("no answer")??;
+        msgs.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .context("SELECT pg_backend_pid() returned no row")
+    };
+    let a = connect().await.context("checking the LISTEN session")?;
+    let first = pid(&a).await.context("checking the LISTEN session")?;
+    let b = connect().await.context("checking the LISTEN session")?;
+    tokio::time::timeout(timeout, b.batch_execute("BEGIN"))
+        .await
+        .context("checking the LISTEN session: BEGIN timed out")??;
+    let other = pid(&b).await.context("checking the LISTEN session")?;
+    if other == first {
+        return Ok(Err(Pooled {
+            evidence: format!("two connections ran on the same server backend (pid {first})"),
+        }));
+    }
+    // No answer here (a pooler with every server busy, or a database that
+    // stalled or went away meanwhile) proves nothing: the check fails and is
+    // retried, it never refuses on a guess.
+    let again = pid(&a).await.context("checking the LISTEN session")?;
+    // Dropping `b` ends its transaction; nothing was written.
+    drop(b);
+    if again != first {
+        return Ok(Err(Pooled {
+            evidence: format!(
+                "one connection's statements ran on two server backends (pids {first} and {again})"
+            ),
+        }));
+    }
+    Ok(Ok(()))
+}
+
 /// Run until `shutdown`, LISTENing on `shards` of the database at `url`.
-/// `up` mirrors whether LISTEN is in place (for /healthz).
+/// `up` mirrors whether LISTEN is in place (for /healthz). Err only when
+/// the URL leads through a transaction pooler ([`check_own_session`]): the
+/// broadcaster must not run without a LISTEN it can trust.
 pub async fn run(
     cfg: ListenerConfig,
     url: String,
@@ -41,7 +127,7 @@ pub async fn run(
     events: mpsc::UnboundedSender<HubEvent>,
     up: Arc<AtomicBool>,
     shutdown: CancellationToken,
-) {
+) -> Result<(), Pooled> {
     let mut backoff = Backoff::new(Duration::from_millis(100), cfg.reconnect_max);
     // LISTEN was established before: the next success is a re-establishment.
     let mut established = false;
@@ -50,11 +136,15 @@ pub async fn run(
         // drops the connection; shutdown must not wait on an unreachable server.
         let r = tokio::select! {
             r = session(&cfg, &url, &shards, &events, &up, &shutdown, &mut established) => r,
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
         };
         match r {
-            Ok(()) => return, // shutdown
+            Ok(()) => return Ok(()), // shutdown
             Err(e) => {
+                let e = match e.downcast::<Pooled>() {
+                    Ok(pooled) => return Err(pooled),
+                    Err(e) => e,
+                };
                 let was_up = up.swap(false, Ordering::AcqRel);
                 metrics::gauge!("marketcast_listen_up").set(0.0);
                 if was_up {
@@ -64,7 +154,7 @@ pub async fn run(
             }
         }
         if !backoff.sleep(&shutdown).await {
-            return;
+            return Ok(());
         }
     }
 }
@@ -79,6 +169,8 @@ async fn session(
     shutdown: &CancellationToken,
     established: &mut bool,
 ) -> Result<()> {
+    let check_timeout = cfg.heartbeat.max(Duration::from_secs(2));
+    check_own_session(url, check_timeout).await??;
     let mut pg = crate::db::pg_config(
         url,
         "marketcast-listener",

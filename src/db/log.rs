@@ -1,17 +1,25 @@
 //! Reads of the log and the market rows: the broadcaster's hot reads (the
 //! hub's batched reads, replays), the writer's GETs, health probes and the
 //! hub's reconcile.
+//!
+//! The writer's reads ([`market`], [`markets`], [`markets_matching`],
+//! [`trades_page`]) are unnamed statements (`query_typed`, one round trip,
+//! nothing left on the server connection), so they survive transaction
+//! pooling like the writes (`db::write`'s module doc). The broadcaster's hot
+//! reads keep named statements prepared once per pooled connection: the
+//! broadcaster connects directly (docs/OPERATIONS.md "Behind a pooler").
 
 use super::rows::{self, MARKET_COLUMNS, TRADE_COLUMNS};
 use super::DbError;
 use crate::protocol::market::Market;
 use crate::protocol::token::Patterns;
 use crate::protocol::trade::{EncodedTrade, Trade};
+use tokio_postgres::types::Type;
 
 pub async fn market(client: &tokio_postgres::Client, id: &str) -> Result<Option<Market>, DbError> {
     let sql = format!("SELECT {MARKET_COLUMNS} FROM markets WHERE id = $1");
     Ok(client
-        .query_opt(&sql, &[&id])
+        .query_typed_opt(&sql, &[(&id, Type::TEXT)])
         .await?
         .map(|r| rows::market(&r)))
 }
@@ -30,6 +38,28 @@ pub async fn trades_after(
     Ok(found.iter().map(rows::trade).collect())
 }
 
+/// [`trades_after`] as an unnamed statement (the writer's `GET
+/// /v1/markets/{id}/trades`): a page that survives transaction pooling.
+pub async fn trades_page(
+    client: &tokio_postgres::Client,
+    market: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Trade>, DbError> {
+    let found = client
+        .query_typed(
+            &TRADES_AFTER,
+            &[
+                (&market, Type::TEXT),
+                (&after, Type::INT8),
+                (&i64::MAX, Type::INT8),
+                (&limit, Type::INT8),
+            ],
+        )
+        .await?;
+    Ok(found.iter().map(rows::trade).collect())
+}
+
 /// [`trades_after`], each trade encoded into its WebSocket frame straight
 /// from the row (replays).
 pub async fn trade_frames_after(
@@ -43,6 +73,13 @@ pub async fn trade_frames_after(
     Ok(found.iter().map(|r| rows::trade_ref(r).encode()).collect())
 }
 
+/// `after < seq <= upto` of one market, at most `limit`, in seq order.
+static TRADES_AFTER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {TRADE_COLUMNS} FROM trades WHERE market_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+    )
+});
+
 async fn trade_rows_after(
     client: &deadpool_postgres::Client,
     market: &str,
@@ -50,12 +87,7 @@ async fn trade_rows_after(
     upto: Option<i64>,
     limit: i64,
 ) -> Result<Vec<tokio_postgres::Row>, DbError> {
-    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        format!(
-            "SELECT {TRADE_COLUMNS} FROM trades WHERE market_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
-        )
-    });
-    let stmt = client.prepare_cached(&SQL).await?;
+    let stmt = client.prepare_cached(&TRADES_AFTER).await?;
     Ok(client
         .query(&stmt, &[&market, &after, &upto.unwrap_or(i64::MAX), &limit])
         .await?)
@@ -146,7 +178,7 @@ pub async fn markets(
         "SELECT {MARKET_COLUMNS} FROM markets WHERE $1::text IS NULL OR id > $1 ORDER BY id LIMIT $2"
     );
     Ok(client
-        .query(&sql, &[&after, &limit])
+        .query_typed(&sql, &[(&after, Type::TEXT), (&limit, Type::INT8)])
         .await?
         .iter()
         .map(rows::market)
@@ -172,7 +204,15 @@ pub async fn markets_matching(
          ORDER BY id LIMIT $2"
     );
     Ok(client
-        .query(&sql, &[&after, &limit, &ids, &prefixes])
+        .query_typed(
+            &sql,
+            &[
+                (&after, Type::TEXT),
+                (&limit, Type::INT8),
+                (&ids, Type::TEXT_ARRAY),
+                (&prefixes, Type::TEXT_ARRAY),
+            ],
+        )
         .await?
         .iter()
         .map(rows::market)

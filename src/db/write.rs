@@ -7,6 +7,15 @@
 //! answer "nothing committed" stays true. COMMIT itself gets a short grace
 //! period; past that, or if the connection dies during it, the outcome is
 //! unknown and said so ([`WriteError::OutcomeUnknown`]).
+//!
+//! Every statement here survives transaction pooling (PgBouncer in
+//! transaction mode, docs/OPERATIONS.md "Behind a pooler"): each is
+//! `query_typed`, an unnamed statement sent as one Parse/Bind/Execute/Sync,
+//! never a named prepared statement that a later transaction (on another
+//! server connection) would not find; the only setting is [`with_bound`]'s
+//! `SET LOCAL`, which ends with its transaction. Every column is of a
+//! built-in type, so decoding rows never runs tokio-postgres's (prepared)
+//! type lookup either.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -17,9 +26,16 @@ use crate::protocol::market::Market;
 use crate::protocol::trade::Trade;
 use crate::protocol::write_api::NewTrade;
 use deadpool_postgres::Pool;
+use tokio_postgres::types::Type;
 
 /// Extra time a COMMIT may take past the request deadline.
 const COMMIT_GRACE: Duration = Duration::from_millis(500);
+
+/// How much later than the caller's deadline the server-side bound
+/// ([`with_bound`]) fires: the client's own timeout (which cancels and answers
+/// "timed out") normally comes first; the server's is the backstop for a
+/// client that can no longer cancel.
+const SERVER_BOUND_SLACK: Duration = Duration::from_millis(250);
 
 /// What the database decided for one trade request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +79,10 @@ pub async fn create_market(
     title: &str,
 ) -> Result<Market, DbError> {
     let sql = format!("INSERT INTO markets (id, title) VALUES ($1, $2) RETURNING {MARKET_COLUMNS}");
-    Ok(rows::market(&client.query_one(&sql, &[&id, &title]).await?))
+    let row = client
+        .query_typed_one(&sql, &[(&id, Type::TEXT), (&title, Type::TEXT)])
+        .await?;
+    Ok(rows::market(&row))
 }
 
 /// A trade INSERTed as any SQL client would (the demo's synthetic flow):
@@ -107,18 +126,16 @@ pub async fn insert_one(pool: &Pool, t: &NewTrade, deadline: Instant) -> TradeRe
             "INSERT INTO trades (market_id, side, price, qty, trader, client_order_id) \
              VALUES ($1, $2, $3::text::numeric, $4, $5, $6) RETURNING {TRADE_COLUMNS}"
         );
-        let res = tx
-            .query_one(
-                &sql,
-                &[
-                    &t.market,
-                    &t.side,
-                    &t.price,
-                    &t.qty,
-                    &t.trader,
-                    &t.client_order_id,
-                ],
-            )
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 6] = [
+            (&t.market, Type::TEXT),
+            (&t.side, Type::TEXT),
+            (&t.price, Type::TEXT),
+            (&t.qty, Type::INT8),
+            (&t.trader, Type::TEXT),
+            (&t.client_order_id, Type::TEXT),
+        ];
+        let insert = tx.query_typed_one(&sql, &params);
+        let res = with_bound(&tx, deadline, insert)
             .await
             .map_err(DbError::from);
         Ok::<_, DbError>((tx, res.map(|row| rows::trade(&row))))
@@ -150,7 +167,13 @@ async fn existing(pool: &Pool, t: &NewTrade, deadline: Instant) -> TradeResult {
         let sql = format!(
             "SELECT {TRADE_COLUMNS} FROM trades WHERE market_id = $1 AND client_order_id = $2"
         );
-        Ok::<_, DbError>(c.query_opt(&sql, &[&t.market, &t.client_order_id]).await?)
+        Ok::<_, DbError>(
+            c.query_typed_opt(
+                &sql,
+                &[(&t.market, Type::TEXT), (&t.client_order_id, Type::TEXT)],
+            )
+            .await?,
+        )
     };
     // A read: timing out here commits nothing, so "unavailable" stays truthful.
     let found = tokio::time::timeout_at(deadline.into(), work)
@@ -185,12 +208,13 @@ pub async fn insert_many(
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let locked = tx
-            .query(
-                "SELECT id, status FROM marketcast_lock_markets($1)",
-                &[&ids],
-            )
-            .await?;
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
+            [(&ids, Type::TEXT_ARRAY)];
+        let lock = tx.query_typed(
+            "SELECT id, status FROM marketcast_lock_markets($1)",
+            &params,
+        );
+        let locked = with_bound(&tx, deadline, lock).await?;
         let status: HashMap<String, String> = locked.iter().map(|r| (r.get(0), r.get(1))).collect();
         // Retried client_order_ids, read after the locks so that a retry
         // racing its original sees it committed.
@@ -205,7 +229,10 @@ pub async fn insert_many(
                 "SELECT {TRADE_COLUMNS}, client_order_id FROM trades \
                  WHERE (market_id, client_order_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
             );
-            for r in tx.query(&sql, &[&m, &c]).await? {
+            let found = tx
+                .query_typed(&sql, &[(&m, Type::TEXT_ARRAY), (&c, Type::TEXT_ARRAY)])
+                .await?;
+            for r in found {
                 let t = rows::trade(&r);
                 existing.insert((t.market.clone(), r.get("client_order_id")), t);
             }
@@ -261,7 +288,17 @@ pub async fn insert_many(
                  WITH ORDINALITY AS u(m, s, p, q, tr, c, n) ORDER BY n RETURNING {TRADE_COLUMNS}"
             );
             let returned = tx
-                .query(&sql, &[&markets, &sides, &prices, &qtys, &traders, &coids])
+                .query_typed(
+                    &sql,
+                    &[
+                        (&markets, Type::TEXT_ARRAY),
+                        (&sides, Type::TEXT_ARRAY),
+                        (&prices, Type::TEXT_ARRAY),
+                        (&qtys, Type::INT8_ARRAY),
+                        (&traders, Type::TEXT_ARRAY),
+                        (&coids, Type::TEXT_ARRAY),
+                    ],
+                )
                 .await?;
             let mut inserted: Vec<Trade> = returned.iter().map(rows::trade).collect();
             // Match rows to requests by (market, seq): within a market seq
@@ -303,6 +340,29 @@ pub async fn insert_many(
         .into_iter()
         .map(|d| d.unwrap_or(Err(WriteError::Internal("trade left without an outcome"))))
         .collect())
+}
+
+/// The first statement of a write transaction, sent together with the
+/// transaction's server-side bound: `SET LOCAL statement_timeout` (the
+/// caller's deadline plus [`SERVER_BOUND_SLACK`]) and `first`, pipelined in
+/// one write, so the bound costs no round trip. `SET LOCAL` because a
+/// session setting would outlive the transaction on a pooled server
+/// connection (and a startup parameter does not pass PgBouncer, see
+/// [`super::transaction_pool`]).
+pub(crate) async fn with_bound<T>(
+    tx: &deadpool_postgres::Transaction<'_>,
+    deadline: Instant,
+    first: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    // 0 would mean "no bound at all".
+    let ms = (deadline.saturating_duration_since(Instant::now()) + SERVER_BOUND_SLACK)
+        .as_millis()
+        .max(1);
+    let bound = format!("SET LOCAL statement_timeout = {ms}");
+    // try_join polls in argument order, and each future sends its messages
+    // on its first poll: the SET reaches the server before `first`.
+    let ((), r) = tokio::try_join!(tx.batch_execute(&bound), first)?;
+    Ok(r)
 }
 
 /// The dropped transaction queues a ROLLBACK behind whatever statement is

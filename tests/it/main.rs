@@ -38,6 +38,10 @@
 //!   section 5.4): served as far as it has the trades, the rest from the
 //!   primary after `--replica-wait`; a stopped standby and other clusters
 //!   not used.
+//! - `pooler`: both roles behind a real PgBouncer in transaction mode:
+//!   writer processes and plain SQL writers answer exactly what the log
+//!   holds; a broadcaster refuses to start there (its LISTEN would be lost);
+//!   the session check passes direct connections and session pools.
 //! - `resilience`: a broadcaster replaced under the reference client.
 //! - `faults`: the fault suite: many reconnecting clients under a flowing
 //!   load while LISTEN is cut, Postgres restarts or goes away, the broadcaster
@@ -72,6 +76,7 @@ mod feed;
 mod hostile;
 mod isolation;
 mod logs;
+mod pooler;
 mod promises;
 mod props;
 mod reads;
