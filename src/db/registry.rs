@@ -62,10 +62,12 @@ pub struct LiveEntry {
     pub shards: Vec<i32>,
 }
 
-/// The live entries, read through the view the contract names.
+/// The live entries, read through the view the contract names. An unnamed
+/// statement: the writer reads this too, and it must survive transaction
+/// pooling (docs/OPERATIONS.md, "Behind a pooler").
 pub async fn live(client: &tokio_postgres::Client) -> Result<Vec<LiveEntry>, DbError> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT id, url, shards FROM broadcasters WHERE live ORDER BY id",
             &[],
         )
