@@ -147,8 +147,8 @@ struct Args {
     /// S8: the largest N; N = 1..=this broadcasters, each in its own cgroup.
     #[arg(long, default_value_t = 3)]
     s8_broadcasters: usize,
-    /// S8 subscribers, spread evenly over the N broadcasters [default: 1500,
-    /// --quick 300].
+    /// S8 subscribers of each broadcaster (N x this in all) [default: 500,
+    /// --quick 100].
     #[arg(long)]
     s8_subscribers: Option<usize>,
     /// S8 markets (each broadcaster's subscribers round-robin over all).
@@ -162,7 +162,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     s8_period_us: u64,
     /// S8 frames/s offered per broadcaster at the first step (x1.15 a step).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 15_000)]
     s8_start_frames: u64,
     /// Seconds per S8 rate step [default: 3, --quick 2].
     #[arg(long)]
@@ -376,7 +376,7 @@ impl Settings {
             s7_duration: secs(a.s7_duration, 10, 5),
             s7_connects: n(a.s7_connects, 2000, 500),
             s8_broadcasters: a.s8_broadcasters.max(1),
-            s8_subscribers: n(a.s8_subscribers, 1500, 300),
+            s8_subscribers: n(a.s8_subscribers, 500, 100),
             s8_markets: a.s8_markets.max(1),
             s8_quota_pct: a.s8_quota_pct.clamp(1, 100),
             s8_period_us: a.s8_period_us.clamp(1000, 1_000_000),
@@ -480,7 +480,7 @@ impl Settings {
             (set.s6, 2 * set.s6_subscribers), // old and new sockets during the storm
             (set.table, set.table_subscribers),
             (set.s7, set.s7_subscribers.max(set.s7_connects)),
-            (set.s8, set.s8_subscribers),
+            (set.s8, set.s8_subscribers * set.s8_broadcasters),
             (set.soak, set.soak_connections),
         ]
         .iter()

@@ -763,8 +763,8 @@ impl Results {
         t.push_str(&format!(
             "\n**S8: N broadcasters, each in a cgroup v1 cpu group of {} % of a core** \
              (`cpu.cfs_quota_us` {} / `cpu.cfs_period_us` {}), the load client and Postgres \
-             outside; {} subscribers spread evenly over the N, each broadcaster's share \
-             round-robin over the same {} markets; the trade rate raised x1.15 a step ({} s \
+             outside; {} subscribers on each broadcaster (N x that in all), round-robin over \
+             the same {} markets, so every step offers each broadcaster the same load; the trade rate raised x1.15 a step ({} s \
              steps, from {} frames/s per broadcaster) until p99 > {} ms or the rate is missed. \
              Medians over runs (each run's figure beside it); Postgres figures at the best step.\n\n",
             set.s8_quota_pct,

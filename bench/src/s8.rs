@@ -4,8 +4,9 @@
 //! `cpu.cfs_quota_us / cpu.cfs_period_us` = `--s8-quota-pct` % of one core.
 //! The load client (this process) and Postgres stay outside the groups.
 //!
-//! A fixed number of subscribers is spread evenly over the N broadcasters,
-//! each broadcaster's share round-robin over the same markets. The trade rate
+//! Each broadcaster gets the same `--s8-subscribers`, round-robin over the
+//! same markets, so a step offers every broadcaster the same trades and
+//! frames whatever N (ideal scaling: N times one's frames). The trade rate
 //! is raised step by step (frames/s offered = N x `--s8-start-frames`, then
 //! x1.15 a step) until a step misses its rate or its p99 (frames not
 //! delivered by the end of the step's drain gap counting as infinitely late)
@@ -257,7 +258,10 @@ async fn measure(
     run: usize,
 ) -> Result<S8Figures> {
     let set = &env.set;
-    let per_b = set.s8_subscribers / n;
+    // The same subscribers per broadcaster whatever N: every step offers each
+    // broadcaster the same trades and frames, so N broadcasters should
+    // deliver N times one's frames.
+    let per_b = set.s8_subscribers;
     let total_subs = per_b * n;
     let markets = env
         .create_markets(&format!("s8-r{run}-n{n}"), set.s8_markets)
