@@ -34,6 +34,8 @@ mod raw;
 mod replay;
 mod report;
 mod s7;
+mod s8;
+mod s9;
 mod soak;
 mod storm;
 mod writes;
@@ -70,7 +72,7 @@ use crate::ws::ClientKind;
 /// Markets of S1 and S5.
 pub const MARKETS: usize = 10;
 
-const ALL: &str = "s1,s2,s3,s4,s5,s6,s7,table";
+const ALL: &str = "s1,s2,s3,s4,s5,s6,s7,s8,s9,table";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -79,8 +81,9 @@ const ALL: &str = "s1,s2,s3,s4,s5,s6,s7,table";
 )]
 struct Args {
     /// Scenarios to run, comma-separated: s1, s2, s3, s4, s5, s6, s7 (1.1
-    /// read side costs), table (issue 5's table workload), soak (issue 6; not
-    /// in the default set).
+    /// read side costs), s8 (N broadcasters under CPU quotas), s9 (NOTIFY
+    /// throughput by LISTENers), table (issue 5's table workload), soak
+    /// (issue 6; not in the default set).
     #[arg(long, value_delimiter = ',', default_value = ALL)]
     scenarios: Vec<String>,
     /// S1: seconds of measured load [default: 30, --quick 5].
@@ -141,6 +144,41 @@ struct Args {
     /// S7 WebSocket upgrades per side of the token cost [default: 2000, --quick 500].
     #[arg(long)]
     s7_connects: Option<usize>,
+    /// S8: the largest N; N = 1..=this broadcasters, each in its own cgroup.
+    #[arg(long, default_value_t = 3)]
+    s8_broadcasters: usize,
+    /// S8 subscribers of each broadcaster (N x this in all) [default: 500,
+    /// --quick 100].
+    #[arg(long)]
+    s8_subscribers: Option<usize>,
+    /// S8 markets (each broadcaster's subscribers round-robin over all).
+    #[arg(long, default_value_t = 3)]
+    s8_markets: usize,
+    /// S8 CPU budget of each broadcaster, % of one core (cgroup v1 CFS quota).
+    #[arg(long, default_value_t = 25)]
+    s8_quota_pct: u64,
+    /// S8 CFS period, µs (short, so that a throttled broadcaster waits at
+    /// most period x (1 - quota) for its next slice).
+    #[arg(long, default_value_t = 10_000)]
+    s8_period_us: u64,
+    /// S8 frames/s offered per broadcaster at the first step (x1.15 a step).
+    #[arg(long, default_value_t = 15_000)]
+    s8_start_frames: u64,
+    /// Seconds per S8 rate step [default: 3, --quick 2].
+    #[arg(long)]
+    s8_step: Option<u64>,
+    /// S8 latency bound, ms.
+    #[arg(long, default_value_t = 100)]
+    s8_bound_ms: u64,
+    /// S9 idle LISTEN connections, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,10,50")]
+    s9_listeners: Vec<usize>,
+    /// S9 SQL connections committing one-trade transactions.
+    #[arg(long, default_value_t = 4)]
+    s9_writers: usize,
+    /// S9 seconds per K [default: 5, --quick 3].
+    #[arg(long)]
+    s9_duration: Option<u64>,
     /// Table workload subscribers, all on one market.
     #[arg(long, default_value_t = 200)]
     table_subscribers: usize,
@@ -224,6 +262,8 @@ pub struct Settings {
     s5: bool,
     s6: bool,
     s7: bool,
+    s8: bool,
+    s9: bool,
     table: bool,
     soak: bool,
     pub duration: Duration,
@@ -245,6 +285,17 @@ pub struct Settings {
     pub s7_rate: u32,
     pub s7_duration: Duration,
     pub s7_connects: usize,
+    pub s8_broadcasters: usize,
+    pub s8_subscribers: usize,
+    pub s8_markets: usize,
+    pub s8_quota_pct: u64,
+    pub s8_period_us: u64,
+    pub s8_start_frames: u64,
+    pub s8_step: Duration,
+    pub s8_bound_ms: u64,
+    pub s9_listeners: Vec<usize>,
+    pub s9_writers: usize,
+    pub s9_duration: Duration,
     pub table_subscribers: usize,
     pub table_rate: u32,
     pub table_duration: Duration,
@@ -268,7 +319,7 @@ pub struct Settings {
 
 impl Settings {
     fn from_args(a: &Args) -> Result<Settings> {
-        let mut s = [false; 9];
+        let mut s = [false; 11];
         for name in &a.scenarios {
             let i = match name.trim().to_ascii_lowercase().as_str() {
                 "s1" => 0,
@@ -280,6 +331,8 @@ impl Settings {
                 "table" => 6,
                 "soak" => 7,
                 "s7" => 8,
+                "s8" => 9,
+                "s9" => 10,
                 "" => continue,
                 other => bail!("--scenarios: unknown scenario {other:?} (known: {ALL},soak)"),
             };
@@ -301,6 +354,8 @@ impl Settings {
             table: s[6],
             soak: s[7],
             s7: s[8],
+            s8: s[9],
+            s9: s[10],
             duration: secs(a.duration, 30, 5),
             subscribers: n(a.subscribers, 1000, 200),
             rate: a.rate.unwrap_or(if q { 500 } else { 2000 }),
@@ -320,6 +375,17 @@ impl Settings {
             s7_rate: a.s7_rate.unwrap_or(if q { 200 } else { 1000 }),
             s7_duration: secs(a.s7_duration, 10, 5),
             s7_connects: n(a.s7_connects, 2000, 500),
+            s8_broadcasters: a.s8_broadcasters.max(1),
+            s8_subscribers: n(a.s8_subscribers, 500, 100),
+            s8_markets: a.s8_markets.max(1),
+            s8_quota_pct: a.s8_quota_pct.clamp(1, 100),
+            s8_period_us: a.s8_period_us.clamp(1000, 1_000_000),
+            s8_start_frames: a.s8_start_frames.max(1),
+            s8_step: secs(a.s8_step, 3, 2),
+            s8_bound_ms: a.s8_bound_ms,
+            s9_listeners: a.s9_listeners.clone(),
+            s9_writers: a.s9_writers.max(1),
+            s9_duration: secs(a.s9_duration, 5, 3),
             table_subscribers: a.table_subscribers,
             table_rate: a.table_rate,
             table_duration: secs(a.table_duration, 20, 5),
@@ -414,6 +480,7 @@ impl Settings {
             (set.s6, 2 * set.s6_subscribers), // old and new sockets during the storm
             (set.table, set.table_subscribers),
             (set.s7, set.s7_subscribers.max(set.s7_connects)),
+            (set.s8, set.s8_subscribers * set.s8_broadcasters),
             (set.soak, set.soak_connections),
         ]
         .iter()
@@ -822,7 +889,17 @@ async fn bench(
         report::write_soak_report(set, &machine, soak, plot.as_deref())?;
         println!("soak report written to {}", set.soak_report.display());
     }
-    if set.s1 || set.s2 || set.s3 || set.s4 || set.s5 || set.s6 || set.s7 || set.table {
+    if set.s1
+        || set.s2
+        || set.s3
+        || set.s4
+        || set.s5
+        || set.s6
+        || set.s7
+        || set.s8
+        || set.s9
+        || set.table
+    {
         let table = results.table(set);
         let lines = results.json_lines(set);
         println!("\n{table}");
@@ -1040,6 +1117,34 @@ async fn scenarios(env: &Env) -> Result<Results> {
             let x = s7::run(env, run).await?;
             eprintln!("  {}", rec_line(&x));
             r.s7.push(x);
+        }
+    }
+    if set.s8 {
+        // At least 3 runs whatever --runs says (--quick: --runs): its
+        // figures are medians.
+        let n = if set.quick { set.runs } else { set.runs.max(3) };
+        let _client = s8::client_group()?;
+        for run in 1..=n {
+            for b in s8::order(set.s8_broadcasters, run) {
+                eprintln!(
+                    "S8 run {run}/{n}: {b} broadcaster(s), {} % of a core each",
+                    set.s8_quota_pct
+                );
+                let x = s8::run(env, b, run).await?;
+                eprintln!("  {}", rec_line(&x));
+                r.s8.push(x);
+            }
+        }
+    }
+    if set.s9 {
+        let n = if set.quick { set.runs } else { set.runs.max(3) };
+        for run in 1..=n {
+            for k in s9::order(&set.s9_listeners, run) {
+                eprintln!("S9 run {run}/{n}: {k} LISTEN connection(s)");
+                let x = s9::run(env, k, run).await?;
+                eprintln!("  {}", rec_line(&x));
+                r.s9.push(x);
+            }
         }
     }
     if set.soak {

@@ -19,6 +19,8 @@ use crate::latency::{LatencyFigures, LatencyRun};
 use crate::ramp::{S2Figures, S2Result};
 use crate::replay::{S4Figures, SqlReadFigures};
 use crate::s7::{S7Figures, TICKER_INTERVAL_MS};
+use crate::s8::S8Figures;
+use crate::s9::S9Figures;
 use crate::soak::{SoakFigures, SoakResult};
 use crate::storm::S6Figures;
 use crate::writes::S5Figures;
@@ -316,6 +318,10 @@ pub struct Results {
     pub s5: Vec<S5Figures>,
     pub s6: Vec<S6Figures>,
     pub s7: Vec<S7Figures>,
+    /// Every (N, run) of S8.
+    pub s8: Vec<S8Figures>,
+    /// Every (K, run) of S9.
+    pub s9: Vec<S9Figures>,
     pub soak: Option<SoakResult>,
 }
 
@@ -423,6 +429,7 @@ impl Results {
         checks.extend(self.s4.iter().map(|r| &r.delivery));
         checks.extend(self.s6.iter().map(|r| &r.delivery));
         checks.extend(self.s7.iter().map(|r| &r.delivery));
+        checks.extend(self.s8.iter().map(|r| &r.delivery));
         checks.extend(self.soak.iter().map(|s| &s.rec.delivery));
         let mut ok = true;
         for d in checks {
@@ -723,7 +730,191 @@ impl Results {
         if let Some(mc) = agg(&self.s7) {
             self.s7_table(&mut t, set, &mc);
         }
+        if !self.s8.is_empty() {
+            self.s8_table(&mut t, set);
+        }
+        if !self.s9.is_empty() {
+            self.s9_table(&mut t, set);
+        }
         t
+    }
+
+    /// The S8 runs with `n` broadcasters.
+    fn s8_at(&self, n: f64) -> Vec<&S8Figures> {
+        self.s8.iter().filter(|r| r.broadcasters == n).collect()
+    }
+
+    /// S8 (N broadcasters under CPU quotas): one column per N.
+    fn s8_table(&self, t: &mut String, set: &Settings) {
+        let mut ns: Vec<f64> = self.s8.iter().map(|r| r.broadcasters).collect();
+        ns.sort_by(f64::total_cmp);
+        ns.dedup();
+        let meds: Vec<(f64, Vec<&S8Figures>, S8Figures)> = ns
+            .iter()
+            .filter_map(|&n| {
+                let runs = self.s8_at(n);
+                aggregate(&runs).map(|m| (n, runs, m))
+            })
+            .collect();
+        let one = meds
+            .iter()
+            .find(|(n, _, _)| *n == 1.0)
+            .map(|(_, _, m)| m.best_frames_per_s);
+        t.push_str(&format!(
+            "\n**S8: N broadcasters, each in a cgroup v1 cpu group of {} % of a core** \
+             (`cpu.cfs_quota_us` {} / `cpu.cfs_period_us` {}), the load client and Postgres \
+             outside; {} subscribers on each broadcaster (N x that in all), round-robin over \
+             the same {} markets, so every step offers each broadcaster the same load; the trade rate raised x1.15 a step ({} s \
+             steps, from {} frames/s per broadcaster) until p99 > {} ms or the rate is missed. \
+             Medians over runs (each run's figure beside it); Postgres figures at the best step.\n\n",
+            set.s8_quota_pct,
+            set.s8_period_us * set.s8_quota_pct / 100,
+            set.s8_period_us,
+            set.s8_subscribers,
+            set.s8_markets,
+            set.s8_step.as_secs(),
+            set.s8_start_frames,
+            set.s8_bound_ms,
+        ));
+        t.push_str("| figure |");
+        for (n, _, _) in &meds {
+            t.push_str(&format!(" N = {n} |"));
+        }
+        t.push_str("\n|---|");
+        for _ in &meds {
+            t.push_str("---:|");
+        }
+        t.push('\n');
+        type Fig = fn(&S8Figures) -> f64;
+        let figs: [(&str, Fig, Fmt); 13] = [
+            (
+                "delivered frames/s within p99 bound (median)",
+                |r| r.best_frames_per_s,
+                Fmt::Count,
+            ),
+            ("trades/s at that step", |r| r.best_rate, Fmt::Count),
+            ("p99 at that step (ms)", |r| r.best_p99_ms, Fmt::Ms),
+            (
+                "first failing step (frames/s offered)",
+                |r| r.fail_frames_per_s,
+                Fmt::Count,
+            ),
+            (
+                "CPU of each broadcaster (% of a core)",
+                |r| r.broadcaster_cpu_pct_each,
+                Fmt::Pct1,
+            ),
+            (
+                "throttled time of each broadcaster (ms per s, summed over CPUs)",
+                |r| r.throttled_per_s_each,
+                Fmt::Ms,
+            ),
+            (
+                "LISTEN backends (all broadcasters)",
+                |r| r.listen_backends,
+                Fmt::Count,
+            ),
+            (
+                "Postgres connections per broadcaster",
+                |r| r.pg_conns_per_broadcaster,
+                Fmt::Ms,
+            ),
+            (
+                "log reads/s of each broadcaster",
+                |r| r.log_reads_per_s_each,
+                Fmt::Ms,
+            ),
+            (
+                "log reads per trade, each broadcaster",
+                |r| r.log_reads_per_trade_each,
+                Fmt::Ms,
+            ),
+            (
+                "CPU of each broadcaster's Postgres backends (% of a core)",
+                |r| r.pg_backend_cpu_pct_each,
+                Fmt::Pct1,
+            ),
+            (
+                "Postgres CPU, whole cluster (% of a core)",
+                |r| r.pg_cpu_pct,
+                Fmt::Pct1,
+            ),
+            (
+                "load client CPU (% of a core)",
+                |r| r.bench_cpu_pct,
+                Fmt::Pct1,
+            ),
+        ];
+        for (label, fig, f) in figs {
+            t.push_str(&format!("| {label} |"));
+            for (_, _, m) in &meds {
+                t.push_str(&format!(" {} |", fmt(f, Some(m), fig)));
+            }
+            t.push('\n');
+        }
+        t.push_str("| delivered frames/s, each run |");
+        for (_, runs, _) in &meds {
+            let each: Vec<String> = runs
+                .iter()
+                .map(|r| thousands(r.best_frames_per_s))
+                .collect();
+            t.push_str(&format!(" {} |", each.join(", ")));
+        }
+        t.push_str("\n| ratio to N = 1 (medians; target for N = 3: >= 2.7x) |");
+        for (_, _, m) in &meds {
+            let r = one.map(|o| m.best_frames_per_s / o).unwrap_or(f64::NAN);
+            t.push_str(&format!(
+                " {} |",
+                if r.is_finite() {
+                    format!("{r:.2}x")
+                } else {
+                    "-".into()
+                }
+            ));
+        }
+        t.push_str("\n| lost / duplicated / reordered (worst run) |");
+        for (_, _, m) in &meds {
+            t.push_str(&format!(" {} |", fmt_lrd(&m.delivery)));
+        }
+        t.push('\n');
+    }
+
+    /// S9 (NOTIFY throughput by LISTENers): one row per K.
+    fn s9_table(&self, t: &mut String, set: &Settings) {
+        let mut ks: Vec<f64> = self.s9.iter().map(|r| r.listeners).collect();
+        ks.sort_by(f64::total_cmp);
+        ks.dedup();
+        t.push_str(&format!(
+            "\n**S9: NOTIFY throughput by LISTENing connections**: K idle connections \
+             LISTEN on every shard channel and read their notifications; {} SQL \
+             connections (a market each) commit one-trade transactions (`INSERT INTO \
+             trades`, the trigger NOTIFYs) for {} s; no broadcaster runs. Medians over \
+             runs, K order rotated from run to run.\n\n",
+            set.s9_writers,
+            set.s9_duration.as_secs(),
+        ));
+        t.push_str(
+            "| LISTENers (K) | committed trades/s (median) | each run | vs the first K | p99 commit (ms) | Postgres CPU (% of a core) | notifications missing (worst) | errors |\n\
+             |---:|---:|---|---:|---:|---:|---:|---:|\n",
+        );
+        let mut first = None;
+        for k in ks {
+            let runs: Vec<&S9Figures> = self.s9.iter().filter(|r| r.listeners == k).collect();
+            let Some(m) = aggregate(&runs) else { continue };
+            let base = *first.get_or_insert(m.trades_per_s);
+            let each: Vec<String> = runs.iter().map(|r| thousands(r.trades_per_s)).collect();
+            t.push_str(&format!(
+                "| {} | {} | {} | {:.2}x | {} | {} | {} | {} |\n",
+                num(k),
+                thousands(m.trades_per_s),
+                each.join(", "),
+                m.trades_per_s / base,
+                fmt(Fmt::Ms, Some(&m), |r| r.p99_commit_ms),
+                fmt(Fmt::Pct1, Some(&m), |r| r.pg_cpu_pct),
+                num(m.notifications_missing),
+                num(m.errors),
+            ));
+        }
     }
 
     /// S7 (1.1 read side costs): its own table, each run beside the median.
@@ -939,6 +1130,14 @@ impl Results {
             let mut v = json!({ "runs": self.s7.len(), "marketcast": rec_json(&mc) });
             v["each_run"] = json!(each);
             out.push(json_line("S7", v));
+        }
+        if !self.s8.is_empty() {
+            let each: Vec<Value> = self.s8.iter().map(rec_json).collect();
+            out.push(json_line("S8", json!({ "each_run": each })));
+        }
+        if !self.s9.is_empty() {
+            let each: Vec<Value> = self.s9.iter().map(rec_json).collect();
+            out.push(json_line("S9", json!({ "each_run": each })));
         }
         out
     }
