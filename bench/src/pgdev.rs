@@ -2,12 +2,19 @@
 //! wrapper ([`marketcast::pgdev`]) in a state dir of its own, stopped and
 //! wiped on drop, whatever happened.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::Result;
 
-/// The throwaway cluster's state dir (wiped at the end).
-pub const PGDEV_DIR: &str = "/tmp/marketcast-bench-pg";
+/// The throwaway cluster's state dir (wiped at the end), unless
+/// `BENCH_PGDEV_DIR` names another (two benches at once need two).
+const PGDEV_DIR: &str = "/tmp/marketcast-bench-pg";
+
+fn state_dir() -> PathBuf {
+    std::env::var_os("BENCH_PGDEV_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(PGDEV_DIR))
+}
 
 /// The throwaway cluster; stopped and wiped on drop.
 pub struct PgDev {
@@ -17,8 +24,9 @@ pub struct PgDev {
 
 impl PgDev {
     pub fn start() -> Result<PgDev> {
-        eprintln!("starting a throwaway Postgres in {PGDEV_DIR}");
-        let cluster = marketcast::pgdev::PgDev::start_blocking(Path::new(PGDEV_DIR))?;
+        let dir = state_dir();
+        eprintln!("starting a throwaway Postgres in {}", dir.display());
+        let cluster = marketcast::pgdev::PgDev::start_blocking(&dir)?;
         Ok(PgDev {
             url: cluster.url.clone(),
             cluster,
@@ -27,7 +35,7 @@ impl PgDev {
 
     /// The postmaster's pid (for its CPU), while the cluster runs.
     pub fn postmaster_pid() -> Option<u32> {
-        marketcast::pgdev::postmaster_pid(Path::new(PGDEV_DIR))
+        marketcast::pgdev::postmaster_pid(&state_dir())
     }
 }
 
