@@ -365,7 +365,10 @@ impl State {
             Ok(grant) => grant,
             Err(refusal) => return refusal.response(),
         };
-        let initial = initial_op(req.uri().query().unwrap_or(""), &self.ctx.limits);
+        // Boxed, like the grant: the session task keeps what it was started
+        // with for its whole life, so an inline op would cost every idle
+        // connection its size three times over (S3).
+        let initial = initial_op(req.uri().query().unwrap_or(""), &self.ctx.limits).map(Box::new);
         let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
             Ok(x) => x,
             Err(e) => {
@@ -388,7 +391,9 @@ impl State {
         let task = async move {
             let _slot = slot;
             match fut.await {
-                Ok(ws) => session::run(ws, ctx, grant, initial, shutdown, conn_id).await,
+                Ok(ws) => {
+                    session::run(ws.into_inner(), ctx, grant, initial, shutdown, conn_id).await
+                }
                 Err(e) => {
                     tracing::debug!(conn = conn_id, %peer, error = %e, "WebSocket upgrade failed")
                 }

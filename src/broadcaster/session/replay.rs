@@ -240,7 +240,7 @@ pub(crate) async fn open(
             };
             (
                 Kind::Ticker {
-                    pos: super::ticker::position(after, interval_ms),
+                    pos: Box::new(super::ticker::position(after, interval_ms)),
                 },
                 LiveStream::Ticker(BroadcastStream::new(rx)),
                 Some(boundary),
