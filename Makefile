@@ -5,7 +5,7 @@ CARGO ?= cargo
 export PGDEV_DIR ?= /tmp/marketcast-pg-dev
 
 
-.PHONY: all build run test test-deps lint browser-test metrics-check ts-test unit fuzz bench bench-sql bench-quick soak fmt clippy pg-start pg-stop clean
+.PHONY: all build run test test-deps lint browser-test metrics-check ts-test unit fuzz bench bench-deps bench-sql bench-quick soak fmt clippy pg-start pg-stop clean
 
 all: build
 
@@ -106,11 +106,17 @@ lint:
 # The bench is its own package and workspace in bench/ (like fuzz/), built into
 # this target directory so that target/release/marketcast-bench finds
 # target/release/marketcast beside it.
-# `bench` runs every marketcast scenario 3 times (baselines once) and writes
-# the medians to docs/BENCHMARKS.md and docs/bench/*.png (8-10 minutes
-# after the build; BENCH_ARGS="--runs 1" for one pass, "--scenarios s3" for
-# one scenario); `bench-quick` is a small smoke run (about 2 minutes) whose
-# report goes to target/bench-quick.md.
+# `bench` runs every marketcast scenario 3 times, T and S2 also 3 times on
+# each peer (the Node bridge of bench/bridge and the raw baseline, rounds
+# alternating), S1 and S3 the peers once, and writes the medians to
+# docs/BENCHMARKS.md and docs/bench/*.png (BENCH_ARGS="--runs 1" for one
+# pass, "--scenarios s3" for one scenario, "--no-bridge" without Node).
+# The peers' rounds take T's 3 runs to about 4 minutes (9 rounds of ~28 s)
+# and, by estimate on a quiet machine, S2's to about 7 (about 12 steps of
+# 4 s for marketcast and the raw baseline, 6 for the bridge, plus 5,000
+# connects per round): about 8 minutes more than before issue 14.
+# `bench-quick` is a small smoke run (5.5 minutes after the build, measured
+# with other work on the machine) whose report goes to target/bench-quick.md.
 # `soak` (issue 6): 10,000 connections with trades flowing for 10 minutes;
 # server RSS, descriptors and threads at start and end, into
 # docs/bench/soak.md (SOAK_ARGS="--soak-duration 60" for a short one).
@@ -119,13 +125,31 @@ lint:
 BENCH_ARGS ?=
 SOAK_ARGS ?=
 BENCH_BUILD = $(CARGO) build --release --manifest-path bench/Cargo.toml --target-dir target
-bench: build
+bench: build bench-deps
 	$(BENCH_BUILD)
 	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; ./target/release/marketcast-bench $(BENCH_ARGS)
 
-bench-quick: build
+bench-quick: build bench-deps
 	$(BENCH_BUILD)
 	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; ./target/release/marketcast-bench --quick $(BENCH_ARGS)
+
+# The Node peer of S1, T, S2 and S3 (issue 14, bench/bridge: ws + pg, pinned
+# by its package-lock.json): Debian's nodejs and npm when missing, then its
+# node_modules (npm ci) when absent. Skipped when BENCH_ARGS leaves the bridge
+# out (--no-bridge, --no-baseline, --targets without it).
+bench-deps:
+	@set -euo pipefail; \
+	args=" $(BENCH_ARGS) "; \
+	case "$$args" in *" --no-bridge "*|*" --no-baseline "*) exit 0;; esac; \
+	case "$$args" in *" --targets"*) case "$$args" in *bridge*) ;; *) exit 0;; esac;; esac; \
+	missing=""; \
+	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make bench needs:$$missing (sudo apt-get install$$missing), or BENCH_ARGS=--no-bridge" >&2; exit 1; fi; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi; \
+	if [ ! -d bench/bridge/node_modules ]; then npm ci --prefix bench/bridge --no-audit --no-fund; fi
 
 soak: build
 	$(BENCH_BUILD)

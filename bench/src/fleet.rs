@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Result};
@@ -39,6 +40,20 @@ pub struct FleetCfg {
     /// Appended to every subscribe URL, e.g. `&mode=ticker&interval_ms=1000`
     /// (S7): `ticker` frames are then checked as contiguous spans.
     pub query: String,
+    /// The seqs the clients skipped over, as ranges (first, last), as they
+    /// notice them (a gap that a late frame fills later is listed too;
+    /// marketcast never reorders): S2 fails a step whose trades any client
+    /// lost.
+    pub gaps: Arc<Mutex<Vec<(i64, i64)>>>,
+}
+
+impl FleetCfg {
+    fn gap(&self, first: i64, last: i64) {
+        self.gaps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((first, last));
+    }
 }
 
 /// The fields of a server message the clients look at.
@@ -127,6 +142,7 @@ impl ClientStats {
 
 /// The subscribers of one run.
 pub struct Fleet {
+    cfg: Arc<FleetCfg>,
     /// Market index and progress per client.
     pub probes: Vec<(usize, Arc<Probe>)>,
     handles: Vec<tokio::task::JoinHandle<ClientStats>>,
@@ -165,6 +181,7 @@ impl Fleet {
         let stop = CancellationToken::new();
         let (storm, storm_rx) = watch::channel(0i64);
         let mut fleet = Fleet {
+            cfg: cfg.clone(),
             probes: Vec::with_capacity(n),
             handles: Vec::with_capacity(n),
             stop: stop.clone(),
@@ -219,6 +236,34 @@ impl Fleet {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Frames skipped over so far, over all clients, whose seq is in
+    /// `after + 1 ..= upto` ([`FleetCfg::gaps`]).
+    pub fn lost_in(&self, after: i64, upto: i64) -> u64 {
+        self.cfg
+            .gaps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|&(a, b)| (b.min(upto) - a.max(after + 1) + 1).max(0) as u64)
+            .sum()
+    }
+
+    /// Every client has seen its market's final seq.
+    pub fn drained(&self, final_seq: &[i64]) -> bool {
+        self.probes
+            .iter()
+            .all(|(mi, p)| p.last.load(Ordering::Relaxed) >= final_seq[*mi])
+    }
+
+    /// The sum of every client's last seq: it stops moving when nothing
+    /// more arrives.
+    pub fn progress(&self) -> i64 {
+        self.probes
+            .iter()
+            .map(|(_, p)| p.last.load(Ordering::Relaxed).max(0))
+            .sum()
     }
 
     /// Every client drops its connection now and reconnects at once with
@@ -373,6 +418,9 @@ async fn session(
                     st.parse_errors += 1;
                     continue;
                 };
+                if seq > st.last + 1 {
+                    cfg.gap(st.last + 1, seq - 1);
+                }
                 st.on_seq(seq);
                 probe.last.store(st.last, Ordering::Relaxed);
                 // The meter's schedule is set after the fleet connected.
@@ -407,6 +455,9 @@ async fn session(
                 if st.last < 0 {
                     st.parse_errors += 1;
                     continue;
+                }
+                if from > st.last + 1 {
+                    cfg.gap(st.last + 1, from - 1);
                 }
                 st.on_span(from, to);
                 probe.last.store(st.last, Ordering::Relaxed);

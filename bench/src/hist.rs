@@ -125,6 +125,19 @@ impl Meter {
         }
     }
 
+    /// Make phase `k` start at `start_us` (unix µs) from now on, for a
+    /// schedule whose phases are not evenly spaced (S2's ladder waits for
+    /// the server to recover after a failing step). Only ever moves t0
+    /// later, so a late frame of an earlier phase is filed under an earlier
+    /// phase, never under `k`.
+    pub fn anchor(&self, k: usize, start_us: i64) {
+        let t0 = start_us - k as i64 * self.period_us;
+        let cur = self.t0_us.load(Ordering::Relaxed);
+        if cur == i64::MAX || t0 > cur {
+            self.t0_us.store(t0, Ordering::Relaxed);
+        }
+    }
+
     pub fn phase(&self, ts_us: i64) -> Option<usize> {
         let t0 = self.t0_us.load(Ordering::Relaxed);
         if ts_us < t0 {

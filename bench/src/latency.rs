@@ -2,7 +2,9 @@
 //! subscribers on one market, 500 trades/s = 100k frames/s): subscribers
 //! spread over markets, trades at a fixed rate, commit-to-client latency of
 //! every frame, the delivery checks, and the server's CPU and RSS over the
-//! measured window.
+//! measured window; Postgres's CPU over the same window, by backend
+//! (`PgBreakdown`: which connection of which server, the feed, the WAL
+//! writer...), for the servers fed through SQL.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use anyhow::Result;
 use crate::feed::{feed, Plan};
 use crate::fleet::Fleet;
 use crate::hist::{clocks, Meter};
-use crate::procs::{PgCpu, ProcStats};
+use crate::procs::{pg_activity, PgBreakdown, PgProcs, ProcStats};
 use crate::report::{figures, Delivery};
 use crate::{per_market, Env, Target};
 
@@ -45,8 +47,10 @@ figures! {
         p999_ms: median,
         max_ms: median,
         server_cpu_pct: median,
+        server_cpu_us_per_frame: median,
         server_rss_mib: median,
         postgres_cpu_pct: median,
+        postgres_cpu_us_per_trade: median,
         bench_cpu_pct: median,
         ..delivery: Delivery,
     }
@@ -56,6 +60,9 @@ pub struct LatencyRun {
     pub rec: LatencyFigures,
     /// (quantile, ms) for the percentile plot.
     pub curve: Vec<(f64, f64)>,
+    /// Postgres CPU by backend over the measured window (servers fed
+    /// through SQL).
+    pub pg: Option<PgBreakdown>,
 }
 
 pub async fn run(env: &Env, p: &LatencyParams, run: usize, target: Target) -> Result<LatencyRun> {
@@ -97,15 +104,24 @@ async fn measure(
         now_us + (lead + WARMUP).as_micros() as i64,
         Ordering::Relaxed,
     );
-    // The server's CPU over exactly the measured window.
+    // The server's and Postgres's CPU over exactly the measured window;
+    // Postgres's processes named (pg_stat_activity) just before it (every
+    // connection is open by then: the warm-up's trades went through them)
+    // and at its end (any started since).
     let pid = up.server.pid;
+    let admin = env.admin.clone();
     let sampler = env.feed_rt.spawn(async move {
+        tokio::time::sleep_until((t0 - Duration::from_millis(300)).into()).await;
+        let mut activity = pg_activity(&admin).await;
         tokio::time::sleep_until(t0.into()).await;
         let me = std::process::id();
-        let a = (ProcStats::of(pid), PgCpu::sample(), ProcStats::of(me));
+        let a = (ProcStats::of(pid), PgProcs::sample(), ProcStats::of(me));
         tokio::time::sleep_until((t0 + d).into()).await;
-        let b = (ProcStats::of(pid), PgCpu::sample(), ProcStats::of(me));
-        (a, b)
+        let b = (ProcStats::of(pid), PgProcs::sample(), ProcStats::of(me));
+        for (pid, x) in pg_activity(&admin).await {
+            activity.entry(pid).or_insert(x);
+        }
+        (a, b, activity)
     });
     let plan = Plan {
         markets: Arc::new(markets.clone()),
@@ -116,7 +132,7 @@ async fn measure(
         cut: Default::default(),
     };
     let out = feed(env.feed_rt.clone(), env.sink(up), plan).await?;
-    let ((s0, pg0, me0), (s1, pg1, me1)) = sampler.await?;
+    let ((s0, pg0, me0), (s1, pg1, me1), activity) = sampler.await?;
     if !fleet.drain(&out.final_seq, Duration::from_secs(15)).await {
         eprintln!("  not every subscriber got the last trade within 15 s");
     }
@@ -127,12 +143,16 @@ async fn measure(
     let delivered = h.count();
     let undelivered = expected.saturating_sub(delivered);
     let secs = d.as_secs_f64();
+    let committed = out.phase_total(0) as f64;
+    let fed_by_sql = target != Target::Raw;
+    let pg = PgBreakdown::between(&pg0, &pg1, &activity, committed);
+    let server_cpu_pct = s1.cpu_pct_since(&s0);
     let rec = LatencyFigures {
         subscribers: p.subscribers as f64,
         markets: markets.len() as f64,
         rate: p.rate as f64,
         duration_s: secs,
-        committed_per_s: out.phase_total(0) as f64 / secs,
+        committed_per_s: committed / secs,
         rows_per_insert: out.committed as f64 / out.statements.max(1) as f64,
         frames: delivered as f64,
         frames_per_s: delivered as f64 / secs,
@@ -140,14 +160,22 @@ async fn measure(
         p99_ms: h.quantile(0.99, undelivered) / 1000.0,
         p999_ms: h.quantile(0.999, undelivered) / 1000.0,
         max_ms: h.max_us() / 1000.0,
-        server_cpu_pct: s1.cpu_pct_since(&s0),
+        server_cpu_pct,
+        server_cpu_us_per_frame: server_cpu_pct / 100.0 * secs * 1e6 / delivered as f64,
         server_rss_mib: s1.rss_mib(),
-        postgres_cpu_pct: pg1.pct_since(&pg0),
+        postgres_cpu_pct: pg.pct("total"),
+        // The raw baseline commits nothing: its Postgres idles.
+        postgres_cpu_us_per_trade: if fed_by_sql {
+            pg.us_per_trade("total")
+        } else {
+            f64::NAN
+        },
         bench_cpu_pct: me1.cpu_pct_since(&me0),
         delivery: Delivery::of(&[&checks], out.errors),
     };
     Ok(LatencyRun {
         rec,
         curve: h.curve(),
+        pg: fed_by_sql.then_some(pg),
     })
 }

@@ -7,8 +7,9 @@
 //!   clients) on one tokio runtime, the trade feed (SQL INSERTs, or requests
 //!   to the raw baseline to publish) on another;
 //! - **the server under test**, a child process started fresh for every run:
-//!   the real `marketcast broadcaster` / `marketcast writer` binaries, or
-//!   this binary again as the raw baseline (`--serve-raw`, see `raw.rs`). Its
+//!   the real `marketcast broadcaster` / `marketcast writer` binaries, the
+//!   Node peer (`node bench/bridge/server.js`, see `bridge.rs`), or this
+//!   binary again as the raw baseline (`--serve-raw`, see `raw.rs`). Its
 //!   CPU, RSS, descriptors and threads are read from /proc/PID (`procs.rs`);
 //! - **Postgres**: a throwaway cluster from `bin/pg-dev` in
 //!   `/tmp/marketcast-bench-pg`, wiped at the end whatever happened.
@@ -18,9 +19,11 @@
 //! `soak`; shared parts: `fleet` (subscribers and their delivery checks),
 //! `ws` (the client's WebSocket reader), `feed` (trade producers), `hist`
 //! (latency histograms), `procs` (child processes and /proc), `pgdev`,
-//! `raw` (the baseline server), `report` and `plot` (the outputs).
+//! `raw` (the baseline server), `bridge` (the Node peer), `report` and
+//! `plot` (the outputs).
 #![forbid(unsafe_code)]
 
+mod bridge;
 mod conns;
 mod feed;
 mod fleet;
@@ -219,16 +222,25 @@ struct Args {
     /// --quick 1].
     #[arg(long)]
     runs: Option<usize>,
-    /// Runs of each baseline [default: 1].
+    /// Runs of each peer (the Node bridge, the raw baseline) in S1 and S3;
+    /// in T and S2 every target runs --runs times.
     #[arg(long, default_value_t = 1)]
     baseline_runs: usize,
+    /// Servers of S1, T, S2 and S3, comma-separated: marketcast, bridge (the
+    /// Node peer, bench/bridge), raw (the raw baseline). The other scenarios
+    /// are marketcast's alone.
+    #[arg(long, value_delimiter = ',', default_value = "marketcast,bridge,raw")]
+    targets: Vec<String>,
+    /// Skip the Node bridge (no Node.js needed).
+    #[arg(long)]
+    no_bridge: bool,
     /// The load client's WebSocket implementation.
     #[arg(long, value_enum, default_value_t = ClientKind::Lean)]
     client: ClientKind,
     /// Small and fast: every scenario at a small size.
     #[arg(long)]
     quick: bool,
-    /// Skip the baselines.
+    /// Skip the peers: the Node bridge and the raw baseline.
     #[arg(long)]
     no_baseline: bool,
     /// Markdown report to write [default: docs/BENCHMARKS.md; with --quick
@@ -310,6 +322,8 @@ pub struct Settings {
     pub sql_writers: usize,
     pub runs: usize,
     pub baseline_runs: usize,
+    /// The servers of S1, T, S2 and S3, in the order of the first run.
+    pub targets: Vec<Target>,
     pub client: ClientKind,
     pub quick: bool,
     pub report: PathBuf,
@@ -405,7 +419,8 @@ impl Settings {
                 .collect(),
             sql_writers: a.sql_writers,
             runs: a.runs.unwrap_or(if q { 1 } else { 3 }),
-            baseline_runs: if a.no_baseline { 0 } else { a.baseline_runs },
+            baseline_runs: a.baseline_runs,
+            targets: parse_targets(a)?,
             client: a.client,
             quick: q,
             report: a.report.clone().unwrap_or_else(|| {
@@ -509,6 +524,32 @@ impl Settings {
     }
 }
 
+/// --targets, less what --no-bridge and --no-baseline skip, in the fixed
+/// order marketcast, bridge, raw.
+fn parse_targets(a: &Args) -> Result<Vec<Target>> {
+    let mut want = Vec::new();
+    for name in &a.targets {
+        let t = match name.trim().to_ascii_lowercase().as_str() {
+            "marketcast" => Target::Marketcast,
+            "bridge" => Target::Bridge,
+            "raw" => Target::Raw,
+            "" => continue,
+            other => bail!("--targets: unknown target {other:?} (known: marketcast,bridge,raw)"),
+        };
+        want.push(t);
+    }
+    let out: Vec<Target> = [Target::Marketcast, Target::Bridge, Target::Raw]
+        .into_iter()
+        .filter(|t| want.contains(t))
+        .filter(|t| !(a.no_bridge && *t == Target::Bridge))
+        .filter(|t| !(a.no_baseline && *t != Target::Marketcast))
+        .collect();
+    if out.is_empty() {
+        bail!("--targets: nothing to run");
+    }
+    Ok(out)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -578,13 +619,37 @@ fn run_all(set: Settings) -> Result<bool> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Marketcast,
+    /// The Node peer: `bench/bridge/server.js` (`bridge.rs`).
+    Bridge,
     Raw,
 }
 
 impl Target {
+    /// In the report's column order.
+    pub const ALL: [Target; 3] = [Target::Marketcast, Target::Bridge, Target::Raw];
+
+    /// Its column, and its colour in the plots.
+    pub fn index(self) -> usize {
+        match self {
+            Target::Marketcast => 0,
+            Target::Bridge => 1,
+            Target::Raw => 2,
+        }
+    }
+
+    /// As the report names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Target::Marketcast => "marketcast",
+            Target::Bridge => "Node bridge",
+            Target::Raw => "raw baseline",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Target::Marketcast => "marketcast",
+            Target::Bridge => "bridge",
             Target::Raw => "raw",
         }
     }
@@ -594,11 +659,13 @@ impl Target {
 pub struct Env {
     pub set: Settings,
     pub url: String,
-    pub admin: tokio_postgres::Client,
+    pub admin: Arc<tokio_postgres::Client>,
     pub sql_feed: Arc<SqlFeed>,
     pub client_rt: Handle,
     pub feed_rt: Handle,
     marketcast_bin: PathBuf,
+    /// How to start the Node peer (when it is a target).
+    bridge: Option<bridge::Bridge>,
 }
 
 /// A server under test, running.
@@ -606,12 +673,17 @@ pub struct Up {
     pub server: Server,
     pub target: Target,
     raw: Option<Arc<RawControl>>,
+    /// A bridge round: drops the bridge's trigger when the round ends.
+    bridge_trigger: Option<Arc<tokio_postgres::Client>>,
 }
 
 impl Up {
     pub async fn stop(self) {
         drop(self.raw);
         self.server.stop().await;
+        if let Some(admin) = &self.bridge_trigger {
+            bridge::uninstall(admin).await;
+        }
     }
 }
 
@@ -643,6 +715,20 @@ impl Env {
                 )
                 .await?
             }
+            Target::Bridge => {
+                let b = self
+                    .bridge
+                    .as_ref()
+                    .context("the Node bridge is not a target of this run")?;
+                bridge::install(&self.admin).await?;
+                match Server::spawn("Node bridge", b.command(&self.url), None).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        bridge::uninstall(&self.admin).await;
+                        return Err(e);
+                    }
+                }
+            }
             Target::Raw => {
                 let me = std::env::current_exe().context("locating marketcast-bench")?;
                 let mut cmd = tokio::process::Command::new(me);
@@ -650,16 +736,27 @@ impl Env {
                 Server::spawn("raw baseline server", cmd, None).await?
             }
         };
-        wait_healthy(server.addr, server.name).await?;
-        let raw = match target {
-            Target::Raw => Some(Arc::new(RawControl::connect(server.addr).await?)),
-            Target::Marketcast => None,
-        };
-        Ok(Up {
+        let bridge_trigger = (target == Target::Bridge).then(|| self.admin.clone());
+        let up = Up {
             server,
             target,
-            raw,
-        })
+            raw: None,
+            bridge_trigger,
+        };
+        let ready = async {
+            wait_healthy(up.server.addr, up.server.name).await?;
+            match target {
+                Target::Raw => Ok(Some(Arc::new(RawControl::connect(up.server.addr).await?))),
+                Target::Marketcast | Target::Bridge => Ok::<_, anyhow::Error>(None),
+            }
+        };
+        match ready.await {
+            Ok(raw) => Ok(Up { raw, ..up }),
+            Err(e) => {
+                up.stop().await;
+                Err(e)
+            }
+        }
     }
 
     pub async fn start_writer(&self) -> Result<Server> {
@@ -717,6 +814,7 @@ impl Env {
             from_seq,
             target,
             query: String::new(),
+            gaps: Default::default(),
         }
     }
 
@@ -844,7 +942,15 @@ async fn bench(
     u.set_path("/marketcast_bench");
     let url = u.to_string();
     db::migrate(&url, 1).await.context("migrating")?;
-    let admin = db::connect(&url, "marketcast-bench").await?;
+    let admin = Arc::new(db::connect(&url, "marketcast-bench").await?);
+    let bridge = if set.targets.contains(&Target::Bridge) {
+        let b = bridge::Bridge::locate()?;
+        bridge::check_frame(&admin).await?;
+        eprintln!("the Node bridge: {} ({})", b.script.display(), b.versions());
+        Some(b)
+    } else {
+        None
+    };
     let pg_version: String = admin
         .query_one("SHOW server_version", &[])
         .await?
@@ -863,11 +969,15 @@ async fn bench(
         client_rt,
         feed_rt,
         marketcast_bin: procs::sibling("marketcast")?,
+        bridge: bridge.clone(),
     };
     let load_before = report::loadavg();
     let results = scenarios(&env).await?;
     let ok = results.guarantee_held();
     let mut machine = report::machine_info(&pg_version);
+    if let Some(b) = &bridge {
+        machine.push(("Node bridge (bench/bridge)", b.versions()));
+    }
     machine.push((
         "load average (1/5/15 min) before / after",
         format!(
@@ -926,37 +1036,44 @@ fn relative(from: &std::path::Path, file: &std::path::Path) -> String {
         })
 }
 
-/// The PNGs of this run: (title, link from the report).
+/// The PNGs of this run: (title, link from the report). Each server in its
+/// own colour: its median run (by p99; S2: by the highest passing step).
 fn write_plots(set: &Settings, r: &Results) -> Vec<(String, String)> {
     let mut out = Vec::new();
     if let Err(e) = std::fs::create_dir_all(&set.plots) {
         eprintln!("marketcast-bench: creating {}: {e}", set.plots.display());
         return out;
     }
-    let mut lat =
-        |runs: &[latency::LatencyRun], raw: &[latency::LatencyRun], file: &str, title: String| {
-            let pick = |v: &[latency::LatencyRun]| {
+    let mut lat = |runs: &report::ByTarget<latency::LatencyRun>, file: &str, title: String| {
+        let curves: Vec<(Target, Vec<(f64, f64)>)> = Target::ALL
+            .iter()
+            .filter_map(|&t| {
+                let v = runs.get(t);
                 let recs: Vec<_> = v.iter().map(|x| &x.rec).collect();
-                report::median_run(&recs, |r| r.p99_ms).map(|i| v[i].curve.clone())
-            };
-            let (Some(mc), raw) = (pick(runs), pick(raw)) else {
-                return;
-            };
-            let mut series: Vec<(&str, &[(f64, f64)])> =
-                vec![("marketcast (median run by p99)", &mc)];
-            if let Some(raw) = &raw {
-                series.push(("raw baseline", raw));
-            }
-            let png = set.plots.join(file);
-            match plot::percentiles(&png, &title, &series) {
-                Ok(()) => out.push((title, relative(&set.report, &png))),
-                Err(e) => eprintln!("marketcast-bench: {file}: {e:#}"),
-            }
-        };
+                report::median_run(&recs, |r| r.p99_ms).map(|i| (t, v[i].curve.clone()))
+            })
+            .collect();
+        if curves.is_empty() {
+            return;
+        }
+        let labels: Vec<String> = curves
+            .iter()
+            .map(|(t, _)| format!("{} (median run by p99)", t.label()))
+            .collect();
+        let series: Vec<plot::Curve<'_>> = curves
+            .iter()
+            .zip(&labels)
+            .map(|((t, c), l)| (l.as_str(), t.index(), c.as_slice()))
+            .collect();
+        let png = set.plots.join(file);
+        match plot::percentiles(&png, &title, &series) {
+            Ok(()) => out.push((title, relative(&set.report, &png))),
+            Err(e) => eprintln!("marketcast-bench: {file}: {e:#}"),
+        }
+    };
     if !r.s1.is_empty() {
         lat(
             &r.s1,
-            &r.s1_raw,
             "s1-latency.png",
             format!(
                 "S1 latency distribution: {} subscribers, {} markets, {} trades/s",
@@ -967,7 +1084,6 @@ fn write_plots(set: &Settings, r: &Results) -> Vec<(String, String)> {
     if !r.table.is_empty() {
         lat(
             &r.table,
-            &r.table_raw,
             "table-latency.png",
             format!(
                 "Table workload latency: {} subscribers, 1 market, {} trades/s",
@@ -976,16 +1092,23 @@ fn write_plots(set: &Settings, r: &Results) -> Vec<(String, String)> {
         );
     }
     if !r.s2.is_empty() {
-        let steps = |v: &[ramp::S2Result]| {
-            let recs: Vec<_> = v.iter().map(|x| &x.rec).collect();
-            report::median_run(&recs, |r| r.best_frames_per_s).map(|i| v[i].steps.clone())
-        };
-        let mc = steps(&r.s2).unwrap_or_default();
-        let raw = steps(&r.s2_raw);
-        let mut series: Vec<(&str, &[Value])> = vec![("marketcast (median run)", &mc)];
-        if let Some(raw) = &raw {
-            series.push(("raw baseline", raw));
-        }
+        let steps: Vec<(Target, Vec<Value>)> = Target::ALL
+            .iter()
+            .filter_map(|&t| {
+                let v = r.s2.get(t);
+                let recs: Vec<_> = v.iter().map(|x| &x.rec).collect();
+                report::median_run(&recs, |r| r.best_frames_per_s).map(|i| (t, v[i].steps.clone()))
+            })
+            .collect();
+        let labels: Vec<String> = steps
+            .iter()
+            .map(|(t, _)| format!("{} (median run)", t.label()))
+            .collect();
+        let series: Vec<(&str, usize, &[Value])> = steps
+            .iter()
+            .zip(&labels)
+            .map(|((t, v), l)| (l.as_str(), t.index(), v.as_slice()))
+            .collect();
         let png = set.plots.join("s2-ramp.png");
         let title = format!(
             "S2 ramp: {} subscribers on one market, p99 bound {} ms",
@@ -1000,12 +1123,23 @@ fn write_plots(set: &Settings, r: &Results) -> Vec<(String, String)> {
     out
 }
 
-fn targets(set: &Settings, run: usize) -> Vec<Target> {
-    if run <= set.baseline_runs {
-        vec![Target::Marketcast, Target::Raw]
-    } else {
-        vec![Target::Marketcast]
+/// The servers of run `run` (1-based) of a scenario, in the order they go:
+/// the targets rotated by one every run, so that no server always follows
+/// the same one (run i of each before run i+1 of any). `all`: every target
+/// every run (T and S2); otherwise the peers only in the first
+/// --baseline-runs runs (S1, S3).
+fn targets(set: &Settings, run: usize, all: bool) -> Vec<Target> {
+    let mut v: Vec<Target> = set
+        .targets
+        .iter()
+        .copied()
+        .filter(|&t| all || t == Target::Marketcast || run <= set.baseline_runs)
+        .collect();
+    if !v.is_empty() {
+        let k = (run - 1) % v.len();
+        v.rotate_left(k);
     }
+    v
 }
 
 async fn scenarios(env: &Env) -> Result<Results> {
@@ -1013,6 +1147,7 @@ async fn scenarios(env: &Env) -> Result<Results> {
     let mut r = Results {
         runs: set.runs,
         baseline_runs: set.baseline_runs.min(set.runs),
+        targets: set.targets.clone(),
         ..Default::default()
     };
     let s1 = latency::LatencyParams {
@@ -1041,47 +1176,38 @@ async fn scenarios(env: &Env) -> Result<Results> {
     for run in 1..=set.runs {
         let n = set.runs;
         if set.s1 {
-            for target in targets(set, run) {
+            for target in targets(set, run, false) {
                 eprintln!("S1 run {run}/{n} ({})", target.name());
                 let x = latency::run(env, &s1, run, target).await?;
                 eprintln!("  {}", rec_line(&x.rec));
-                match target {
-                    Target::Marketcast => r.s1.push(x),
-                    Target::Raw => r.s1_raw.push(x),
-                }
+                r.s1.push(target, x);
             }
         }
         if set.table {
-            for target in targets(set, run) {
+            for target in targets(set, run, true) {
                 eprintln!("T (table workload) run {run}/{n} ({})", target.name());
                 let x = latency::run(env, &table, run, target).await?;
                 eprintln!("  {}", rec_line(&x.rec));
-                match target {
-                    Target::Marketcast => r.table.push(x),
-                    Target::Raw => r.table_raw.push(x),
+                if let Some(pg) = &x.pg {
+                    eprintln!("  Postgres CPU by backend: {}", pg.line());
                 }
+                r.table.push(target, x);
             }
         }
         if set.s2 {
-            for target in targets(set, run) {
+            for target in targets(set, run, true) {
                 eprintln!("S2 run {run}/{n} ({})", target.name());
                 let x = ramp::run(env, run, target).await?;
                 eprintln!("  {}", rec_line(&x.rec));
-                match target {
-                    Target::Marketcast => r.s2.push(x),
-                    Target::Raw => r.s2_raw.push(x),
-                }
+                r.s2.push(target, x);
             }
         }
         if set.s3 {
-            for target in targets(set, run) {
+            for target in targets(set, run, false) {
                 eprintln!("S3 run {run}/{n} ({})", target.name());
                 let x = conns::run(env, run, target).await?;
                 eprintln!("  {}", rec_line(&x));
-                match target {
-                    Target::Marketcast => r.s3.push(x),
-                    Target::Raw => r.s3_raw.push(x),
-                }
+                r.s3.push(target, x);
             }
         }
         if let Some(log) = &log {
@@ -1089,7 +1215,7 @@ async fn scenarios(env: &Env) -> Result<Results> {
             let x = replay::run(env, log, Target::Marketcast).await?;
             eprintln!("  {}", rec_line(&x));
             r.s4.push(x);
-            if run <= set.baseline_runs {
+            if run <= set.baseline_runs && set.targets.len() > 1 {
                 eprintln!("S4 run {run}/{n} (baseline: plain SQL read)");
                 let x = replay::sql_read(env, log).await?;
                 eprintln!("  {}", rec_line(&x));

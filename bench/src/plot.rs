@@ -12,7 +12,14 @@ use serde_json::Value;
 const W: u32 = 1000;
 const H: u32 = 600;
 const MC: RGBColor = RGBColor(0xd6, 0x27, 0x28);
+const BRIDGE: RGBColor = RGBColor(0x2c, 0xa0, 0x2c);
 const RAW: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
+/// By server (`Target::index`): marketcast, the Node bridge, the raw baseline.
+const PALETTE: [RGBColor; 3] = [MC, BRIDGE, RAW];
+
+fn color(i: usize) -> RGBColor {
+    PALETTE[i % PALETTE.len()]
+}
 
 fn fonts() {
     static ONCE: Once = Once::new();
@@ -29,13 +36,18 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotting: {e:?}")
 }
 
+/// One line of a percentile plot: its name, its colour index ([`PALETTE`]),
+/// (quantile, ms) points.
+pub type Curve<'a> = (&'a str, usize, &'a [(f64, f64)]);
+
 /// A latency percentile plot: x = percentile on a "nines" axis
-/// (-log10(1 - q)), y = latency on a log axis, one line per series.
-pub fn percentiles(path: &Path, title: &str, series: &[(&str, &[(f64, f64)])]) -> Result<()> {
+/// (-log10(1 - q)), y = latency on a log axis, one line per series (name,
+/// colour index, curve).
+pub fn percentiles(path: &Path, title: &str, series: &[Curve<'_>]) -> Result<()> {
     fonts();
     let pts: Vec<(f64, f64)> = series
         .iter()
-        .flat_map(|(_, c)| c.iter().copied())
+        .flat_map(|(_, _, c)| c.iter().copied())
         .filter(|(_, v)| v.is_finite() && *v > 0.0)
         .collect();
     if pts.is_empty() {
@@ -85,8 +97,8 @@ pub fn percentiles(path: &Path, title: &str, series: &[(&str, &[(f64, f64)])]) -
         .axis_desc_style(("sans-serif", 18))
         .draw()
         .map_err(err)?;
-    for (i, (name, curve)) in series.iter().enumerate() {
-        let color = if i == 0 { MC } else { RAW };
+    for &(name, ci, curve) in series {
+        let color = color(ci);
         let data: Vec<(f64, f64)> = curve
             .iter()
             .filter(|(q, v)| *q < 1.0 && v.is_finite() && *v > 0.0)
@@ -95,7 +107,7 @@ pub fn percentiles(path: &Path, title: &str, series: &[(&str, &[(f64, f64)])]) -
         chart
             .draw_series(LineSeries::new(data, color.stroke_width(3)))
             .map_err(err)?
-            .label(*name)
+            .label(name)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
             });
@@ -113,8 +125,15 @@ pub fn percentiles(path: &Path, title: &str, series: &[(&str, &[(f64, f64)])]) -
 }
 
 /// S2's ramp: delivered frames/s (top) and p99 (bottom, log axis) per offered
-/// trade rate, for each target's median run; failing steps drawn hollow.
-pub fn ramp(path: &Path, title: &str, bound_ms: f64, series: &[(&str, &[Value])]) -> Result<()> {
+/// trade rate, for each target's median run (name, colour index, steps);
+/// failing steps drawn hollow, lines through the steps in rate order (the
+/// fine ladder goes back below a failing coarse step).
+pub fn ramp(
+    path: &Path,
+    title: &str,
+    bound_ms: f64,
+    series: &[(&str, usize, &[Value])],
+) -> Result<()> {
     fonts();
     let step = |s: &Value| {
         (
@@ -127,7 +146,7 @@ pub fn ramp(path: &Path, title: &str, bound_ms: f64, series: &[(&str, &[Value])]
     };
     let all: Vec<_> = series
         .iter()
-        .flat_map(|(_, v)| v.iter().map(step))
+        .flat_map(|(_, _, v)| v.iter().map(step))
         .collect();
     if all.is_empty() {
         return Err(anyhow!("no ramp steps to plot"));
@@ -188,13 +207,14 @@ pub fn ramp(path: &Path, title: &str, bound_ms: f64, series: &[(&str, &[Value])]
     .map_err(err)?
     .label(format!("bound {bound_ms:.0} ms"))
     .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], BLACK.mix(0.6).stroke_width(2)));
-    for (i, (name, steps)) in series.iter().enumerate() {
-        let color = if i == 0 { MC } else { RAW };
-        let s: Vec<_> = steps.iter().map(step).collect();
+    for &(name, ci, steps) in series {
+        let color = color(ci);
+        let mut s: Vec<_> = steps.iter().map(step).collect();
+        s.sort_by(|a, b| a.0.total_cmp(&b.0));
         let f: Vec<(f64, f64)> = s.iter().map(|s| (s.0, s.1)).collect();
         c1.draw_series(LineSeries::new(f.clone(), color.stroke_width(3)))
             .map_err(err)?
-            .label(*name)
+            .label(name)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
             });
@@ -210,7 +230,7 @@ pub fn ramp(path: &Path, title: &str, bound_ms: f64, series: &[(&str, &[Value])]
         let p: Vec<(f64, f64)> = s.iter().map(|s| (s.0, s.2.min(pmax))).collect();
         c2.draw_series(LineSeries::new(p, color.stroke_width(3)))
             .map_err(err)?
-            .label(*name)
+            .label(name)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
             });

@@ -328,3 +328,218 @@ pub fn open_files_limit() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
 }
+
+/// utime + stime and cutime + cstime of a process, in clock ticks (fields
+/// 14-17 of /proc/PID/stat): its own CPU, and that of its children it has
+/// waited for.
+fn cpu_and_children_ticks(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    (f.len() == 4).then(|| (f[0] + f[1], f[2] + f[3]))
+}
+
+/// One sample of the cluster's CPU by process, for the breakdown by backend
+/// ([`PgBreakdown`]): every child of the postmaster by pid (schedstat, ns),
+/// the postmaster itself, and what its children that already exited used
+/// (its cutime + cstime: Postgres reaps every backend and worker it forks,
+/// so a backend or autovacuum worker that ends inside the window is counted
+/// there, in 10 ms ticks).
+#[derive(Debug, Clone, Default)]
+pub struct PgProcs {
+    at: Option<Instant>,
+    children_ns: std::collections::HashMap<u32, u64>,
+    postmaster_ns: u64,
+    reaped_ticks: u64,
+}
+
+impl PgProcs {
+    pub fn sample() -> PgProcs {
+        let Some(pm) = PgDev::postmaster_pid() else {
+            return PgProcs::default();
+        };
+        // Reaped first: a child that exits during the scan is then counted
+        // at most once (by its pid now, or in the next sample's reaped).
+        let reaped_ticks = cpu_and_children_ticks(pm).map(|c| c.1).unwrap_or(0);
+        let children_ns = children(pm).into_iter().map(|p| (p, cpu_ns(p))).collect();
+        PgProcs {
+            at: Some(Instant::now()),
+            children_ns,
+            postmaster_ns: cpu_ns(pm),
+            reaped_ticks,
+        }
+    }
+}
+
+/// Where a Postgres process's CPU goes in the breakdown: by the
+/// application_name its client set (src/db.rs and the callers of
+/// `db::pool`/`db::connect`: the broadcaster's LISTEN connection is
+/// `marketcast-listener`, its log reads `marketcast-hub`, its other pool
+/// `marketcast-broadcaster`), else by backend_type.
+pub const PG_PARTS: [(&str, &str); 12] = [
+    (
+        "bc_listen",
+        "broadcaster: LISTEN connection (marketcast-listener)",
+    ),
+    (
+        "bc_reads",
+        "broadcaster: log reads per doorbell (pool marketcast-hub)",
+    ),
+    (
+        "bc_pool",
+        "broadcaster: main pool (marketcast-broadcaster: subscribe lookups, health probe, registry)",
+    ),
+    (
+        "bc_other",
+        "broadcaster: other connections (listener check, head-seq, replay)",
+    ),
+    (
+        "bridge_listen",
+        "Node bridge: LISTEN connection (marketcast-bridge-listen)",
+    ),
+    (
+        "bridge_query",
+        "Node bridge: head_seq queries (marketcast-bridge-query)",
+    ),
+    (
+        "feed",
+        "feed: the SQL connections committing trades (INSERT, triggers, NOTIFY, commit)",
+    ),
+    (
+        "other_clients",
+        "other client connections (the bench's admin connection)",
+    ),
+    ("walwriter", "walwriter"),
+    (
+        "background",
+        "other background processes (checkpointer, bgwriter, autovacuum launcher, ...) and the postmaster",
+    ),
+    (
+        "ended",
+        "processes that ended in the window (autovacuum workers, short connections)",
+    ),
+    ("total", "whole cluster"),
+];
+
+fn pg_part(app: &str, backend_type: &str) -> &'static str {
+    match app {
+        "marketcast-listener" => "bc_listen",
+        "marketcast-hub" => "bc_reads",
+        "marketcast-broadcaster" => "bc_pool",
+        "marketcast-listener-check" | "marketcast-head-seq" | "marketcast-replay" => "bc_other",
+        "marketcast-bridge-listen" => "bridge_listen",
+        "marketcast-bridge-query" => "bridge_query",
+        "marketcast-bench-feed" => "feed",
+        _ if backend_type == "client backend" => "other_clients",
+        _ if backend_type == "walwriter" => "walwriter",
+        _ => "background",
+    }
+}
+
+/// The cluster's processes: pid -> (application_name, backend_type), from
+/// pg_stat_activity (every database, background processes included).
+pub async fn pg_activity(
+    admin: &tokio_postgres::Client,
+) -> std::collections::HashMap<u32, (String, String)> {
+    let q = "SELECT pid, coalesce(application_name, ''), coalesce(backend_type, '') \
+             FROM pg_stat_activity";
+    match admin.query(q, &[]).await {
+        Ok(rows) => rows
+            .iter()
+            .filter_map(|r| {
+                let pid: i32 = r.try_get(0).ok()?;
+                Some((pid as u32, (r.try_get(1).ok()?, r.try_get(2).ok()?)))
+            })
+            .collect(),
+        Err(e) => {
+            eprintln!("  pg_stat_activity: {e}");
+            Default::default()
+        }
+    }
+}
+
+/// Postgres CPU over one measured window, by part ([`PG_PARTS`]), in ns.
+#[derive(Debug, Clone, Default)]
+pub struct PgBreakdown {
+    pub secs: f64,
+    /// Trades committed in the window (for µs per trade).
+    pub committed: f64,
+    pub ns: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl PgBreakdown {
+    /// The CPU between two samples, each process's part found in `activity`
+    /// (pg_stat_activity read during the window). A process that started in
+    /// the window counts from its start.
+    pub fn between(
+        a: &PgProcs,
+        b: &PgProcs,
+        activity: &std::collections::HashMap<u32, (String, String)>,
+        committed: f64,
+    ) -> PgBreakdown {
+        let secs = match (a.at, b.at) {
+            (Some(x), Some(y)) if y > x => (y - x).as_secs_f64(),
+            _ => f64::NAN,
+        };
+        let mut ns: std::collections::BTreeMap<&'static str, u64> =
+            PG_PARTS.iter().map(|(k, _)| (*k, 0)).collect();
+        for (pid, &end) in &b.children_ns {
+            let start = a.children_ns.get(pid).copied().unwrap_or(0);
+            let part = activity
+                .get(pid)
+                .map(|(app, ty)| pg_part(app, ty))
+                .unwrap_or("background");
+            *ns.entry(part).or_default() += end.saturating_sub(start);
+        }
+        *ns.entry("background").or_default() += b.postmaster_ns.saturating_sub(a.postmaster_ns);
+        let tick_ns = 1e9 / clk_tck();
+        *ns.entry("ended").or_default() +=
+            (b.reaped_ticks.saturating_sub(a.reaped_ticks) as f64 * tick_ns) as u64;
+        let total = ns
+            .iter()
+            .filter(|(k, _)| **k != "total")
+            .map(|(_, v)| v)
+            .sum();
+        ns.insert("total", total);
+        PgBreakdown {
+            secs,
+            committed,
+            ns,
+        }
+    }
+
+    /// A part's CPU in % of one core.
+    pub fn pct(&self, part: &str) -> f64 {
+        self.ns.get(part).copied().unwrap_or(0) as f64 / 1e9 / self.secs * 100.0
+    }
+
+    /// A part's CPU per committed trade, µs.
+    pub fn us_per_trade(&self, part: &str) -> f64 {
+        if self.committed > 0.0 {
+            self.ns.get(part).copied().unwrap_or(0) as f64 / 1e3 / self.committed
+        } else {
+            f64::NAN
+        }
+    }
+
+    /// The parts with any CPU, for the log: `key pct% (µs/trade)`.
+    pub fn line(&self) -> String {
+        PG_PARTS
+            .iter()
+            .filter(|(k, _)| self.ns.get(k).copied().unwrap_or(0) > 0)
+            .map(|(k, _)| {
+                format!(
+                    "{k} {:.1}% ({:.1} µs/trade)",
+                    self.pct(k),
+                    self.us_per_trade(k)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}

@@ -15,8 +15,8 @@ use serde_json::{json, Map, Value};
 
 use crate::conns::S3Figures;
 use crate::fleet::Checks;
-use crate::latency::{LatencyFigures, LatencyRun};
-use crate::ramp::{S2Figures, S2Result};
+use crate::latency::LatencyRun;
+use crate::ramp::S2Result;
 use crate::replay::{S4Figures, SqlReadFigures};
 use crate::s7::{S7Figures, TICKER_INTERVAL_MS};
 use crate::s8::S8Figures;
@@ -24,7 +24,9 @@ use crate::s9::S9Figures;
 use crate::soak::{SoakFigures, SoakResult};
 use crate::storm::S6Figures;
 use crate::writes::S5Figures;
-use crate::Settings;
+use crate::{Settings, Target};
+
+mod side;
 
 /// Where the report's hand-written notes start; kept across regenerations.
 pub const NOTES_MARKER: &str =
@@ -300,18 +302,60 @@ fn rows<M, B>(t: &mut String, name: &str, mc: &M, base: Option<&B>, rows: &[Row<
     }
 }
 
+/// One scenario's runs, by server.
+pub struct ByTarget<T> {
+    pub mc: Vec<T>,
+    pub bridge: Vec<T>,
+    pub raw: Vec<T>,
+}
+
+impl<T> Default for ByTarget<T> {
+    fn default() -> Self {
+        ByTarget {
+            mc: Vec::new(),
+            bridge: Vec::new(),
+            raw: Vec::new(),
+        }
+    }
+}
+
+impl<T> ByTarget<T> {
+    pub fn push(&mut self, t: Target, x: T) {
+        match t {
+            Target::Marketcast => self.mc.push(x),
+            Target::Bridge => self.bridge.push(x),
+            Target::Raw => self.raw.push(x),
+        }
+    }
+
+    pub fn get(&self, t: Target) -> &[T] {
+        match t {
+            Target::Marketcast => &self.mc,
+            Target::Bridge => &self.bridge,
+            Target::Raw => &self.raw,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        Target::ALL.iter().all(|&t| self.get(t).is_empty())
+    }
+
+    /// Each server's runs combined (None without runs), by `rec`.
+    fn agg<F: Figures>(&self, rec: fn(&T) -> &F) -> [Option<F>; 3] {
+        Target::ALL.map(|t| aggregate(&self.get(t).iter().map(rec).collect::<Vec<_>>()))
+    }
+}
+
 #[derive(Default)]
 pub struct Results {
     pub runs: usize,
     pub baseline_runs: usize,
-    pub s1: Vec<LatencyRun>,
-    pub s1_raw: Vec<LatencyRun>,
-    pub table: Vec<LatencyRun>,
-    pub table_raw: Vec<LatencyRun>,
-    pub s2: Vec<S2Result>,
-    pub s2_raw: Vec<S2Result>,
-    pub s3: Vec<S3Figures>,
-    pub s3_raw: Vec<S3Figures>,
+    /// The servers of S1, T, S2 and S3.
+    pub targets: Vec<Target>,
+    pub s1: ByTarget<LatencyRun>,
+    pub table: ByTarget<LatencyRun>,
+    pub s2: ByTarget<S2Result>,
+    pub s3: ByTarget<S3Figures>,
     pub s4: Vec<S4Figures>,
     pub s4_sql: Vec<SqlReadFigures>,
     pub s4_load_s: Option<f64>,
@@ -325,14 +369,6 @@ pub struct Results {
     pub soak: Option<SoakResult>,
 }
 
-fn agg_lat(v: &[LatencyRun]) -> Option<LatencyFigures> {
-    aggregate(&v.iter().map(|r| &r.rec).collect::<Vec<_>>())
-}
-
-fn agg_s2(v: &[S2Result]) -> Option<S2Figures> {
-    aggregate(&v.iter().map(|r| &r.rec).collect::<Vec<_>>())
-}
-
 /// One figure of S7's table: label, the figure, its format.
 type S7Row = (&'static str, fn(&S7Figures) -> f64, Fmt);
 
@@ -340,92 +376,14 @@ fn agg<F: Figures>(v: &[F]) -> Option<F> {
     aggregate(&v.iter().collect::<Vec<_>>())
 }
 
-/// Targets of the latency rows (S1 and T), "" where the issue sets none.
-#[derive(Default)]
-struct LatencyTargets {
-    p99_ms: &'static str,
-    p999_ms: &'static str,
-    server_cpu_pct: &'static str,
-    server_rss_mib: &'static str,
-}
-
-fn latency_rows(tg: LatencyTargets) -> [Row<LatencyFigures, LatencyFigures>; 10] {
-    [
-        Row::Fig(
-            "latency p50 (ms)",
-            |r| r.p50_ms,
-            Some(|r| r.p50_ms),
-            Fmt::Ms,
-            "",
-        ),
-        Row::Fig(
-            "latency p99 (ms)",
-            |r| r.p99_ms,
-            Some(|r| r.p99_ms),
-            Fmt::Ms,
-            tg.p99_ms,
-        ),
-        Row::Fig(
-            "latency p99.9 (ms)",
-            |r| r.p999_ms,
-            Some(|r| r.p999_ms),
-            Fmt::Ms,
-            tg.p999_ms,
-        ),
-        Row::Fig(
-            "latency max (ms)",
-            |r| r.max_ms,
-            Some(|r| r.max_ms),
-            Fmt::Ms,
-            "",
-        ),
-        Row::Fig(
-            "delivered frames/s",
-            |r| r.frames_per_s,
-            Some(|r| r.frames_per_s),
-            Fmt::Count,
-            "",
-        ),
-        Row::Fig(
-            "server CPU (% of a core)",
-            |r| r.server_cpu_pct,
-            Some(|r| r.server_cpu_pct),
-            Fmt::Pct,
-            tg.server_cpu_pct,
-        ),
-        Row::Fig(
-            "server RSS (MiB)",
-            |r| r.server_rss_mib,
-            Some(|r| r.server_rss_mib),
-            Fmt::Mib,
-            tg.server_rss_mib,
-        ),
-        Row::Fig(
-            "Postgres CPU (% of a core)",
-            |r| r.postgres_cpu_pct,
-            None,
-            Fmt::Pct,
-            "",
-        ),
-        Row::Fig(
-            "load client CPU (% of a core)",
-            |r| r.bench_cpu_pct,
-            Some(|r| r.bench_cpu_pct),
-            Fmt::Pct,
-            "",
-        ),
-        Row::Lrd(|r| &r.delivery, Some(|r| &r.delivery)),
-    ]
-}
-
 impl Results {
     /// No marketcast run lost, duplicated or reordered a frame.
     pub fn guarantee_held(&self) -> bool {
         let mut checks: Vec<&Delivery> = Vec::new();
-        checks.extend(self.s1.iter().map(|r| &r.rec.delivery));
-        checks.extend(self.table.iter().map(|r| &r.rec.delivery));
-        checks.extend(self.s2.iter().map(|r| &r.rec.delivery));
-        checks.extend(self.s3.iter().map(|r| &r.delivery));
+        checks.extend(self.s1.mc.iter().map(|r| &r.rec.delivery));
+        checks.extend(self.table.mc.iter().map(|r| &r.rec.delivery));
+        checks.extend(self.s2.mc.iter().map(|r| &r.rec.delivery));
+        checks.extend(self.s3.mc.iter().map(|r| &r.delivery));
         checks.extend(self.s4.iter().map(|r| &r.delivery));
         checks.extend(self.s6.iter().map(|r| &r.delivery));
         checks.extend(self.s7.iter().map(|r| &r.delivery));
@@ -448,7 +406,7 @@ impl Results {
     }
 
     pub fn table(&self, set: &Settings) -> String {
-        let mut t = String::new();
+        let mut t = side::table(self, set);
         let runs = format!(
             "median of {} marketcast run{}, {} baseline run{}",
             self.runs,
@@ -456,139 +414,12 @@ impl Results {
             self.baseline_runs,
             if self.baseline_runs == 1 { "" } else { "s" },
         );
-        t.push_str(&format!(
+        let mut u = String::new();
+        u.push_str(&format!(
             "| scenario | figure ({runs}) | marketcast | baseline | marketcast / baseline | target (issue 5) |\n"
         ));
-        t.push_str("|---|---|---:|---:|---:|---|\n");
-        if let Some(mc) = agg_lat(&self.s1) {
-            let name = format!(
-                "S1: {} subs, {} markets, {} trades/s, {} s",
-                set.subscribers,
-                crate::MARKETS,
-                set.rate,
-                set.duration.as_secs()
-            );
-            let targets = LatencyTargets {
-                p99_ms: "<= 5",
-                p999_ms: "<= 10",
-                ..Default::default()
-            };
-            let base = agg_lat(&self.s1_raw);
-            rows(&mut t, &name, &mc, base.as_ref(), &latency_rows(targets));
-        }
-        if let Some(mc) = agg_lat(&self.table) {
-            let name = format!(
-                "T: {} subs, 1 market, {} trades/s, {} s",
-                set.table_subscribers,
-                set.table_rate,
-                set.table_duration.as_secs()
-            );
-            let targets = LatencyTargets {
-                p999_ms: "<= 5 (best alternative 3.2-6.1)",
-                server_cpu_pct: "<= 25 % (alternatives 50-87 %)",
-                server_rss_mib: "(alternatives 23-90)",
-                ..Default::default()
-            };
-            let base = agg_lat(&self.table_raw);
-            rows(&mut t, &name, &mc, base.as_ref(), &latency_rows(targets));
-        }
-        if let Some(mc) = agg_s2(&self.s2) {
-            let name = format!(
-                "S2: {} subs, 1 market, p99 <= {} ms",
-                set.s2_subscribers,
-                set.s2_bound_us / 1000
-            );
-            let base = agg_s2(&self.s2_raw);
-            let s2_rows: [Row<S2Figures, S2Figures>; 5] = [
-                Row::Fig(
-                    "highest delivered frames/s",
-                    |r| r.best_frames_per_s,
-                    Some(|r| r.best_frames_per_s),
-                    Fmt::Count,
-                    ">= 1,000,000 and >= 0.70x baseline",
-                ),
-                Row::Fig(
-                    "at trades/s",
-                    |r| r.best_rate,
-                    Some(|r| r.best_rate),
-                    Fmt::Count,
-                    "",
-                ),
-                Row::Fig(
-                    "p99 at that step (ms)",
-                    |r| r.best_p99_ms,
-                    Some(|r| r.best_p99_ms),
-                    Fmt::Ms,
-                    "",
-                ),
-                Row::Fig(
-                    "first failing step (trades/s)",
-                    |r| r.fail_rate,
-                    Some(|r| r.fail_rate),
-                    Fmt::Count,
-                    "",
-                ),
-                Row::Lrd(|r| &r.delivery, Some(|r| &r.delivery)),
-            ];
-            rows(&mut t, &name, &mc, base.as_ref(), &s2_rows);
-        }
-        if let Some(mc) = agg(&self.s3) {
-            let name = format!("S3: {} idle subscribed connections", set.s3_connections);
-            let base = agg(&self.s3_raw);
-            let s3_rows: [Row<S3Figures, S3Figures>; 8] = [
-                Row::Fig(
-                    "server RSS per connection (KiB)",
-                    |r| r.kib_per_conn,
-                    Some(|r| r.kib_per_conn),
-                    Fmt::Kib,
-                    "<= 5 (Node bridge 5.4)",
-                ),
-                Row::Fig(
-                    "server RSS per followed idle market, beyond its connection (KiB)",
-                    |r| r.kib_per_market,
-                    Some(|r| r.kib_per_market),
-                    Fmt::Kib,
-                    "",
-                ),
-                Row::Fig(
-                    "same, after one trade reached all (KiB)",
-                    |r| r.kib_per_conn_after_trade,
-                    Some(|r| r.kib_per_conn_after_trade),
-                    Fmt::Kib,
-                    "",
-                ),
-                Row::Fig(
-                    "server RSS, all subscribed (MiB)",
-                    |r| r.rss_subscribed_mib,
-                    Some(|r| r.rss_subscribed_mib),
-                    Fmt::Mib,
-                    "",
-                ),
-                Row::Fig(
-                    "one trade to all: commit to last client (ms)",
-                    |r| r.reach_all_ms,
-                    Some(|r| r.reach_all_ms),
-                    Fmt::Ms,
-                    "< 150",
-                ),
-                Row::Fig(
-                    "one trade: p50 over clients (ms)",
-                    |r| r.reach_p50_ms,
-                    Some(|r| r.reach_p50_ms),
-                    Fmt::Ms,
-                    "",
-                ),
-                Row::Fig(
-                    "time to connect and subscribe all (s)",
-                    |r| r.connect_s,
-                    Some(|r| r.connect_s),
-                    Fmt::Secs,
-                    "",
-                ),
-                Row::Lrd(|r| &r.delivery, Some(|r| &r.delivery)),
-            ];
-            rows(&mut t, &name, &mc, base.as_ref(), &s3_rows);
-        }
+        u.push_str("|---|---|---:|---:|---:|---|\n");
+        let header_len = u.len();
         if let Some(mc) = agg(&self.s4) {
             let name = format!(
                 "S4: replay, log of {}; {} clients x newest {} (baseline: one plain SQL read)",
@@ -670,7 +501,7 @@ impl Results {
                 ),
                 Row::Lrd(|r| &r.delivery, None),
             ];
-            rows(&mut t, &name, &mc, base.as_ref(), &s4_rows);
+            rows(&mut u, &name, &mc, base.as_ref(), &s4_rows);
         }
         if let Some(r) = agg(&self.s5) {
             let name = format!(
@@ -694,7 +525,7 @@ impl Results {
                     "<= 20",
                 ),
             ];
-            rows(&mut t, &name, &r, Some(&r), &s5_rows);
+            rows(&mut u, &name, &r, Some(&r), &s5_rows);
         }
         if let Some(mc) = agg(&self.s6) {
             let name = format!(
@@ -725,7 +556,13 @@ impl Results {
                 ),
                 Row::Lrd(|r| &r.delivery, None),
             ];
-            rows(&mut t, &name, &mc, None, &s6_rows);
+            rows(&mut u, &name, &mc, None, &s6_rows);
+        }
+        if u.len() > header_len {
+            if !t.is_empty() {
+                t.push_str("\n**marketcast alone, and against plain SQL**\n\n");
+            }
+            t.push_str(&u);
         }
         if let Some(mc) = agg(&self.s7) {
             self.s7_table(&mut t, set, &mc);
@@ -1063,34 +900,7 @@ impl Results {
 
     pub fn json_lines(&self, set: &Settings) -> Vec<String> {
         let mut out = Vec::new();
-        if let Some(mc) = agg_lat(&self.s1) {
-            let base = agg_lat(&self.s1_raw);
-            out.push(self.json_both("S1", &mc, base.as_ref(), json!({})));
-        }
-        if let Some(mc) = agg_lat(&self.table) {
-            let base = agg_lat(&self.table_raw);
-            out.push(self.json_both("T", &mc, base.as_ref(), json!({})));
-        }
-        if let Some(mc) = agg_s2(&self.s2) {
-            let steps = |v: &[S2Result]| {
-                let recs: Vec<&S2Figures> = v.iter().map(|r| &r.rec).collect();
-                median_run(&recs, |r| r.best_frames_per_s).map(|i| v[i].steps.clone())
-            };
-            let base = agg_s2(&self.s2_raw);
-            out.push(self.json_both(
-                "S2",
-                &mc,
-                base.as_ref(),
-                json!({
-                    "marketcast_steps_median_run": steps(&self.s2),
-                    "baseline_steps_median_run": steps(&self.s2_raw),
-                }),
-            ));
-        }
-        if let Some(mc) = agg(&self.s3) {
-            let base = agg(&self.s3_raw);
-            out.push(self.json_both("S3", &mc, base.as_ref(), json!({})));
-        }
+        out.extend(side::json_lines(self));
         if let Some(mc) = agg(&self.s4) {
             let base = agg(&self.s4_sql);
             out.push(self.json_both(
@@ -1243,8 +1053,10 @@ pub fn write_report(
     );
     s.push_str(
         "**Quote medians of 3 runs** (`make bench` runs every marketcast scenario 3 times, \
+         and T and S2 3 times on each of the Node bridge and the raw baseline too, \
          `--runs N` changes it); a single run on this shared 2-core machine moves \
-         by tens of percent, and a factor of 2 or more when other work runs beside it.\n\n",
+         by tens of percent, and a factor of 2 or more when other work runs beside it \
+         (the single-threaded Node bridge first).\n\n",
     );
     s.push_str("## Machine\n\n");
     for (k, v) in machine {
@@ -1252,9 +1064,16 @@ pub fn write_report(
     }
     s.push_str(&format!("\n## Command\n\n```\n{}\n```\n\n", command_line()));
     s.push_str(&format!(
-        "Runs per scenario: {} marketcast, {} baseline (figures are medians; lost/duplicated/reordered are the worst run). Load client: {}.\n\n",
+        "Runs: T and S2 {} of each server ({}), rounds alternating; S1 and S3 {} marketcast, {} of each peer; the other scenarios {} marketcast (figures are medians; lost/duplicated/reordered are the worst run). Load client: {}.\n\n",
+        set.runs,
+        set.targets
+            .iter()
+            .map(|t| t.label())
+            .collect::<Vec<_>>()
+            .join(", "),
         set.runs,
         set.baseline_runs,
+        set.runs,
         match set.client {
             crate::ws::ClientKind::Lean => "lean (raw frame reader)",
             crate::ws::ClientKind::Tungstenite => "tokio-tungstenite",
