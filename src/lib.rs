@@ -6,16 +6,20 @@
 //! A writer (the [`writer`] HTTP role, or any SQL client) INSERTs into
 //! `trades`. In the same transaction a trigger (`sql/0001_trade_log.sql`)
 //! assigns the market's next gapless `seq` under the market's row lock, updates
-//! the market row and `pg_notify`s a small doorbell `{"m":market,"s":seq}` on
-//! the market's shard channel. The database is the only authority; the write
-//! path never passes through a broadcaster.
+//! the market row and `pg_notify`s the trade on the market's shard channel,
+//! signed with an HMAC key only it and the broadcasters can read
+//! (`sql/0005_signed_notifications.sql`), or a plain doorbell
+//! `{"m":market,"s":seq}` when that would not fit. The database is the only
+//! authority; the write path never passes through a broadcaster.
 //!
 //! A [`broadcaster`] holds one dedicated LISTEN connection for its shards
 //! ([`broadcaster::listener`]) and feeds doorbells to the
 //! [`broadcaster::hub`], which keeps, per market with subscribers, the head
-//! seq already published and a ring of recent trades. A doorbell is never
-//! trusted as a trade: the hub reads `seq > head` from the log, encodes each
-//! trade once into a WebSocket frame and publishes the shared bytes. Each
+//! seq already published and a ring of recent trades. A signed payload whose
+//! MAC verifies and whose seq is the head's successor is published as it
+//! is; anything else is a doorbell, never trusted as a trade: the hub reads
+//! `seq > head` from the log. Each trade is encoded once into a WebSocket
+//! frame and the shared bytes are published. Each
 //! WebSocket [`broadcaster::session`] follows its markets from `from_seq`
 //! (or the head), fills any gap from the ring or the log, and coalesces
 //! queued frames into one socket write.
@@ -44,6 +48,7 @@
 //!   - [`protocol::frame`]: server -> client frames as bytes.
 //!   - [`protocol::handshake`]: the opening handshake's rules (RFC 6455 section 4).
 //!   - [`protocol::doorbell`]: the NOTIFY payload and shard channels.
+//!   - [`protocol::signed`]: the signed NOTIFY payload: MAC check and the trade it carries.
 //!   - [`protocol::client`]: WebSocket client ops (the `from_seq` rule once) and replies.
 //!   - [`protocol::ticker`]: ticker mode's fold of consecutive trades and its frame.
 //!   - [`protocol::write_api`]: the write API's routes, bearer check, bodies and `ApiError`.
@@ -51,7 +56,7 @@
 //! - [`db`]: the pool and error classification; the only module that writes SQL.
 //!   - `db/rows.rs`: the only code that knows column positions.
 //!   - [`db::admin`]: migrations (`sql/`), prune, the stored shard count.
-//!   - [`db::log`]: reads of the log and the market rows.
+//!   - [`db::log`]: reads of the log and the market rows, and the notification keys.
 //!   - [`db::write`]: the INSERTs; database outcomes, never an HTTP status.
 //!   - [`db::health`]: the probe each role's `/healthz` answers from.
 //!   - [`db::registry`]: the broadcaster registry's functions and the cached live entries.

@@ -60,6 +60,7 @@ const METRICS: &[(Kind, &str, &str)] = &[
     (Counter, "marketcast_ws_writes_total", "Socket writes (each coalesces one or more frames)."),
     (Counter, "marketcast_notifications_total", "Notifications received on the LISTEN connection."),
     (Counter, "marketcast_notifications_rejected_total", "Notifications whose payload was not a valid doorbell (logged, never delivered)."),
+    (Counter, "marketcast_notification_outcomes_total", "Notifications by outcome: published (a signed trade published from its payload, no log read), duplicate (signed, at or below the head), gap, stale_epoch, doorbell (plain: older trigger or the 8000-byte fallback), bad_mac, unknown_key, malformed (all read from the log when followed), not_followed, rejected (not a doorbell)."),
     (Counter, "marketcast_log_reads_total", "Reads of new trades from the log triggered by doorbells or reconciles."),
     (Counter, "marketcast_trades_published_total", "Trades published by the hub to live subscribers."),
     (Counter, "marketcast_replayed_trades_total", "Trades sent to catch a subscriber up, by source (memory, replica, or postgres: the primary)."),

@@ -1,6 +1,7 @@
 //! The contract of docs/PROTOCOL.md as plain data and pure functions: the
 //! records (markets, trades) and their JSON, the WebSocket frames every
-//! server message travels in, the doorbell a commit rings, the client ops of
+//! server message travels in, the doorbell a commit rings (and its signed
+//! form, which carries the trade), the client ops of
 //! the WebSocket API, and the bodies, routes and errors of the write API.
 //!
 //! No IO and nothing else of the crate: every parser of untrusted input is
@@ -12,6 +13,7 @@ pub mod doorbell;
 pub mod frame;
 pub mod handshake;
 pub mod market;
+pub mod signed;
 pub mod ticker;
 pub mod token;
 pub mod trade;

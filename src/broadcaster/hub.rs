@@ -6,10 +6,21 @@
 //! Per connection and market, trades arrive in strictly increasing seq, each
 //! once, without gaps, starting at `from_seq + 1` (or `head_seq + 1`).
 //!
-//! - The log is the only source of trades. A doorbell (`{"m","s"}` on a shard
-//!   channel) only makes the hub read `seq > head` from the log; the hub never
-//!   delivers a payload, so a forged doorbell can cost a read but never put a
-//!   trade in front of a client.
+//! - Every trade delivered is in the log, exactly as the log holds it. A
+//!   doorbell (`{"m","s"}` on a shard channel) only makes the hub read
+//!   `seq > head` from the log, so a forged doorbell can cost a read but
+//!   never put a trade in front of a client. A signed notification (the
+//!   trigger's payload with the trade, its market's epoch and an
+//!   HMAC-SHA256 under a key only the trigger and the broadcasters can read:
+//!   `sql/0005_signed_notifications.sql`) is sent by Postgres only when the
+//!   row it describes commits, so a payload whose MAC verifies
+//!   ([`crate::protocol::signed`], in the listener) *is* a log row. The hub
+//!   publishes it without a read only when the market is followed here, the
+//!   epoch is the market's, and its seq is `head + 1`
+//!   ([`core::MarketCore::signed`]); anything else (a gap, another epoch, a
+//!   bad MAC, an unknown key, a plain doorbell) is a doorbell. A replayed
+//!   valid payload is therefore at or below the head (dropped), or the very
+//!   trade the log holds at `head + 1`.
 //! - The hub publishes each market's trades in seq order with no gap: the
 //!   [`core::MarketCore`] only accepts the row `head + 1`, and a read that
 //!   returns fewer rows than asked for is complete as of its snapshot (seqs
@@ -118,6 +129,14 @@ impl MarketShared {
 pub enum HubEvent {
     /// A doorbell from the LISTEN connection (already parsed, not trusted).
     Doorbell { market: String, seq: i64 },
+    /// A signed notification whose MAC the listener verified: the trade,
+    /// encoded exactly as its log row would be, and the epoch of the log it
+    /// was written to.
+    Signed {
+        market: String,
+        epoch: String,
+        frame: EncodedTrade,
+    },
     /// The LISTEN connection is (re)established and LISTENing: anything may
     /// have been missed while it was down, re-read every market.
     ListenUp,
@@ -133,6 +152,9 @@ pub struct Join {
     /// market's volume from there on (every published trade carries the
     /// volume after it, for ticker folds).
     pub volume: i64,
+    /// The market's epoch in the same row: signed notifications of another
+    /// epoch are never published from their payload.
+    pub epoch: String,
     pub want: Want,
     pub reply: oneshot::Sender<Joined>,
 }
@@ -176,13 +198,21 @@ pub struct HubHandle {
 impl HubHandle {
     /// Follow `market` from its row's `head` and `volume`; None if the hub
     /// has stopped.
-    pub async fn join(&self, market: &str, head: i64, volume: i64, want: Want) -> Option<Joined> {
+    pub async fn join(
+        &self,
+        market: &str,
+        head: i64,
+        volume: i64,
+        epoch: &str,
+        want: Want,
+    ) -> Option<Joined> {
         let (reply, rx) = oneshot::channel();
         self.joins
             .send(Join {
                 market: market.to_string(),
                 head,
                 volume,
+                epoch: epoch.to_string(),
                 want,
                 reply,
             })
@@ -207,6 +237,11 @@ struct Market {
     volume: Option<i64>,
     /// Ticker groups by interval (few per market: clients pick from a handful).
     tickers: Vec<TickerSlot>,
+    /// The epoch signed notifications must carry to be published from their
+    /// payload: the one the first join read. None once a join read another
+    /// (the market was reset under us): from then on every trade of this
+    /// market is read from the log until it leaves the hub.
+    epoch: Option<String>,
 }
 
 struct TickerSlot {
@@ -344,6 +379,34 @@ impl Hub {
                     }
                 }
             }
+            HubEvent::Signed {
+                market,
+                epoch,
+                frame,
+            } => {
+                let seq = frame.seq;
+                let (outcome, fetch, publish) = match self.markets.get_mut(&market) {
+                    None => ("not_followed", None, false),
+                    // Another epoch's payload (a replay from before a reset,
+                    // or a join that saw the reset): the log decides.
+                    Some(m) if m.epoch.as_ref() != Some(&epoch) => {
+                        ("stale_epoch", m.core.doorbell(seq), false)
+                    }
+                    Some(m) => match m.core.signed(seq) {
+                        core::Signed::Publish => ("published", None, true),
+                        core::Signed::Duplicate => ("duplicate", None, false),
+                        core::Signed::Gap(f) => ("gap", f, false),
+                    },
+                };
+                if publish {
+                    self.publish(&market, vec![frame]);
+                }
+                if let Some(f) = fetch {
+                    self.fetch(&market, f);
+                }
+                metrics::counter!("marketcast_notification_outcomes_total", "outcome" => outcome)
+                    .increment(1);
+            }
             HubEvent::ListenUp => {
                 let ids: Vec<String> = self.markets.keys().cloned().collect();
                 for id in ids {
@@ -371,8 +434,12 @@ impl Hub {
                 moved_from: None,
                 volume: Some(j.volume),
                 tickers: Vec::new(),
+                epoch: Some(j.epoch.clone()),
             }
         });
+        if m.epoch.as_ref().is_some_and(|e| *e != j.epoch) {
+            m.epoch = None;
+        }
         if m.volume.is_none() && m.core.head() == j.head {
             // The row the session read is at our head: its volume is ours.
             m.volume = Some(j.volume);
@@ -563,22 +630,32 @@ impl Hub {
             m.volume = None;
             m.tickers.clear();
         }
-        let mut applied = applied;
-        for t in &mut applied.publish {
+        if applied.repaired > 0 {
+            metrics::counter!("marketcast_gaps_repaired_total").increment(applied.repaired as u64);
+        }
+        self.publish(&market, applied.publish);
+        if let Some(f) = applied.next {
+            self.fetch(&market, f);
+        }
+    }
+
+    /// Publish `market`'s trades that its core accepted (in seq order, each
+    /// the head's successor): ring, head, live queue, ticker groups.
+    fn publish(&mut self, market: &str, mut publish: Vec<EncodedTrade>) {
+        let Some(m) = self.markets.get_mut(market) else {
+            return;
+        };
+        for t in &mut publish {
             if let Some(v) = &mut m.volume {
                 *v = v.saturating_add(t.qty);
                 t.volume = *v;
             }
         }
-        if applied.repaired > 0 {
-            metrics::counter!("marketcast_gaps_repaired_total").increment(applied.repaired as u64);
-        }
-        if !applied.publish.is_empty() {
-            metrics::counter!("marketcast_trades_published_total")
-                .increment(applied.publish.len() as u64);
+        if !publish.is_empty() {
+            metrics::counter!("marketcast_trades_published_total").increment(publish.len() as u64);
             {
                 let mut ring = m.shared.ring.write().unwrap_or_else(|p| p.into_inner());
-                for t in &applied.publish {
+                for t in &publish {
                     ring.push(t.clone());
                 }
             }
@@ -586,7 +663,7 @@ impl Hub {
             // A burst that would overflow a small first queue: grow it now,
             // before publishing, so that its receivers move to the larger
             // one (they fill what they missed from the ring, stored above).
-            if applied.publish.len() > m.live_queue / 2 && m.live_queue < self.cfg.live_queue {
+            if publish.len() > m.live_queue / 2 && m.live_queue < self.cfg.live_queue {
                 let (bigger, _) = broadcast::channel(self.cfg.live_queue);
                 let old = std::mem::replace(
                     &mut *m.shared.tx.write().unwrap_or_else(|p| p.into_inner()),
@@ -599,19 +676,16 @@ impl Hub {
             }
             // Ticker groups fold each trade once, for all their subscribers.
             m.tickers
-                .retain_mut(|slot| applied.publish.iter().all(|t| slot.group.add(&t.tick())));
+                .retain_mut(|slot| publish.iter().all(|t| slot.group.add(&t.tick())));
             let tx = m.shared.tx.read().unwrap_or_else(|p| p.into_inner());
             let now = now_micros();
-            for t in applied.publish {
+            for t in publish {
                 COMMIT_TO_SEND.record((now - t.ts_micros).max(0) as f64 / 1e6);
                 // Err means no receiver right now: nobody to tell.
                 let _ = tx.send(t);
             }
             drop(tx);
-            self.poll_tickers(&market);
-        }
-        if let Some(f) = applied.next {
-            self.fetch(&market, f);
+            self.poll_tickers(market);
         }
     }
 

@@ -11,6 +11,20 @@
 //! no LISTEN was in place (notifications are never queued for a listener that
 //! is not connected).
 //!
+//! # Signed notifications
+//!
+//! The trigger signs each payload (`sql/0005_signed_notifications.sql`,
+//! [`crate::protocol::signed`]). The listener reads the verification keys
+//! with this connection's own client on every (re)connect, before LISTEN,
+//! and again when a payload names a key id it does not hold (a rotation),
+//! at most once per [`KEY_RELOAD_EVERY`]: a flood of forged key ids costs
+//! one small query a second. It verifies each payload in the driver task and
+//! sends a verified trade, already encoded, as [`HubEvent::Signed`];
+//! anything else that is a doorbell stays a [`HubEvent::Doorbell`], and the
+//! hub reads the log for it as before. Keys that cannot be read (a database
+//! before that migration, a role without the grant) leave the set empty:
+//! every notification is then a doorbell, which is slower, never wrong.
+//!
 //! Loss of the connection is noticed by the driver (server closed it), by TCP
 //! keepalives, or by the heartbeat: every `listen_heartbeat` an empty query
 //! must answer within half that interval. Then: reconnect with exponential
@@ -25,12 +39,12 @@
 //! for that and, if found, the broadcaster refuses to run ([`Pooled`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +52,13 @@ use super::hub::HubEvent;
 use crate::backoff::Backoff;
 use crate::config::ListenerConfig;
 use crate::protocol::doorbell::{channel, parse_doorbell};
+use crate::protocol::signed::{self, NotifyKeys, Unsigned};
+
+/// Least time between two reads of the notification keys asked for by
+/// payloads that name an unknown key id. A rotation is picked up by the
+/// first payload it signs (or the next one after this); until then its
+/// payloads are read from the log.
+pub const KEY_RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 /// The LISTEN connection's URL reaches no session of its own: a pooler
 /// shares server sessions between clients, so a LISTEN would be lost.
@@ -184,7 +205,16 @@ async fn session(
         .await
         .context("connecting the LISTEN connection")?;
 
+    // The verification keys: written by this task (on connect and on a
+    // reload), read by the driver for every notification.
+    let keys = Arc::new(RwLock::new(NotifyKeys::default()));
+    // Set by the driver when a payload names a key id it does not hold;
+    // this task reloads the keys (at most once per KEY_RELOAD_EVERY). A
+    // Notify keeps one pending request however many payloads ask.
+    let reload_keys = Arc::new(Notify::new());
+
     let driver_events = events.clone();
+    let (driver_keys, driver_reload) = (keys.clone(), reload_keys.clone());
     let mut driver = tokio::spawn(async move {
         let mut msgs = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
         static REJECTED: AtomicU64 = AtomicU64::new(0);
@@ -194,19 +224,35 @@ async fn session(
                     metrics::counter!("marketcast_notifications_total").increment(1);
                     match parse_doorbell(n.payload()) {
                         Some(d) => {
-                            if driver_events
-                                .send(HubEvent::Doorbell {
-                                    market: d.m,
-                                    seq: d.s,
-                                })
-                                .is_err()
-                            {
+                            let verified = {
+                                let keys = driver_keys.read().unwrap_or_else(|p| p.into_inner());
+                                signed::verify(n.payload(), &keys)
+                            };
+                            let ev = match verified {
+                                Ok(s) => HubEvent::Signed {
+                                    frame: s.trade.as_ref().encode(),
+                                    market: s.trade.market,
+                                    epoch: s.epoch,
+                                },
+                                Err(why) => {
+                                    if let Unsigned::UnknownKey(_) = why {
+                                        driver_reload.notify_one();
+                                    }
+                                    metrics::counter!("marketcast_notification_outcomes_total", "outcome" => why.label()).increment(1);
+                                    HubEvent::Doorbell {
+                                        market: d.m,
+                                        seq: d.s,
+                                    }
+                                }
+                            };
+                            if driver_events.send(ev).is_err() {
                                 return "the hub stopped".to_string();
                             }
                         }
                         None => {
                             metrics::counter!("marketcast_notifications_rejected_total")
                                 .increment(1);
+                            metrics::counter!("marketcast_notification_outcomes_total", "outcome" => "rejected").increment(1);
                             // Anyone can NOTIFY: log some, count all, never act.
                             let k = REJECTED.fetch_add(1, Ordering::Relaxed);
                             if k < 10 || k.is_power_of_two() {
@@ -221,6 +267,16 @@ async fn session(
         }
         "the server closed the connection".to_string()
     });
+
+    // Before LISTEN: the first payloads are verified with these. An error
+    // leaves the set empty (every notification is a doorbell), loudly.
+    match load_keys(&client, cfg.heartbeat).await {
+        Ok(k) => *keys.write().unwrap_or_else(|p| p.into_inner()) = k,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot read the notification keys (marketcast_notify_keys, sql/0005: run marketcast migrate, and grant marketcast_broadcaster to this login); every trade is read from the log")
+        }
+    }
+    let mut keys_loaded_at = tokio::time::Instant::now();
 
     let listen: String = shards
         .iter()
@@ -247,10 +303,24 @@ async fn session(
     let mut beat = tokio::time::interval(cfg.heartbeat);
     beat.tick().await;
     loop {
-        // Cancel safety: the driver JoinHandle, a tick and a token are all
-        // cancel-safe; the heartbeat query runs inside its own arm to completion
-        // or timeout.
+        // Cancel safety: the driver JoinHandle, a tick, a Notify and a token
+        // are all cancel-safe; the heartbeat query and the key reload run
+        // inside their own arms to completion or timeout.
         tokio::select! {
+            _ = reload_keys.notified() => {
+                if keys_loaded_at.elapsed() < KEY_RELOAD_EVERY {
+                    continue; // Too soon: the next unknown key id asks again.
+                }
+                keys_loaded_at = tokio::time::Instant::now();
+                match load_keys(&client, cfg.heartbeat / 2).await {
+                    Ok(k) => {
+                        tracing::info!(keys = ?k, "notification keys reloaded");
+                        *keys.write().unwrap_or_else(|p| p.into_inner()) = k;
+                    }
+                    // Keep the keys we have; a dead connection is the heartbeat's to notice.
+                    Err(e) => tracing::debug!(error = %format!("{e:#}"), "reloading the notification keys failed"),
+                }
+            }
             _ = shutdown.cancelled() => {
                 driver.abort();
                 return Ok(());
@@ -268,6 +338,14 @@ async fn session(
             }
         }
     }
+}
+
+/// The verification keys, read with the LISTEN connection's client.
+async fn load_keys(client: &tokio_postgres::Client, timeout: Duration) -> Result<NotifyKeys> {
+    let rows = tokio::time::timeout(timeout, crate::db::log::notify_keys(client))
+        .await
+        .context("reading the keys timed out")??;
+    Ok(NotifyKeys::new(rows))
 }
 
 fn truncate(s: &str, n: usize) -> &str {

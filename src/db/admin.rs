@@ -21,6 +21,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0003_least_privilege.sql"),
     ),
     (4, "registry", include_str!("../../sql/0004_registry.sql")),
+    (
+        5,
+        "signed_notifications",
+        include_str!("../../sql/0005_signed_notifications.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent `migrate` runs on one database.

@@ -1,6 +1,6 @@
 //! Reads of the log and the market rows: the broadcaster's hot reads (the
-//! hub's batched reads, replays), the writer's GETs, health probes and the
-//! hub's reconcile.
+//! hub's batched reads, replays), the writer's GETs, health probes, the
+//! hub's reconcile, and the keys that verify signed notifications.
 //!
 //! The writer's reads ([`market`], [`markets`], [`markets_matching`],
 //! [`trades_page`]) are unnamed statements (`query_typed`, one round trip,
@@ -15,6 +15,18 @@ use crate::protocol::market::Market;
 use crate::protocol::token::Patterns;
 use crate::protocol::trade::{EncodedTrade, Trade};
 use tokio_postgres::types::Type;
+
+/// The keys of `marketcast_notify_keys` (sql/0005) as `(id, key)`: the
+/// listener verifies signed notifications with them. 42P01 before that
+/// migration, 42501 for a role that is not `marketcast_broadcaster`.
+pub async fn notify_keys(client: &tokio_postgres::Client) -> Result<Vec<(i32, Vec<u8>)>, DbError> {
+    Ok(client
+        .query_typed("SELECT id, key FROM marketcast_notify_keys", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
 
 pub async fn market(client: &tokio_postgres::Client, id: &str) -> Result<Option<Market>, DbError> {
     let sql = format!("SELECT {MARKET_COLUMNS} FROM markets WHERE id = $1");

@@ -22,6 +22,10 @@
 //!   markets in one op, the new `subscribed` fields and the order of checks,
 //!   `recent`, heads (timing, the gap check), ticker frames folded against the
 //!   log, the `?market=` URL forms, tokens (admission, `auth`, refresh, 4001).
+//! - `signed`: signed notifications (sql/0005): a bad MAC, a replayed valid
+//!   payload and another epoch's payload deliver only the log; the key's
+//!   privileges; key rotation under flow; the oversize fallback; a
+//!   payload's frame equals its row's; the fast path is taken.
 //! - `props`: property tests of every parser of untrusted input against
 //!   models written from PROTOCOL.md, and random client op sequences against
 //!   a real broadcaster (the cargo-fuzz targets are in `fuzz/`).
@@ -85,6 +89,7 @@ mod replica;
 mod resilience;
 mod rfc6455;
 mod security;
+mod signed;
 mod sql;
 mod support;
 mod writer;

@@ -1,6 +1,14 @@
 //! The hub's ordering logic without IO: a plain struct that takes events
 //! (a doorbell, a page read from the log, a reconcile) and returns what to
 //! do (read the log after some seq, publish these trades).
+//!
+//! Two sources of trades reach a core: pages read from the log
+//! ([`MarketCore::fetched`]) and verified signed notifications
+//! ([`MarketCore::signed`]). Both go through one rule: a trade is published
+//! only as `head + 1`, and publishing it makes it the head. So the two
+//! may overlap freely: a read in flight when a signed trade is published
+//! returns it again, at or below the head by then, and it is dropped as a
+//! duplicate; a signed trade that a read already published is the same.
 
 use std::collections::VecDeque;
 
@@ -10,6 +18,20 @@ use crate::protocol::trade::EncodedTrade;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fetch {
     pub after: i64,
+}
+
+/// What to do with a verified signed notification for seq `s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signed {
+    /// `s` is `head + 1`: publish the payload's trade now; the head is `s`.
+    Publish,
+    /// `s` is at or below the head: already published, drop it (a replay,
+    /// or a read got there first).
+    Duplicate,
+    /// `s` is beyond `head + 1`: trades in between are not here yet (their
+    /// notifications lost, or this market's read still running from before
+    /// the join): treated as a doorbell, the log is read.
+    Gap(Option<Fetch>),
 }
 
 /// What a page read from the log produced.
@@ -71,6 +93,22 @@ impl MarketCore {
         }
         self.announced = self.announced.max(seq);
         self.poke()
+    }
+
+    /// A verified signed notification carrying the trade `seq` (the caller
+    /// checked its MAC and its epoch). A read in flight is no reason to
+    /// wait: whatever it returns up to the new head is dropped as a
+    /// duplicate by [`MarketCore::fetched`], which accepts only `head + 1`.
+    pub fn signed(&mut self, seq: i64) -> Signed {
+        if seq <= self.head {
+            return Signed::Duplicate;
+        }
+        if seq != self.head + 1 {
+            return Signed::Gap(self.doorbell(seq));
+        }
+        self.head = seq;
+        self.announced = self.announced.max(seq);
+        Signed::Publish
     }
 
     /// Read the log because notifications may have been lost: after a
@@ -343,6 +381,42 @@ mod tests {
         assert_eq!(m.repair(), Some(Fetch { after: 6 }));
         let a = m.fetched(vec![], false);
         assert_eq!(a.repaired, 0, "counted once");
+    }
+
+    #[test]
+    fn signed_trades_publish_only_the_next_seq() {
+        let mut m = MarketCore::new(5);
+        assert_eq!(m.signed(6), Signed::Publish);
+        assert_eq!(m.head(), 6);
+        assert_eq!(m.signed(6), Signed::Duplicate, "a replay");
+        assert_eq!(m.signed(2), Signed::Duplicate);
+        assert_eq!(
+            m.signed(9),
+            Signed::Gap(Some(Fetch { after: 6 })),
+            "7 and 8 are missing: read the log"
+        );
+        assert_eq!(m.head(), 6, "a gap publishes nothing");
+        assert_eq!(m.signed(10), Signed::Gap(None), "one read in flight");
+    }
+
+    #[test]
+    fn a_read_overlapping_signed_trades_publishes_each_once_in_order() {
+        let mut m = MarketCore::new(0);
+        assert_eq!(m.poke(), Some(Fetch { after: 0 }));
+        // While the read runs, 1 and 2 come signed and are published.
+        assert_eq!(m.signed(1), Signed::Publish);
+        assert_eq!(m.signed(2), Signed::Publish);
+        // The read's snapshot held 1..=3.
+        let a = m.fetched(vec![t(1), t(2), t(3)], false);
+        assert_eq!((seqs(&a.publish), a.duplicates), (vec![3], 2));
+        assert_eq!(m.signed(3), Signed::Duplicate, "3's own payload, late");
+        assert_eq!(m.signed(4), Signed::Publish);
+        // A read that saw less than the signed head publishes nothing.
+        assert_eq!(m.poke(), Some(Fetch { after: 4 }));
+        assert_eq!(m.signed(5), Signed::Publish);
+        let a = m.fetched(vec![], false);
+        assert!(a.publish.is_empty());
+        assert_eq!(m.head(), 5);
     }
 
     #[test]

@@ -190,7 +190,7 @@ pub(crate) async fn open(
     };
     let Joined { shared, live } = ctx
         .hub
-        .join(market, head, m.volume, want)
+        .join(market, head, m.volume, &m.epoch, want)
         .await
         .ok_or_else(|| err("unavailable", "broadcaster shutting down".into()))?;
     let ring_from = |seq: i64| {
