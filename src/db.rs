@@ -61,7 +61,7 @@ pub fn pool(url: &str, size: usize, timeout: Duration, application_name: &str) -
 /// pooling (the writer: PgBouncer in transaction mode): no startup
 /// `options` (PgBouncer 1.18 refuses the connection: "unsupported startup
 /// parameter: options"), so each write transaction sets its own bound
-/// (`write::Tx::begin_with`); a read outside a transaction has only its
+/// ([`write::with_bound`]); a read outside a transaction has only its
 /// caller's deadline ([`with_connection`] closes its connection past it);
 /// no named prepared statements (`query_typed` only); no other session
 /// state.

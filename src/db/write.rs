@@ -12,7 +12,7 @@
 //! transaction mode, docs/OPERATIONS.md "Behind a pooler"): each is
 //! `query_typed`, an unnamed statement sent as one Parse/Bind/Execute/Sync,
 //! never a named prepared statement that a later transaction (on another
-//! server connection) would not find; the only setting is [`Tx::begin_with`]'s
+//! server connection) would not find; the only setting is [`with_bound`]'s
 //! `SET LOCAL`, which ends with its transaction. Every column is of a
 //! built-in type, so decoding rows never runs tokio-postgres's (prepared)
 //! type lookup either.
@@ -32,7 +32,7 @@ use tokio_postgres::types::Type;
 const COMMIT_GRACE: Duration = Duration::from_millis(500);
 
 /// How much later than the caller's deadline the server-side bound
-/// ([`Tx::begin_with`]) fires: the client's own timeout (which cancels and answers
+/// ([`with_bound`]) fires: the client's own timeout (which cancels and answers
 /// "timed out") normally comes first; the server's is the backstop for a
 /// client that can no longer cancel.
 const SERVER_BOUND_SLACK: Duration = Duration::from_millis(250);
@@ -118,10 +118,10 @@ async fn connection(
 /// One trade in its own transaction: the reference behaviour the batch path
 /// must match, and the fallback when a batch fails as a whole.
 pub async fn insert_one(pool: &Pool, t: &NewTrade, deadline: Instant) -> TradeResult {
-    let c = connection(pool, deadline).await?;
+    let mut c = connection(pool, deadline).await?;
     let cancel = c.cancel_token();
-    let tx = Tx::new(c);
     let work = async {
+        let tx = c.transaction().await?;
         let sql = format!(
             "INSERT INTO trades (market_id, side, price, qty, trader, client_order_id) \
              VALUES ($1, $2, $3::text::numeric, $4, $5, $6) RETURNING {TRADE_COLUMNS}"
@@ -134,12 +134,14 @@ pub async fn insert_one(pool: &Pool, t: &NewTrade, deadline: Instant) -> TradeRe
             (&t.trader, Type::TEXT),
             (&t.client_order_id, Type::TEXT),
         ];
-        let insert = tx.client().query_typed_one(&sql, &params);
-        let res = tx.begin_with(deadline, insert).await.map_err(DbError::from);
-        res.map(|row| rows::trade(&row))
+        let insert = tx.query_typed_one(&sql, &params);
+        let res = with_bound(&tx, deadline, insert)
+            .await
+            .map_err(DbError::from);
+        Ok::<_, DbError>((tx, res.map(|row| rows::trade(&row))))
     };
-    let res = match tokio::time::timeout_at(deadline.into(), work).await {
-        Ok(x) => x,
+    let (tx, res) = match tokio::time::timeout_at(deadline.into(), work).await {
+        Ok(x) => x?,
         Err(_) => {
             cancel_in_background(cancel);
             return Err(WriteError::TimedOut("timed out"));
@@ -147,11 +149,11 @@ pub async fn insert_one(pool: &Pool, t: &NewTrade, deadline: Instant) -> TradeRe
     };
     match res {
         Ok(trade) => {
-            tx.commit(deadline).await?;
+            bounded_commit(tx, deadline).await?;
             Ok(Written::Created(trade))
         }
         Err(e) if e.code() == Some("23505") => {
-            drop(tx); // rolls back, then the connection goes back to the pool
+            drop(tx); // rolls back
             existing(pool, t, deadline).await
         }
         Err(e) => Err(e.into()),
@@ -192,11 +194,10 @@ pub async fn insert_many(
     deadline: Instant,
 ) -> Result<Vec<TradeResult>, WriteError> {
     let mut decided: Vec<Option<TradeResult>> = vec![None; trades.len()];
-    let c = connection(pool, deadline).await?;
+    let mut c = connection(pool, deadline).await?;
     let cancel = c.cancel_token();
-    let tx = Tx::new(c);
     let work = async {
-        let client = tx.client();
+        let tx = c.transaction().await?;
         // Lock every market row in id order first: the trigger's UPDATEs
         // then never wait, and two batches can never deadlock. Through the
         // SECURITY DEFINER function, because a plain SELECT ... FOR UPDATE
@@ -209,41 +210,32 @@ pub async fn insert_many(
             .collect();
         let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
             [(&ids, Type::TEXT_ARRAY)];
-        let lock = client.query_typed(
+        let lock = tx.query_typed(
             "SELECT id, status FROM marketcast_lock_markets($1)",
             &params,
         );
+        let locked = with_bound(&tx, deadline, lock).await?;
+        let status: HashMap<String, String> = locked.iter().map(|r| (r.get(0), r.get(1))).collect();
         // Retried client_order_ids, read after the locks so that a retry
-        // racing its original sees it committed: the lookup is sent right
-        // behind the lock statement (one round trip for BEGIN, the bound,
-        // the locks and the lookup, see `Tx`), and the server runs it only
-        // once the locks are granted, with a snapshot taken then.
-        let (coid_markets, coids): (Vec<&str>, Vec<&str>) = trades
+        // racing its original sees it committed.
+        let coids: Vec<(&str, &str)> = trades
             .iter()
             .filter_map(|t| t.client_order_id.as_deref().map(|c| (t.market.as_str(), c)))
-            .unzip();
-        let coid_sql = format!(
-            "SELECT {TRADE_COLUMNS}, client_order_id FROM trades \
-             WHERE (market_id, client_order_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
-        );
-        let coid_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] = [
-            (&coid_markets, Type::TEXT_ARRAY),
-            (&coids, Type::TEXT_ARRAY),
-        ];
-        let lookup = async {
-            if coids.is_empty() {
-                return Ok(Vec::new());
-            }
-            client.query_typed(&coid_sql, &coid_params).await
-        };
-        let (locked, found) = tx
-            .begin_with(deadline, async { tokio::try_join!(lock, lookup) })
-            .await?;
-        let status: HashMap<String, String> = locked.iter().map(|r| (r.get(0), r.get(1))).collect();
+            .collect();
         let mut existing: HashMap<(String, String), Trade> = HashMap::new();
-        for r in found {
-            let t = rows::trade(&r);
-            existing.insert((t.market.clone(), r.get("client_order_id")), t);
+        if !coids.is_empty() {
+            let (m, c): (Vec<&str>, Vec<&str>) = coids.into_iter().unzip();
+            let sql = format!(
+                "SELECT {TRADE_COLUMNS}, client_order_id FROM trades \
+                 WHERE (market_id, client_order_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+            );
+            let found = tx
+                .query_typed(&sql, &[(&m, Type::TEXT_ARRAY), (&c, Type::TEXT_ARRAY)])
+                .await?;
+            for r in found {
+                let t = rows::trade(&r);
+                existing.insert((t.market.clone(), r.get("client_order_id")), t);
+            }
         }
         // Decide each trade's fate; `insert` keeps indexes in arrival order.
         let mut insert: Vec<usize> = Vec::new();
@@ -295,7 +287,7 @@ pub async fn insert_many(
                  SELECT m, s, p::numeric, q, tr, c FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[]) \
                  WITH ORDINALITY AS u(m, s, p, q, tr, c, n) ORDER BY n RETURNING {TRADE_COLUMNS}"
             );
-            let returned = client
+            let returned = tx
                 .query_typed(
                     &sql,
                     &[
@@ -327,16 +319,16 @@ pub async fn insert_many(
                 decided[i] = Some(Ok(Written::Created(row)));
             }
         }
-        Ok::<_, DbError>(dup_of)
+        Ok::<_, DbError>((tx, dup_of))
     };
-    let dup_of = match tokio::time::timeout_at(deadline.into(), work).await {
+    let (tx, dup_of) = match tokio::time::timeout_at(deadline.into(), work).await {
         Ok(x) => x?,
         Err(_) => {
             cancel_in_background(cancel);
             return Err(WriteError::TimedOut("timed out"));
         }
     };
-    tx.commit(deadline).await?;
+    bounded_commit(tx, deadline).await?;
     for (i, first) in dup_of {
         decided[i] = Some(match &decided[first] {
             Some(Ok(Written::Created(t))) => Ok(Written::Existing(t.clone())),
@@ -350,114 +342,27 @@ pub async fn insert_many(
         .collect())
 }
 
-/// A write transaction on a pooled connection, opened in one round trip.
-///
-/// tokio-postgres's `Client::transaction` awaits BEGIN's answer before any
-/// statement can be sent, which costs every transaction a round trip of its
-/// own. Here BEGIN, the transaction's server-side bound and its first
-/// statements go out in one write ([`Tx::begin_with`]): a batch opens in one
-/// round trip instead of two (three with client_order_ids), a lone trade
-/// commits in two instead of three. Measured in S5 on the shared 2-core
-/// machine (per-batch phase timers, 5 runs): BEGIN alone took 0.4-1.1 ms,
-/// as long as the lock statement after it, against 1.7-2.6 ms for the
-/// INSERT of ~20 trades; one round trip is a wake-up of the writer and of
-/// its backend, which waits for a core when the load client, the writer and
-/// Postgres share two. With it, BEGIN and the locks took 0.6-1.7 ms
-/// together (docs/BENCHMARKS.md, "Writer").
-///
-/// Dropping a `Tx` that was not committed (an error, a 23505 race, a
-/// deadline) rolls it back before the connection goes back to the pool,
-/// as tokio-postgres's `Transaction` does.
-struct Tx {
-    /// `None` only once `drop` has handed it to the rollback.
-    conn: Option<deadpool_postgres::Object>,
-    /// BEGIN may have been sent and neither COMMIT nor ROLLBACK has been.
-    open: bool,
-}
-
-impl Tx {
-    /// A transaction about to begin on `conn`: from here on, dropping it
-    /// rolls back (a ROLLBACK that finds no transaction is only a warning).
-    fn new(conn: deadpool_postgres::Object) -> Tx {
-        Tx {
-            conn: Some(conn),
-            open: true,
-        }
-    }
-
-    fn client(&self) -> &tokio_postgres::Client {
-        self.conn
-            .as_deref()
-            .expect("only drop takes the connection")
-    }
-
-    /// BEGIN and the transaction's server-side bound, `SET LOCAL
-    /// statement_timeout` (the caller's deadline plus
-    /// [`SERVER_BOUND_SLACK`]), sent in one simple-query message ahead of
-    /// `first` (statements built on [`Tx::client`]), all in one write, so
-    /// neither costs a round trip of its own. `SET LOCAL` because a session
-    /// setting would outlive the transaction on a pooled server connection
-    /// (and a startup parameter does not pass PgBouncer, see
-    /// [`super::transaction_pool`]); a simple query with several statements
-    /// passes a pooler in transaction mode like any other.
-    async fn begin_with<T>(
-        &self,
-        deadline: Instant,
-        first: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
-    ) -> Result<T, tokio_postgres::Error> {
-        // 0 would mean "no bound at all".
-        let ms = (deadline.saturating_duration_since(Instant::now()) + SERVER_BOUND_SLACK)
-            .as_millis()
-            .max(1);
-        let begin = format!("BEGIN; SET LOCAL statement_timeout = {ms}");
-        // try_join polls in argument order, and each future sends its
-        // messages on its first poll: BEGIN reaches the server before
-        // `first`, and if BEGIN fails the server refuses `first` too.
-        let ((), r) = tokio::try_join!(self.client().batch_execute(&begin), first)?;
-        Ok(r)
-    }
-
-    /// COMMIT, bounded too: "never a hang". Past the deadline plus
-    /// [`COMMIT_GRACE`] (a COMMIT is normally a WAL flush) the outcome is
-    /// unknown, and the answer says so rather than "nothing committed".
-    async fn commit(mut self, deadline: Instant) -> Result<(), WriteError> {
-        // Sent from here on: whatever happens, a ROLLBACK would be a no-op
-        // (after the COMMIT) or a lie about the outcome.
-        self.open = false;
-        let commit = self.client().batch_execute("COMMIT");
-        match tokio::time::timeout_at((deadline + COMMIT_GRACE).into(), commit).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(commit_failed(e)),
-            Err(_) => Err(WriteError::OutcomeUnknown(
-                "the database did not confirm the commit in time, the outcome is unknown; retry with the same client_order_id".into(),
-            )),
-        }
-    }
-}
-
-impl Drop for Tx {
-    fn drop(&mut self) {
-        let Some(conn) = self.conn.take().filter(|_| self.open) else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            // No runtime to roll back on: close the connection (closing
-            // rolls back) rather than pool it mid-transaction.
-            drop(deadpool_postgres::Object::take(conn));
-            return;
-        };
-        // A statement may still be running (a deadline passed): the
-        // ROLLBACK queues behind it, and `cancel_in_background` ends it.
-        // The connection goes back to the pool only once rolled back; one
-        // that cannot roll back is closed instead.
-        // Detached: the task ends on its own.
-        drop(rt.spawn(async move {
-            if let Err(e) = conn.batch_execute("ROLLBACK").await {
-                tracing::debug!(error = %e, "could not roll back, closing the connection");
-                drop(deadpool_postgres::Object::take(conn));
-            }
-        }));
-    }
+/// The first statement of a write transaction, sent together with the
+/// transaction's server-side bound: `SET LOCAL statement_timeout` (the
+/// caller's deadline plus [`SERVER_BOUND_SLACK`]) and `first`, pipelined in
+/// one write, so the bound costs no round trip. `SET LOCAL` because a
+/// session setting would outlive the transaction on a pooled server
+/// connection (and a startup parameter does not pass PgBouncer, see
+/// [`super::transaction_pool`]).
+pub(crate) async fn with_bound<T>(
+    tx: &deadpool_postgres::Transaction<'_>,
+    deadline: Instant,
+    first: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    // 0 would mean "no bound at all".
+    let ms = (deadline.saturating_duration_since(Instant::now()) + SERVER_BOUND_SLACK)
+        .as_millis()
+        .max(1);
+    let bound = format!("SET LOCAL statement_timeout = {ms}");
+    // try_join polls in argument order, and each future sends its messages
+    // on its first poll: the SET reaches the server before `first`.
+    let ((), r) = tokio::try_join!(tx.batch_execute(&bound), first)?;
+    Ok(r)
 }
 
 /// The dropped transaction queues a ROLLBACK behind whatever statement is
@@ -469,6 +374,22 @@ fn cancel_in_background(cancel: tokio_postgres::CancelToken) {
             tracing::debug!(error = %e, "could not cancel a timed-out statement");
         }
     });
+}
+
+/// COMMIT, bounded too: "never a hang". Past the deadline plus
+/// [`COMMIT_GRACE`] (a COMMIT is normally a WAL flush) the outcome is
+/// unknown, and the answer says so rather than "nothing committed".
+async fn bounded_commit(
+    tx: deadpool_postgres::Transaction<'_>,
+    deadline: Instant,
+) -> Result<(), WriteError> {
+    match tokio::time::timeout_at((deadline + COMMIT_GRACE).into(), tx.commit()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(commit_failed(e)),
+        Err(_) => Err(WriteError::OutcomeUnknown(
+            "the database did not confirm the commit in time, the outcome is unknown; retry with the same client_order_id".into(),
+        )),
+    }
 }
 
 /// A COMMIT that failed: if the server answered, nothing committed; if the
