@@ -1049,6 +1049,56 @@ async fn outage_hanging_database_answers_503_within_the_default_bound() {
     hole.abort();
 }
 
+/// A write transaction that times out (here waiting for a market lock that
+/// a SQL session holds) is rolled back before its connection is used again:
+/// with a pool of one connection, every later request would otherwise land
+/// in the aborted transaction and fail. Both paths: a batch (lock statement
+/// first) and a lone trade (its INSERT waits in the trigger).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_transaction_leaves_its_connection_clean() {
+    let db = TestDb::new().await;
+    for m in ["lk-a", "lk-b"] {
+        db.market(m).await;
+    }
+    let mut cfg = writer_config(&db);
+    cfg.db.pool_size = 1;
+    cfg.db.timeout = Duration::from_millis(1000);
+    // Long enough that the first two requests below form one batch.
+    cfg.batch_linger = Duration::from_millis(200);
+    let s = writer(cfg).await;
+    let mut holder = db.client().await;
+    let lock = holder.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM markets WHERE id = 'lk-a' FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let body = json!({"side": "yes", "price": "0.5", "qty": 1});
+    // A batch of two, then a lone trade: each times out on the lock.
+    let (a, b) = tokio::join!(
+        post_trade(&s, "lk-a", body.clone()),
+        post_trade(&s, "lk-b", body.clone())
+    );
+    assert_error(&a, 503, "unavailable");
+    assert_error(&b, 503, "unavailable");
+    assert_error(
+        &post_trade(&s, "lk-a", body.clone()).await,
+        503,
+        "unavailable",
+    );
+    lock.rollback().await.unwrap();
+    let c = db.client().await;
+    for seq in 1..=3 {
+        for m in ["lk-a", "lk-b"] {
+            let (st, t) = post_trade(&s, m, body.clone()).await;
+            assert_eq!(st, 201, "{m}: {t}");
+            assert_eq!(t["seq"], seq, "{m}: {t}");
+        }
+    }
+    // Nothing of the timed-out requests committed.
+    assert_eq!(seqs(&c, "lk-a").await, vec![1, 2, 3]);
+    assert_eq!(seqs(&c, "lk-b").await, vec![1, 2, 3]);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_is_clean() {
     let db = TestDb::new().await;
