@@ -72,7 +72,7 @@ browser-test: test-deps
 # workspace; docs/TESTING.md). Stable Rust is enough: `--sanitizer none` needs
 # no -Z flag, and `--debug-assertions` makes integer overflow a crash. One
 # target after another, FUZZ_SECONDS each; never part of `make test`.
-FUZZ_TARGETS ?= client_op query_subscribe writer_request doorbell ws_frames token
+FUZZ_TARGETS ?= client_op query_subscribe writer_request doorbell signed ws_frames token
 FUZZ_SECONDS ?= 600
 fuzz:
 	@set -euo pipefail; \

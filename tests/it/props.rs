@@ -23,6 +23,7 @@ use hyper::StatusCode;
 use marketcast::protocol::client::{initial_op, parse_op, Entry, Limits, Mode, Op, Start};
 use marketcast::protocol::doorbell::{parse_doorbell, Doorbell};
 use marketcast::protocol::market::is_market_id;
+use marketcast::protocol::signed::{verify, NotifyKeys, Unsigned};
 use marketcast::protocol::write_api::{
     authorized, normalize_price, parse_json_object, parse_trades_query, route_path,
     validate_market_id, NewMarket, NewTrade, Route,
@@ -676,6 +677,73 @@ fn doorbells_are_exactly_the_trigger_payload() {
     r.run(&(payload, ws.clone(), ws), |(v, before, after)| {
         let text = format!("{before}{v}{after}");
         prop_assert_eq!(parse_doorbell(&text), doorbell_model(&v), "{}", text);
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// Signed notifications (sql/0005): whatever the trigger can sign verifies
+/// to exactly its fields; any one byte changed, or any string at all
+/// under a key nobody holds, never verifies; nothing panics.
+#[test]
+fn signed_payloads_verify_exactly_what_was_signed() {
+    use hmac::{Hmac, Mac};
+    let key = [5u8; 32];
+    let keys = NotifyKeys::new([(4, key)]);
+    let sign = |body: &str| {
+        let mut h = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+        h.update(body.as_bytes());
+        let mac: String = h
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("{body},\"h\":\"{mac}\"}}")
+    };
+    let fields = (
+        valid_id(),
+        1..=i64::MAX,
+        any::<String>(),
+        any::<i64>(),
+        prop::bool::ANY,
+        1..=9999u32,
+        1..=1_000_000_000i64,
+        any::<i64>(),
+    );
+    let mut r = TestRunner::new(config(1000));
+    r.run(&(fields, any::<prop::sample::Index>(), 1..=255u8), |((m, s, e, i, yes, bp, q, c), at, flip)| {
+        let side = if yes { "yes" } else { "no" };
+        let price = format!("0.{bp:04}");
+        // json_build_object's form; the epoch is any text, JSON-escaped.
+        let body = format!(
+            r#"{{"m" : "{m}", "s" : {s}, "e" : {}, "i" : {i}, "d" : "{side}", "p" : "{price}", "q" : {q}, "c" : {c}, "k" : 4"#,
+            Value::from(e.clone())
+        );
+        let payload = sign(&body);
+        let got = verify(&payload, &keys).map_err(|u| TestCaseError::fail(format!("{u:?}: {payload}")))?;
+        prop_assert_eq!(
+            (&got.trade.market, got.trade.seq, &got.epoch, got.trade.trade_id, got.trade.side.as_str(), &got.trade.price, got.trade.qty, got.trade.ts_micros),
+            (&m, s, &e, i, side, &price, q, c)
+        );
+        let mut bytes = payload.clone().into_bytes();
+        let k = at.index(bytes.len());
+        bytes[k] ^= flip;
+        if let Ok(altered) = String::from_utf8(bytes) {
+            prop_assert!(verify(&altered, &keys).is_err(), "byte {} changed: {}", k, altered);
+        }
+        Ok(())
+    })
+    .unwrap();
+    r.run(&any::<String>(), |s| {
+        prop_assert!(
+            matches!(
+                verify(&s, &keys),
+                Err(Unsigned::Plain | Unsigned::Malformed)
+            ),
+            "{:?}",
+            s
+        );
         Ok(())
     })
     .unwrap();

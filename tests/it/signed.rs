@@ -184,6 +184,16 @@ async fn replayed_valid_payloads_neither_duplicate_nor_reorder() {
     let b = broadcaster(broadcaster_config(&db)).await;
     let mut ws = connect_ws(&b.ws()).await;
     subscribe(&mut ws, "R", Some(0)).await;
+    // Sessions drop seqs they already sent, so the trade stream alone would
+    // not show a hub that republished a replay; the hub's running volume
+    // (in its ticker frames) would.
+    let mut tk = connect_ws(&b.ws()).await;
+    send(
+        &mut tk,
+        serde_json::json!({"op": "subscribe", "market": "R", "mode": "ticker", "interval_ms": 100, "id": 2}),
+    )
+    .await;
+    assert_eq!(recv(&mut tk).await["type"], "subscribed");
     let mut cap = Capture::new(&db.url, shard).await;
     let mut captured = Vec::new();
     for p in ["0.1", "0.2", "0.3"] {
@@ -208,6 +218,15 @@ async fn replayed_valid_payloads_neither_duplicate_nor_reorder() {
         .map(|t| t["price"].as_str().unwrap())
         .collect();
     assert_eq!(prices, ["0.1000", "0.2000", "0.3000", "0.4000", "0.5000"]);
+    // Folds up to seq 5: five trades of qty 1, whatever was replayed.
+    let last = loop {
+        let f = recv(&mut tk).await;
+        assert_eq!(f["type"], "ticker", "{f}");
+        if f["to_seq"] == 5 {
+            break f;
+        }
+    };
+    assert_eq!(last["volume"], 5, "{last}");
     b.stop().await;
 }
 
