@@ -27,6 +27,15 @@ pub struct Cli {
     #[arg(long, env = "MARKETCAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
+    /// Threads that run the role's tasks [default: the CPUs this process may
+    /// use, tokio's own default]. Fewer than the cores when the role shares
+    /// its machine with busy processes: on 2 cores shared with Postgres and
+    /// the load client, one worker took the broadcaster's CPU per frame to
+    /// 0.86x and its fan-out p99 to 0.74x (docs/OPERATIONS.md, "Worker
+    /// threads").
+    #[arg(long, env = "MARKETCAST_WORKER_THREADS", global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -12,13 +12,24 @@ use marketcast::{broadcaster, db, demo, http, shutdown, subscribe, writer};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let rt = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = cli.worker_threads {
+        builder.worker_threads(n.into());
+    }
+    let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("marketcast: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
+    // What the runtime has, not what was asked: the one figure to check
+    // when a role uses more or less CPU than expected.
+    tracing::info!(
+        worker_threads = rt.metrics().num_workers(),
+        "runtime started"
+    );
     match rt.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -92,3 +92,46 @@ async fn subscribe_logs_plain_values_without_colour_through_a_pipe() {
     let closed = line("server closed the connection");
     assert!(closed.contains("close_code=1001"), "{closed}");
 }
+
+/// `--worker-threads` sizes the runtime: the start line reports what the
+/// runtime has (tokio's own count), so an option that was parsed but not
+/// applied shows as this machine's default instead; 0 is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_size_the_runtime_and_zero_is_refused() {
+    let db = TestDb::new().await;
+    let run = |threads: &'static str| {
+        let url = db.db_config().url.clone();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_marketcast"))
+                .args(["--worker-threads", threads, "migrate"])
+                .env("DATABASE_URL", url)
+                .env("RUST_LOG", "info")
+                .env_remove("MARKETCAST_WORKER_THREADS")
+                .env_remove("TOKIO_WORKER_THREADS")
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output()
+                .await
+                .expect("run the marketcast binary")
+        }
+    };
+    // 3 and 5: neither is this 2-core machine's default, nor one another's.
+    for n in ["3", "5"] {
+        let out = tokio::time::timeout(WAIT, run(n))
+            .await
+            .expect("migrate in time");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("runtime started"))
+            .unwrap_or_else(|| panic!("no start line:\n{stderr}"));
+        assert!(line.contains(&format!("worker_threads={n}")), "{line}");
+    }
+    let out = tokio::time::timeout(WAIT, run("0"))
+        .await
+        .expect("exit in time");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a usage error: {stderr}");
+    assert!(stderr.contains("--worker-threads"), "{stderr}");
+}
