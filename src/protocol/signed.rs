@@ -167,6 +167,24 @@ fn is_price(p: &str) -> bool {
     b.len() == 6 && b.starts_with(b"0.") && b[2..].iter().all(u8::is_ascii_digit) && p != "0.0000"
 }
 
+/// What the trigger sends for `body` (the payload up to its MAC, without
+/// the closing brace): `body` + `,"h":"<HMAC-SHA256 of body, lowercase
+/// hex>"}`. The Rust mirror of `sql/0005_signed_notifications.sql`, which
+/// the tests sign with: [`verify`] accepts exactly what this returns.
+pub fn sign(key: &[u8], body: &str) -> String {
+    use std::fmt::Write;
+    let mut h = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    h.update(body.as_bytes());
+    let mut out = String::with_capacity(body.len() + SUFFIX_LEN);
+    out.push_str(body);
+    out.push_str(",\"h\":\"");
+    for b in h.finalize().into_bytes() {
+        let _ = write!(out, "{b:02x}"); // writing to a String cannot fail
+    }
+    out.push_str("\"}");
+    out
+}
+
 /// Lowercase hex only, as Postgres's `encode(.., 'hex')` writes it.
 fn decode_hex(hex: &[u8]) -> Option<[u8; 32]> {
     let nib = |c: u8| match c {
@@ -186,19 +204,6 @@ mod tests {
     use super::*;
 
     const KEY: [u8; 32] = [7; 32];
-
-    /// A payload as the trigger writes it (json_build_object's spacing).
-    fn sign(key: &[u8], body: &str) -> String {
-        let mut h = Hmac::<Sha256>::new_from_slice(key).unwrap();
-        h.update(body.as_bytes());
-        let mac: String = h
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("{body},\"h\":\"{mac}\"}}")
-    }
 
     fn body(k: i32) -> String {
         format!(

@@ -687,20 +687,9 @@ fn doorbells_are_exactly_the_trigger_payload() {
 /// under a key nobody holds, never verifies; nothing panics.
 #[test]
 fn signed_payloads_verify_exactly_what_was_signed() {
-    use hmac::{Hmac, Mac};
     let key = [5u8; 32];
     let keys = NotifyKeys::new([(4, key)]);
-    let sign = |body: &str| {
-        let mut h = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
-        h.update(body.as_bytes());
-        let mac: String = h
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("{body},\"h\":\"{mac}\"}}")
-    };
+    let sign = |body: &str| marketcast::protocol::signed::sign(&key, body);
     let fields = (
         valid_id(),
         1..=i64::MAX,

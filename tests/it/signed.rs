@@ -9,11 +9,11 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use hmac::{Hmac, Mac};
 use serde_json::Value;
-use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
+
+use marketcast::protocol::signed::sign;
 
 use crate::support::*;
 
@@ -79,19 +79,6 @@ async fn trade(c: &tokio_postgres::Client, market: &str, price: &str) {
     )
     .await
     .unwrap();
-}
-
-/// `body` signed as the trigger signs it.
-fn sign(key: &[u8], body: &str) -> String {
-    let mut h = Hmac::<Sha256>::new_from_slice(key).unwrap();
-    h.update(body.as_bytes());
-    let mac: String = h
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{body},\"h\":\"{mac}\"}}")
 }
 
 /// The body of a signed payload (everything before `,"h":"`).
