@@ -256,7 +256,11 @@ async fn slow_consumer_is_closed_with_4000_and_resumes_without_loss() {
     let db = TestDb::new().await;
     db.market("S").await;
     let mut cfg = broadcaster_config(&db);
-    cfg.session.write_timeout = Duration::from_millis(500);
+    // Long beside a loaded test machine's stalls (the fast and the resumed
+    // client must never look slow: 500 ms once closed the resumed one 4000
+    // in CI with 8 tests at once on 2 cores), short beside WAIT: the slow
+    // one never reads, so it is caught whatever the bound.
+    cfg.session.write_timeout = Duration::from_secs(3);
     cfg.session.ping_interval = Duration::from_secs(60);
     cfg.session.idle_timeout = Duration::from_secs(120);
     let b = broadcaster(cfg).await;
