@@ -17,7 +17,7 @@ use super::market::is_market_id;
 use super::trade::Trade;
 
 /// What follows the body: `,"h":"` + 64 lowercase hex digits + `"}`.
-const MAC_PREFIX: &[u8] = b",\"h\":\"";
+const MAC_PREFIX: &str = ",\"h\":\"";
 const MAC_HEX: usize = 64;
 const SUFFIX_LEN: usize = MAC_PREFIX.len() + MAC_HEX + 2;
 
@@ -120,7 +120,7 @@ pub fn verify(payload: &str, keys: &NotifyKeys) -> Result<SignedTrade, Unsigned>
         return Err(Unsigned::Plain);
     }
     let (body, suffix) = bytes.split_at(bytes.len() - SUFFIX_LEN);
-    let Some(hex) = suffix.strip_prefix(MAC_PREFIX) else {
+    let Some(hex) = suffix.strip_prefix(MAC_PREFIX.as_bytes()) else {
         return Err(Unsigned::Plain);
     };
     let mac = decode_hex(&hex[..MAC_HEX]).ok_or(Unsigned::Malformed)?;
@@ -177,7 +177,7 @@ pub fn sign(key: &[u8], body: &str) -> String {
     h.update(body.as_bytes());
     let mut out = String::with_capacity(body.len() + SUFFIX_LEN);
     out.push_str(body);
-    out.push_str(",\"h\":\"");
+    out.push_str(MAC_PREFIX);
     for b in h.finalize().into_bytes() {
         let _ = write!(out, "{b:02x}"); // writing to a String cannot fail
     }
